@@ -1,0 +1,290 @@
+"""A local fake of DingTalk's side of Stream mode, on 127.0.0.1.
+
+One aiohttp server plays three parts:
+  POST /v1.0/gateway/connections/open   hands out a websocket endpoint and a single-use ticket
+  GET  /connect?ticket=...              the websocket gateway: pushes frames, collects acks
+  POST /agent/send?session=...          the sessionWebhook sink: records replies
+
+Point the bot at it with DINGTALK_OPENAPI_ENDPOINT=fake.base_url and allow the loopback webhook
+host (WEBHOOK_ALLOWED_HOSTS=127.0.0.1). Used by the tests and by `python -m tests.simulate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import WSMsgType, web
+
+GRAPH_TOPIC = "/v1.0/graph/api/invoke"
+
+
+@dataclass
+class OpenRequest:
+    body: dict[str, Any]
+    status: int  # what the fake answered
+
+
+@dataclass
+class WebhookPost:
+    session: str
+    host: str
+    payload: Any
+    received_at: float
+
+    @property
+    def markdown(self) -> str | None:
+        """The markdown of an AI card reply, if this post is one."""
+        try:
+            return self.payload["content"]["cardData"]["content"]
+        except (KeyError, TypeError):
+            return None
+
+
+@dataclass
+class GraphResult:
+    """The Graph response a bot put in its ack, decoded from its three layers of JSON."""
+
+    ack: dict[str, Any]
+    status: int | None
+    headers: dict[str, Any]
+    body: Any
+    elapsed: float
+
+    @classmethod
+    def from_ack(cls, ack: dict[str, Any], elapsed: float) -> GraphResult:
+        response = json.loads(ack["data"])["response"]
+        body = response.get("body")
+        try:
+            body = json.loads(body)
+        except (TypeError, ValueError):
+            pass
+        return cls(ack, response["statusLine"]["code"], response.get("headers", {}), body, elapsed)
+
+
+@dataclass
+class Connection:
+    """One live websocket from a bot."""
+
+    id: str
+    ws: web.WebSocketResponse
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FakeDingTalk:
+    """The fake. Configure faults by setting the public attributes before or during a test."""
+
+    def __init__(self, client_id: str = "test-client-id", client_secret: str = "test-client-secret") -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        # sessionWebhook sink behaviour
+        self.webhook_latency = 0.0
+        self.webhook_status = 200
+        self.webhook_errcode = 0
+        self.expired_sessions: set[str] = set()
+        # what the fake saw
+        self.open_requests: list[OpenRequest] = []
+        self.webhook_posts: list[WebhookPost] = []
+        self.connections: list[Connection] = []  # every connection ever made, in order
+        self.acks: dict[str, list[dict[str, Any]]] = {}
+        self.frames_out: list[dict[str, Any]] = []
+        self.trace: Any = None  # optional callable(direction, frame) for --verbose output
+        self._tickets: set[str] = set()
+        self._changed = asyncio.Condition()
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ----- lifecycle -----
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeDingTalk:
+        app = web.Application()
+        app.router.add_post("/v1.0/gateway/connections/open", self._open)
+        app.router.add_get("/connect", self._connect)
+        app.router.add_post("/agent/send", self._webhook)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.host = host
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def close(self) -> None:
+        for conn in self.live_connections():
+            await conn.ws.close(code=1001, message=b"fake shutting down")
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def webhook_url(self, session: str | None = None, host: str | None = None) -> str:
+        session = session or f"aswh_{uuid.uuid4().hex}"
+        return f"http://{host or self.host}:{self.port}/agent/send?session={session}"
+
+    def live_connections(self) -> list[Connection]:
+        return [c for c in self.connections if not c.closed.is_set()]
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> Any:
+        """Wait until predicate() is truthy (re-checked whenever the fake sees something)."""
+        async with self._changed:
+            return await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+
+    async def wait_connected(self, count: int = 1, timeout: float = 5.0) -> list[Connection]:
+        await self.wait_for(lambda: len(self.live_connections()) >= count, timeout)
+        return self.live_connections()
+
+    # ----- HTTP: connection open -----
+
+    async def _open(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        if body.get("clientId") != self.client_id or body.get("clientSecret") != self.client_secret:
+            status, answer = 401, {"requestid": uuid.uuid4().hex, "code": "authFailed", "message": "鉴权失败"}
+        else:
+            ticket = str(uuid.uuid4())
+            self._tickets.add(ticket)
+            status, answer = 200, {"endpoint": f"ws://{self.host}:{self.port}/connect", "ticket": ticket}
+        self.open_requests.append(OpenRequest(body, status))
+        await self._notify()
+        return web.json_response(answer, status=status)
+
+    # ----- websocket gateway -----
+
+    async def _connect(self, request: web.Request) -> web.StreamResponse:
+        ticket = request.query.get("ticket", "")
+        if ticket not in self._tickets:
+            return web.json_response({"code": "invalidTicket"}, status=401)
+        self._tickets.discard(ticket)  # a ticket opens one connection only
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        conn = Connection(id=f"conn-{next(self._ids)}", ws=ws)
+        self.connections.append(conn)
+        await self._notify()
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                ack = json.loads(msg.data)
+                if self.trace:
+                    self.trace("<", ack)
+                message_id = ack.get("headers", {}).get("messageId", "")
+                self.acks.setdefault(message_id, []).append(ack)
+                await self._notify()
+        finally:
+            conn.closed.set()
+            await self._notify()
+        return ws
+
+    def _pick(self, conn: Connection | None) -> Connection:
+        if conn is not None:
+            return conn
+        live = self.live_connections()
+        if not live:
+            raise RuntimeError("no bot is connected to the fake gateway")
+        return live[next(self._ids) % len(live)]  # spread pushes, as DingTalk does
+
+    async def send_frame(
+        self, type_: str, topic: str, data: Any, *, message_id: str | None = None, conn: Connection | None = None
+    ) -> str:
+        """Push one frame; `data` is sent as given if a str, else JSON-encoded. Returns the messageId."""
+        conn = self._pick(conn)
+        message_id = message_id or f"msg-{uuid.uuid4().hex[:12]}"
+        frame = {
+            "specVersion": "1.0",
+            "type": type_,
+            "headers": {
+                "appId": "fake-app",
+                "connectionId": conn.id,
+                "contentType": "application/json",
+                "messageId": message_id,
+                "time": str(int(time.time() * 1000)),
+                "topic": topic,
+            },
+            "data": data if isinstance(data, str) else json.dumps(data, ensure_ascii=False),
+        }
+        self.frames_out.append(frame)
+        if self.trace:
+            self.trace(">", frame)
+        await conn.ws.send_str(json.dumps(frame, ensure_ascii=False))
+        return message_id
+
+    async def wait_ack(self, message_id: str, timeout: float = 5.0, count: int = 1) -> dict[str, Any]:
+        await self.wait_for(lambda: len(self.acks.get(message_id, [])) >= count, timeout)
+        return self.acks[message_id][count - 1]
+
+    async def invoke(
+        self, graph_request: dict[str, Any] | str, *, message_id: str | None = None, timeout: float = 5.0,
+        conn: Connection | None = None,
+    ) -> GraphResult:
+        """Push a Graph callback and wait for its ack."""
+        started = time.monotonic()
+        message_id = await self.send_frame("CALLBACK", GRAPH_TOPIC, graph_request, message_id=message_id, conn=conn)
+        ack = await self.wait_ack(message_id, timeout)
+        return GraphResult.from_ack(ack, time.monotonic() - started)
+
+    async def ping(self, conn: Connection | None = None, timeout: float = 5.0) -> dict[str, Any]:
+        opaque = uuid.uuid4().hex
+        message_id = await self.send_frame("SYSTEM", "ping", {"opaque": opaque}, conn=conn)
+        ack = await self.wait_ack(message_id, timeout)
+        if json.loads(ack["data"]).get("opaque") != opaque:
+            raise AssertionError(f"ping ack lost the opaque: {ack}")
+        return ack
+
+    async def disconnect(self, conn: Connection | None = None, close_after: float = 10.0) -> None:
+        """Send SYSTEM disconnect; like DingTalk, close the socket ourselves if the bot has not."""
+        conn = self._pick(conn)
+        await self.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn)
+        try:
+            await asyncio.wait_for(conn.closed.wait(), close_after)
+        except asyncio.TimeoutError:
+            await conn.ws.close()
+
+    # ----- sessionWebhook sink -----
+
+    async def _webhook(self, request: web.Request) -> web.Response:
+        session = request.query.get("session", "")
+        try:
+            payload = await request.json()
+        except ValueError:
+            payload = await request.text()
+        self.webhook_posts.append(WebhookPost(session, request.host, payload, time.monotonic()))
+        await self._notify()
+        if self.webhook_latency:
+            await asyncio.sleep(self.webhook_latency)
+        if session in self.expired_sessions:
+            return web.json_response({"errcode": 300001, "errmsg": "session 不存在"})
+        if self.webhook_status != 200:
+            return web.json_response({"code": "serverError", "message": "fake failure"}, status=self.webhook_status)
+        if self.webhook_errcode:
+            return web.json_response({"errcode": self.webhook_errcode, "errmsg": "fake errcode"})
+        return web.json_response({"errcode": 0, "errmsg": "ok"})
+
+
+def graph_request(
+    path: str, params: dict[str, Any], *, method: str = "POST", session_webhook: str | None = None
+) -> dict[str, Any]:
+    """A Graph callback payload as DingTalk builds it: POST params in a JSON body string, GET ones in the query."""
+    params = dict(params)
+    if session_webhook is not None:
+        params["sessionWebhook"] = session_webhook
+    if method.upper() == "GET":
+        uri = f"{path}?{urlencode(params)}" if params else path
+        body = "{}"
+    else:
+        uri, body = path, json.dumps(params, ensure_ascii=False)
+    return {"requestLine": {"method": method.upper(), "uri": uri}, "headers": {"content-type": "application/json"}, "body": body}
