@@ -179,7 +179,7 @@ def parse_graph_request(data: Any) -> GraphCall:
     if not isinstance(body, dict):
         raise GraphError(400, "body is not a JSON object")
     # GET operations carry parameters in the query string, POST ones in the body.
-    return GraphCall(method.upper(), url.path, {**dict(parse_qsl(url.query)), **body})
+    return GraphCall(method.upper(), url.path, {**dict(parse_qsl(url.query, keep_blank_values=True)), **body})
 
 
 async def run_action(action: Action, params: dict[str, Any], timeout: float) -> str:
@@ -433,7 +433,11 @@ class RedactingFilter(logging.Filter):
         self.secrets = tuple(s for s in secrets if s)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact(record.getMessage(), self.secrets), None
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # e.g. 0.24.3's logger.exception("unknown exception", e)
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = redact(message, self.secrets), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:

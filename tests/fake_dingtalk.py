@@ -88,6 +88,8 @@ class FakeDingTalk:
         self.webhook_status = 200
         self.webhook_errcode = 0
         self.expired_sessions: set[str] = set()
+        # gateway faults
+        self.reject_websocket = False  # answer the websocket handshake with 403
         # what the fake saw
         self.open_requests: list[OpenRequest] = []
         self.webhook_posts: list[WebhookPost] = []
@@ -167,6 +169,8 @@ class FakeDingTalk:
 
     async def _connect(self, request: web.Request) -> web.StreamResponse:
         ticket = request.query.get("ticket", "")
+        if self.reject_websocket:
+            return web.json_response({"code": "forbidden"}, status=403)
         if ticket not in self._tickets:
             return web.json_response({"code": "invalidTicket"}, status=401)
         self._tickets.discard(ticket)  # a ticket opens one connection only
@@ -236,6 +240,10 @@ class FakeDingTalk:
         message_id = await self.send_frame("CALLBACK", GRAPH_TOPIC, graph_request, message_id=message_id, conn=conn)
         ack = await self.wait_ack(message_id, timeout)
         return GraphResult.from_ack(ack, time.monotonic() - started)
+
+    async def invoke_many(self, requests: list[dict[str, Any]], timeout: float = 10.0) -> list[GraphResult]:
+        """Push several Graph callbacks at once and wait for all their acks."""
+        return await asyncio.gather(*(self.invoke(r, timeout=timeout) for r in requests))
 
     async def ping(self, conn: Connection | None = None, timeout: float = 5.0) -> dict[str, Any]:
         opaque = uuid.uuid4().hex

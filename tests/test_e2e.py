@@ -1,20 +1,218 @@
-"""End to end through the real SDK: fake gateway frame -> bot -> webhook reply -> ack."""
+"""End to end through the real SDK: a frame from the fake gateway -> bot -> webhook reply -> ack."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+
+import aiohttp
+import pytest
+
+import bot
+from tests.conftest import wait_until
 from tests.fake_dingtalk import graph_request
 
 WEATHER = "/v1/actions/weather"
+PARAMS = {"location": "杭州", "date": "明天"}
 
 
 async def test_happy_path_replies_markdown_card_and_acks_200(fake, remote, start_bot):
     async with start_bot():
         webhook = fake.webhook_url("aswh_happy")
-        result = await remote(fake.invoke(graph_request(WEATHER, {"location": "杭州", "date": "明天"}, session_webhook=webhook)))
-    assert result.status == 200
-    assert result.body == {"success": True}
+        result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=webhook)))
     assert result.ack["code"] == 200
+    assert result.status == 200 and result.body == {"success": True}
+    assert result.headers["Content-Type"] == "application/json"
     [post] = fake.webhook_posts
     assert post.session == "aswh_happy"
     assert post.payload["contentType"] == "ai_card"
+    assert post.payload["content"]["templateId"] == bot.MARKDOWN_CARD_TEMPLATE_ID
     assert "杭州" in post.markdown and "明天" in post.markdown
+    [open_request] = fake.open_requests
+    assert open_request.body["subscriptions"] == [{"type": "CALLBACK", "topic": "/v1.0/graph/api/invoke"}]
+
+
+async def test_get_style_parameters_come_from_the_query_string(fake, remote, start_bot):
+    async with start_bot():
+        request = graph_request(WEATHER, {"location": "北京", "date": "下周三"}, method="GET",
+                                session_webhook=fake.webhook_url())
+        assert "?" in request["requestLine"]["uri"] and request["body"] == "{}"
+        result = await remote(fake.invoke(request))
+    assert result.status == 200
+    [post] = fake.webhook_posts
+    assert "北京" in post.markdown and "下周三" in post.markdown
+
+
+async def test_ping_is_acked_with_its_opaque(fake, remote, start_bot):
+    async with start_bot():
+        ack = await remote(fake.ping())
+    assert ack["code"] == 200
+
+
+def _bad(request: dict, **changes) -> dict:
+    return {**request, **changes}
+
+
+@pytest.mark.parametrize(
+    ("make_request", "status", "reason"),
+    [
+        (lambda f: "[1, 2, 3]", 400, "callback data is not a JSON object"),
+        (lambda f: _bad(graph_request(WEATHER, PARAMS, session_webhook=f.webhook_url()), body="{oops"), 400,
+         "body is not a JSON object"),
+        (lambda f: graph_request(WEATHER, PARAMS), 400, "missing sessionWebhook"),
+        (lambda f: graph_request(WEATHER, {**PARAMS, "sessionWebhook": 12}), 400, "missing sessionWebhook"),
+        (lambda f: graph_request(WEATHER, PARAMS, session_webhook="not a url"), 400, "not a valid http(s) URL"),
+        (lambda f: graph_request(WEATHER, {"date": "明天"}, session_webhook=f.webhook_url()), 400, "location"),
+        (lambda f: graph_request("/v1/actions/nope", PARAMS, session_webhook=f.webhook_url()), 404,
+         "no action for path /v1/actions/nope"),
+    ],
+    ids=["data-not-object", "body-not-json", "no-webhook", "webhook-not-string", "webhook-not-url",
+         "missing-parameter", "unknown-path"],
+)
+async def test_bad_callbacks_get_4xx_and_the_bot_keeps_serving(fake, remote, start_bot, make_request, status, reason):
+    async with start_bot():
+        result = await remote(fake.invoke(make_request(fake)))
+        assert (result.status, result.body["success"]) == (status, False)
+        assert reason in result.body["error"]
+        assert fake.webhook_posts == []
+        follow_up = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+    assert follow_up.status == 200
+    assert len(fake.webhook_posts) == 1
+
+
+async def test_refused_webhook_host_is_never_contacted(fake, remote, start_bot):
+    # "localhost" reaches the same fake sink, but only "127.0.0.1:<port>" is allowed.
+    async with start_bot():
+        for url in (fake.webhook_url(host="localhost"), f"https://evil.invalid:{fake.port}/agent/send?session=x"):
+            result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=url)))
+            assert result.status == 400 and "is not allowed" in result.body["error"]
+    assert fake.webhook_posts == []
+
+
+async def test_action_error_is_500_with_generic_message(fake, remote, start_bot, monkeypatch, caplog):
+    async def broken(location: str) -> str:
+        raise ValueError("secret internals")
+
+    monkeypatch.setitem(bot.ACTIONS, "/v1/actions/broken", broken)
+    async with start_bot():
+        result = await remote(fake.invoke(graph_request("/v1/actions/broken", PARAMS, session_webhook=fake.webhook_url())))
+        assert result.status == 500 and result.body == {"success": False, "error": "internal error in action"}
+        assert (await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))).status == 200
+    assert "secret internals" in caplog.text  # traceback in the log, not in the answer
+    assert len(fake.webhook_posts) == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "logged"),
+    [
+        ({"webhook_status": 500}, "HTTP 500"),
+        ({"webhook_errcode": 300001}, "errcode 300001"),
+        ({"webhook_latency": 1.0}, "timed out"),
+    ],
+    ids=["http-500", "errcode", "timeout"],
+)
+async def test_webhook_failure_is_502_and_logged_redacted(fake, remote, start_bot, caplog, fault, logged):
+    async with start_bot(webhook_timeout_seconds=0.3):
+        for name, value in fault.items():
+            setattr(fake, name, value)
+        webhook = fake.webhook_url("aswh_topsecret")
+        result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=webhook)))
+        assert result.status == 502 and result.body["success"] is False
+        for name in fault:
+            setattr(fake, name, type(getattr(fake, name))(200 if name == "webhook_status" else 0))
+        assert (await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))).status == 200
+    assert logged in caplog.text
+    assert "session=***" in caplog.text and "aswh_topsecret" not in caplog.text
+
+
+async def test_expired_session_is_502(fake, remote, start_bot):
+    fake.expired_sessions.add("aswh_old")
+    async with start_bot():
+        result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url("aswh_old"))))
+    assert result.status == 502
+
+
+async def test_slow_webhooks_are_served_concurrently(fake, remote, start_bot):
+    fake.webhook_latency = 0.5
+    async with start_bot():
+        requests = [graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url()) for _ in range(20)]
+        results = await remote(fake.invoke_many(requests))
+    assert [r.status for r in results] == [200] * 20
+    # one at a time would take 20 x 0.5 s; concurrently, every ack comes after about one latency
+    assert max(r.elapsed for r in results) < 5
+
+
+async def test_two_instances_open_two_connections_and_both_serve(fake, remote, start_bot):
+    async with start_bot(instances=2):
+        conns = fake.live_connections()
+        assert len(conns) == 2 and len(fake.open_requests) == 2
+        for conn in conns:
+            request = graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())
+            assert (await remote(fake.invoke(request, conn=conn))).status == 200
+    assert len(fake.webhook_posts) == 2
+
+
+async def test_reconnects_after_gateway_disconnect(fake, remote, start_bot):
+    async with start_bot():
+        [first] = fake.live_connections()
+        await remote(fake.disconnect(first))
+        assert first.closed.is_set()
+        await remote(fake.wait_for(lambda: fake.live_connections() and fake.live_connections()[0] is not first, 15))
+        result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+    assert result.status == 200
+    assert len(fake.open_requests) == 2  # a fresh ticket for the new connection
+
+
+async def _healthz(port: int) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as response:
+        return response.status, await response.json()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_healthz_is_200_when_all_connected_and_503_while_one_is_down(fake, remote, start_bot):
+    port = _free_port()
+    async with start_bot(instances=2, health_port=port):
+        assert await _healthz(port) == (200, {"status": "ok", "instances": 2, "connected": 2})
+        fake.reject_websocket = True
+        await remote(fake.disconnect(fake.live_connections()[0]))
+        status, body = await _healthz(port)
+        assert (status, body["status"], body["connected"]) == (503, "degraded", 1)
+        fake.reject_websocket = False
+        await wait_until(lambda: len(fake.live_connections()) == 2, 15)
+        assert (await _healthz(port))[0] == 200
+
+
+async def test_stop_waits_for_in_flight_callback_then_exits(fake, remote, start_bot, caplog):
+    port = _free_port()
+    fake.webhook_latency = 1.0
+    caplog.set_level(logging.INFO, logger="bot")
+    async with start_bot(health_port=port) as task:
+        message_id = await remote(fake.send_frame(
+            "CALLBACK", "/v1.0/graph/api/invoke",
+            graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+        await remote(fake.wait_for(lambda: fake.webhook_posts))  # the reply is in flight
+    # leaving the block set the stop event and awaited serve(): the ack must already be there
+    assert task.result() == 0
+    ack = fake.acks[message_id][0]
+    assert json.loads(json.loads(ack["data"])["response"]["body"]) == {"success": True}
+    assert "waiting up to" in caplog.text and "abandoned" not in caplog.text
+
+
+async def test_health_port_in_use_is_a_clear_error(fake, caplog):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        settings = bot.Settings(client_id="a", client_secret="b", health_port=busy.getsockname()[1])
+        assert await asyncio.wait_for(bot.serve(settings, asyncio.Event()), 5) == 2
+    assert "cannot serve HEALTH_PORT" in caplog.text
+    assert fake.open_requests == []

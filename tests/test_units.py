@@ -1,0 +1,237 @@
+"""The pieces of bot.py called directly: actions, request parsing, webhook policy, settings, redaction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+import bot
+
+# ----- actions -----
+
+
+async def test_get_weather_echoes_place_and_day_as_demo_data():
+    markdown = await bot.get_weather(location="杭州", date="明天")
+    assert "杭州" in markdown and "明天" in markdown
+    assert "演示数据" in markdown and "Demo data" in markdown
+
+
+async def test_get_weather_defaults_to_today():
+    assert "今天" in await bot.get_weather(location="北京")
+
+
+async def test_run_action_passes_only_declared_parameters():
+    seen = {}
+
+    async def action(location: str) -> str:
+        seen["location"] = location
+        return "ok"
+
+    assert await bot.run_action(action, {"location": "上海", "sessionWebhook": "x", "userId": "u"}, 1) == "ok"
+    assert seen == {"location": "上海"}
+
+
+async def test_run_action_with_kwargs_gets_every_parameter():
+    async def action(**params: str) -> str:
+        return ",".join(sorted(params))
+
+    assert await bot.run_action(action, {"b": "1", "a": "2"}, 1) == "a,b"
+
+
+async def test_run_action_missing_parameter_is_400_without_calling_it():
+    with pytest.raises(bot.GraphError) as err:
+        await bot.run_action(bot.get_weather, {"date": "明天"}, 1)
+    assert err.value.status == 400
+    assert "location" in err.value.reason
+
+
+async def test_run_action_failure_is_500_with_traceback_in_log_only(caplog):
+    async def broken(location: str) -> str:
+        raise RuntimeError("database password is hunter2")
+
+    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
+        await bot.run_action(broken, {"location": "杭州"}, 1)
+    assert err.value.status == 500
+    assert "hunter2" not in err.value.reason  # the caller gets a generic message
+    [record] = caplog.records
+    assert record.getMessage() == "action broken failed"
+    assert "hunter2" in caplog.text and "Traceback" in caplog.text
+
+
+async def test_run_action_returning_non_markdown_is_500(caplog):
+    async def wrong(location: str) -> str:
+        return {"not": "markdown"}  # type: ignore[return-value]
+
+    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
+        await bot.run_action(wrong, {"location": "杭州"}, 1)
+    assert err.value.status == 500
+    assert "returned dict, expected str" in caplog.text
+
+
+async def test_run_action_that_hangs_times_out_with_504(caplog):
+    async def hangs(location: str) -> str:
+        await asyncio.Event().wait()
+        return ""
+
+    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
+        await bot.run_action(hangs, {"location": "杭州"}, 0.05)
+    assert err.value.status == 504
+    assert "timed out" in caplog.text
+
+
+# ----- Graph request parsing -----
+
+
+def test_parse_post_body():
+    call = bot.parse_graph_request(
+        {"requestLine": {"method": "POST", "uri": "/v1/actions/weather"}, "body": '{"location": "杭州", "n": 1}'}
+    )
+    assert call == bot.GraphCall("POST", "/v1/actions/weather", {"location": "杭州", "n": 1})
+
+
+def test_parse_get_query_string():
+    call = bot.parse_graph_request(
+        {"requestLine": {"method": "GET", "uri": "/v1/actions/weather?location=%E6%9D%AD%E5%B7%9E&date="}, "body": "{}"}
+    )
+    assert call == bot.GraphCall("GET", "/v1/actions/weather", {"location": "杭州", "date": ""})
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ([1, 2], "callback data is not a JSON object"),
+        ({"requestLine": "GET /"}, "requestLine is not a JSON object"),
+        ({"requestLine": {"method": "DELETE", "uri": "/x"}}, "unsupported method"),
+        ({"requestLine": {"method": "POST", "uri": 7}}, "uri is not a string"),
+        ({"requestLine": {"method": "POST", "uri": "/x"}, "body": "not json"}, "body is not a JSON object"),
+        ({"requestLine": {"method": "POST", "uri": "/x"}, "body": "[1]"}, "body is not a JSON object"),
+        ({"requestLine": {"method": "POST", "uri": "/x"}, "body": 5}, "body is not a JSON object"),
+    ],
+)
+def test_parse_rejects_malformed_requests_with_400(data, reason):
+    with pytest.raises(bot.GraphError) as err:
+        bot.parse_graph_request(data)
+    assert err.value.status == 400
+    assert reason in err.value.reason
+
+
+# ----- webhook host policy -----
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.dingtalk.com/agent/send?session=aswh_1",
+        "https://oapi.dingtalk.com/robot/sendBySession?session=x",
+        "https://API.DingTalk.com:443/agent/send?session=aswh_1",
+    ],
+)
+def test_dingtalk_https_webhooks_are_allowed(url):
+    assert bot.check_webhook(url) == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.dingtalk.com/agent/send",  # plain http to DingTalk
+        "https://api.dingtalk.com:8443/agent/send",  # other port
+        "https://api.dingtalk.com.evil.example/agent/send",  # suffix trick
+        "https://evil.example/?x=api.dingtalk.com",
+        "https://user:pw@api.dingtalk.com/agent/send",  # credentials in URL
+        "https://sub.api.dingtalk.com/agent/send",  # subdomains are not DingTalk's webhook hosts
+        "ftp://api.dingtalk.com/x",
+        "http://127.0.0.1:8080/agent/send",  # loopback only when allowed
+        "https://[::1/",  # unparsable
+    ],
+)
+def test_other_webhooks_are_refused(url):
+    with pytest.raises(bot.GraphError) as err:
+        bot.check_webhook(url)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize("value", [None, "", 42, ["https://api.dingtalk.com/"]])
+def test_missing_or_non_string_webhook_is_400(value):
+    with pytest.raises(bot.GraphError) as err:
+        bot.check_webhook(value)
+    assert err.value.status == 400
+
+
+def test_allowed_hosts_add_http_by_host_or_host_and_port():
+    assert bot.check_webhook("http://127.0.0.1:9/a", frozenset({"127.0.0.1"}))
+    assert bot.check_webhook("http://localhost:8080/a", frozenset({"localhost:8080"}))
+    with pytest.raises(bot.GraphError):
+        bot.check_webhook("http://localhost:8081/a", frozenset({"localhost:8080"}))
+
+
+# ----- settings -----
+
+CREDENTIALS = {"CLIENT_ID": "id", "CLIENT_SECRET": "secret"}
+
+
+def test_settings_defaults():
+    settings = bot.load_settings(CREDENTIALS)
+    assert (settings.instances, settings.health_port, settings.log_level) == (1, None, "INFO")
+    assert settings.webhook_allowed_hosts == frozenset()
+
+
+def test_settings_from_env():
+    settings = bot.load_settings(
+        {**CREDENTIALS, "INSTANCES": "3", "HEALTH_PORT": "8080", "LOG_LEVEL": "debug",
+         "WEBHOOK_ALLOWED_HOSTS": " 127.0.0.1:9000, Localhost ", "SHUTDOWN_GRACE_SECONDS": "2.5"}
+    )
+    assert settings.instances == 3 and settings.health_port == 8080 and settings.log_level == "DEBUG"
+    assert settings.webhook_allowed_hosts == frozenset({"127.0.0.1:9000", "localhost"})
+    assert settings.shutdown_grace_seconds == 2.5
+
+
+@pytest.mark.parametrize("missing", ["CLIENT_ID", "CLIENT_SECRET"])
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_missing_credential_names_the_key(missing, value):
+    env = dict(CREDENTIALS)
+    if value is None:
+        del env[missing]
+    else:
+        env[missing] = value
+    with pytest.raises(bot.ConfigError, match=f"^{missing} is not set.*\\.env\\.example"):
+        bot.load_settings(env)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("INSTANCES", "zero"), ("INSTANCES", "0"), ("HEALTH_PORT", "70000"), ("LOG_LEVEL", "LOUD"),
+     ("WEBHOOK_TIMEOUT_SECONDS", "soon"), ("SHUTDOWN_GRACE_SECONDS", "-1")],
+)
+def test_bad_values_name_the_key(key, value):
+    with pytest.raises(bot.ConfigError, match=key):
+        bot.load_settings({**CREDENTIALS, key: value})
+
+
+# ----- redaction -----
+
+
+def test_redact_hides_session_tokens_and_secrets():
+    line = 'POST https://api.dingtalk.com/agent/send?session=aswh_abc&x=1 "clientSecret": "s3cr3t"'
+    assert bot.redact(line, ("s3cr3t",)) == 'POST https://api.dingtalk.com/agent/send?session=***&x=1 "clientSecret": "***"'
+
+
+def test_redacting_filter_covers_args_and_tracebacks():
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "secret %s at %s", ("s3cr3t", "?session=tok"), None)
+    try:
+        raise ValueError("s3cr3t in exception")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    bot.RedactingFilter(("s3cr3t",)).filter(record)
+    text = logging.Formatter().format(record)
+    assert "s3cr3t" not in text and "tok" not in text
+    assert "secret *** at ?session=***" in text and "ValueError" in text
+
+
+def test_redacting_filter_survives_malformed_log_calls():
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "unknown exception", (ValueError("s3cr3t"),), None)
+    assert bot.RedactingFilter(("s3cr3t",)).filter(record)
+    assert record.getMessage() == "unknown exception (ValueError('***'),)"
