@@ -21,9 +21,10 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
@@ -88,9 +89,7 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
 
     for key in ("CLIENT_ID", "CLIENT_SECRET"):
         if get(key) is None:
-            raise ConfigError(
-                f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
-            )
+            raise ConfigError(f"{key} is not set: copy .env.example to .env and fill in your app's credentials")
     log_level = (get("LOG_LEVEL") or "INFO").upper()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
@@ -414,11 +413,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             stop_waiter.cancel()
             stopping.set()
             if inflight:
-                log.info("stopping: waiting up to %.0f s for %d callback(s)", settings.shutdown_grace_seconds, len(inflight))
+                log.info(
+                    "stopping: waiting up to %.0f s for %d callback(s)", settings.shutdown_grace_seconds, len(inflight)
+                )
                 await asyncio.wait(list(inflight), timeout=settings.shutdown_grace_seconds)
             for message_id in inflight.values():
                 log.warning("callback %s abandoned: still running after the grace period", message_id)
-            await asyncio.gather(*(stop_client(c, t, 3.0) for c, t in zip(clients, tasks)))
+            await asyncio.gather(*(stop_client(c, t, 3.0) for c, t in zip(clients, tasks, strict=True)))
             if runner is not None:
                 await runner.cleanup()
     log.info("stopped")

@@ -135,8 +135,12 @@ class BotProcess:
     async def start(self) -> BotProcess:
         shutil.copy(ROOT / "bot.py", self.workdir / "bot.py")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "bot.py", cwd=self.workdir, env=self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "bot.py",
+            cwd=self.workdir,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         self._reader = asyncio.create_task(self._read())
         return self

@@ -232,7 +232,11 @@ class FakeDingTalk:
         return self.acks[message_id][count - 1]
 
     async def invoke(
-        self, graph_request: dict[str, Any] | str, *, message_id: str | None = None, timeout: float = 5.0,
+        self,
+        graph_request: dict[str, Any] | str,
+        *,
+        message_id: str | None = None,
+        timeout: float = 5.0,
         conn: Connection | None = None,
     ) -> GraphResult:
         """Push a Graph callback and wait for its ack."""
@@ -295,4 +299,8 @@ def graph_request(
         body = "{}"
     else:
         uri, body = path, json.dumps(params, ensure_ascii=False)
-    return {"requestLine": {"method": method.upper(), "uri": uri}, "headers": {"content-type": "application/json"}, "body": body}
+    return {
+        "requestLine": {"method": method.upper(), "uri": uri},
+        "headers": {"content-type": "application/json"},
+        "body": body,
+    }

@@ -35,8 +35,9 @@ async def test_happy_path_replies_markdown_card_and_acks_200(fake, remote, start
 
 async def test_get_style_parameters_come_from_the_query_string(fake, remote, start_bot):
     async with start_bot():
-        request = graph_request(WEATHER, {"location": "北京", "date": "下周三"}, method="GET",
-                                session_webhook=fake.webhook_url())
+        request = graph_request(
+            WEATHER, {"location": "北京", "date": "下周三"}, method="GET", session_webhook=fake.webhook_url()
+        )
         assert "?" in request["requestLine"]["uri"] and request["body"] == "{}"
         result = await remote(fake.invoke(request))
     assert result.status == 200
@@ -58,17 +59,30 @@ def _bad(request: dict, **changes) -> dict:
     ("make_request", "status", "reason"),
     [
         (lambda f: "[1, 2, 3]", 400, "callback data is not a JSON object"),
-        (lambda f: _bad(graph_request(WEATHER, PARAMS, session_webhook=f.webhook_url()), body="{oops"), 400,
-         "body is not a JSON object"),
+        (
+            lambda f: _bad(graph_request(WEATHER, PARAMS, session_webhook=f.webhook_url()), body="{oops"),
+            400,
+            "body is not a JSON object",
+        ),
         (lambda f: graph_request(WEATHER, PARAMS), 400, "missing sessionWebhook"),
         (lambda f: graph_request(WEATHER, {**PARAMS, "sessionWebhook": 12}), 400, "missing sessionWebhook"),
         (lambda f: graph_request(WEATHER, PARAMS, session_webhook="not a url"), 400, "not a valid http(s) URL"),
         (lambda f: graph_request(WEATHER, {"date": "明天"}, session_webhook=f.webhook_url()), 400, "location"),
-        (lambda f: graph_request("/v1/actions/nope", PARAMS, session_webhook=f.webhook_url()), 404,
-         "no action for path /v1/actions/nope"),
+        (
+            lambda f: graph_request("/v1/actions/nope", PARAMS, session_webhook=f.webhook_url()),
+            404,
+            "no action for path /v1/actions/nope",
+        ),
     ],
-    ids=["data-not-object", "body-not-json", "no-webhook", "webhook-not-string", "webhook-not-url",
-         "missing-parameter", "unknown-path"],
+    ids=[
+        "data-not-object",
+        "body-not-json",
+        "no-webhook",
+        "webhook-not-string",
+        "webhook-not-url",
+        "missing-parameter",
+        "unknown-path",
+    ],
 )
 async def test_bad_callbacks_get_4xx_and_the_bot_keeps_serving(fake, remote, start_bot, make_request, status, reason):
     async with start_bot():
@@ -96,9 +110,13 @@ async def test_action_error_is_500_with_generic_message(fake, remote, start_bot,
 
     monkeypatch.setitem(bot.ACTIONS, "/v1/actions/broken", broken)
     async with start_bot():
-        result = await remote(fake.invoke(graph_request("/v1/actions/broken", PARAMS, session_webhook=fake.webhook_url())))
+        result = await remote(
+            fake.invoke(graph_request("/v1/actions/broken", PARAMS, session_webhook=fake.webhook_url()))
+        )
         assert result.status == 500 and result.body == {"success": False, "error": "internal error in action"}
-        assert (await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))).status == 200
+        assert (
+            await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+        ).status == 200
     assert "secret internals" in caplog.text  # traceback in the log, not in the answer
     assert len(fake.webhook_posts) == 1
 
@@ -121,7 +139,9 @@ async def test_webhook_failure_is_502_and_logged_redacted(fake, remote, start_bo
         assert result.status == 502 and result.body["success"] is False
         for name in fault:
             setattr(fake, name, type(getattr(fake, name))(200 if name == "webhook_status" else 0))
-        assert (await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))).status == 200
+        assert (
+            await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+        ).status == 200
     assert logged in caplog.text
     assert "session=***" in caplog.text and "aswh_topsecret" not in caplog.text
 
@@ -195,9 +215,11 @@ async def test_stop_waits_for_in_flight_callback_then_exits(fake, remote, start_
     fake.webhook_latency = 1.0
     caplog.set_level(logging.INFO, logger="bot")
     async with start_bot(health_port=port) as task:
-        message_id = await remote(fake.send_frame(
-            "CALLBACK", "/v1.0/graph/api/invoke",
-            graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+        message_id = await remote(
+            fake.send_frame(
+                "CALLBACK", "/v1.0/graph/api/invoke", graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())
+            )
+        )
         await remote(fake.wait_for(lambda: fake.webhook_posts))  # the reply is in flight
     # leaving the block set the stop event and awaited serve(): the ack must already be there
     assert task.result() == 0

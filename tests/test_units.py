@@ -179,8 +179,14 @@ def test_settings_defaults():
 
 def test_settings_from_env():
     settings = bot.load_settings(
-        {**CREDENTIALS, "INSTANCES": "3", "HEALTH_PORT": "8080", "LOG_LEVEL": "debug",
-         "WEBHOOK_ALLOWED_HOSTS": " 127.0.0.1:9000, Localhost ", "SHUTDOWN_GRACE_SECONDS": "2.5"}
+        {
+            **CREDENTIALS,
+            "INSTANCES": "3",
+            "HEALTH_PORT": "8080",
+            "LOG_LEVEL": "debug",
+            "WEBHOOK_ALLOWED_HOSTS": " 127.0.0.1:9000, Localhost ",
+            "SHUTDOWN_GRACE_SECONDS": "2.5",
+        }
     )
     assert settings.instances == 3 and settings.health_port == 8080 and settings.log_level == "DEBUG"
     assert settings.webhook_allowed_hosts == frozenset({"127.0.0.1:9000", "localhost"})
@@ -201,8 +207,14 @@ def test_missing_credential_names_the_key(missing, value):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("INSTANCES", "zero"), ("INSTANCES", "0"), ("HEALTH_PORT", "70000"), ("LOG_LEVEL", "LOUD"),
-     ("WEBHOOK_TIMEOUT_SECONDS", "soon"), ("SHUTDOWN_GRACE_SECONDS", "-1")],
+    [
+        ("INSTANCES", "zero"),
+        ("INSTANCES", "0"),
+        ("HEALTH_PORT", "70000"),
+        ("LOG_LEVEL", "LOUD"),
+        ("WEBHOOK_TIMEOUT_SECONDS", "soon"),
+        ("SHUTDOWN_GRACE_SECONDS", "-1"),
+    ],
 )
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(bot.ConfigError, match=key):
@@ -214,7 +226,10 @@ def test_bad_values_name_the_key(key, value):
 
 def test_redact_hides_session_tokens_and_secrets():
     line = 'POST https://api.dingtalk.com/agent/send?session=aswh_abc&x=1 "clientSecret": "s3cr3t"'
-    assert bot.redact(line, ("s3cr3t",)) == 'POST https://api.dingtalk.com/agent/send?session=***&x=1 "clientSecret": "***"'
+    assert (
+        bot.redact(line, ("s3cr3t",))
+        == 'POST https://api.dingtalk.com/agent/send?session=***&x=1 "clientSecret": "***"'
+    )
 
 
 def test_redacting_filter_covers_args_and_tracebacks():

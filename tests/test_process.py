@@ -1,0 +1,86 @@
+"""`python bot.py` as a subprocess: configuration errors, signals with work in flight, secrets in output."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.conftest import bot_env
+from tests.fake_dingtalk import graph_request
+
+WEATHER = "/v1/actions/weather"
+PARAMS = {"location": "杭州", "date": "明天"}
+
+
+@pytest.mark.parametrize("missing", ["CLIENT_ID", "CLIENT_SECRET"])
+async def test_missing_credential_exits_2_with_one_line_and_no_network(fake, bot_process, missing):
+    env = bot_env(fake)
+    del env[missing]
+    process = await bot_process(env)
+    assert await process.wait(10) == 2
+    assert process.lines == [
+        f"error: {missing} is not set: copy .env.example to .env and fill in your app's credentials"
+    ]
+    assert fake.open_requests == []
+
+
+async def test_bad_setting_exits_2_naming_it(fake, bot_process):
+    process = await bot_process(bot_env(fake, INSTANCES="zero"))
+    assert await process.wait(10) == 2
+    assert process.lines == ["error: INSTANCES='zero' is not a valid int"]
+    assert fake.open_requests == []
+
+
+async def test_dotenv_file_is_read_and_real_environment_wins(fake, remote, bot_process, tmp_path):
+    (tmp_path / ".env").write_text(f"CLIENT_ID=from-dotenv\nCLIENT_SECRET={fake.client_secret}\nINSTANCES=2\n")
+    env = bot_env(fake)
+    del env["CLIENT_SECRET"]  # comes from .env
+    env["INSTANCES"] = "1"  # real environment beats .env
+    process = await bot_process(env)
+    try:
+        await remote(fake.wait_connected(1, timeout=10))
+    finally:
+        process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(10) == 0
+    assert {r.body["clientId"] for r in fake.open_requests} == {fake.client_id}
+    assert len(fake.open_requests) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_with_callback_in_flight_finishes_it_and_exits_0(fake, remote, bot_process, signum):
+    fake.webhook_latency = 1.0
+    process = await bot_process(bot_env(fake))
+    await remote(fake.wait_connected(1, timeout=10))
+    request = graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())
+    message_id = await remote(fake.send_frame("CALLBACK", "/v1.0/graph/api/invoke", request))
+    await remote(fake.wait_for(lambda: fake.webhook_posts, 5))  # the reply is now in flight
+    process.proc.send_signal(signum)
+    assert await process.wait(10) == 0
+    ack = await remote(fake.wait_ack(message_id, timeout=1))
+    assert '\\"success\\": true' in ack["data"]
+    assert f"{signal.Signals(signum).name} received" in process.output
+    assert "stopped" in process.lines[-1]
+
+
+async def test_sigterm_when_idle_exits_0(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake))
+    await remote(fake.wait_connected(1, timeout=10))
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(5) == 0
+
+
+async def test_secret_and_session_tokens_never_in_output(fake, remote, bot_process):
+    fake.client_secret = "S3cr3t-Value-4711"
+    fake.webhook_status = 500  # the failure path logs the webhook URL
+    process = await bot_process(bot_env(fake, LOG_LEVEL="DEBUG"))
+    await remote(fake.wait_connected(1, timeout=10))
+    for session in ("aswh_token_one", "aswh_token_two"):
+        request = graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url(session))
+        await remote(fake.invoke(request))
+        fake.webhook_status = 200
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(10) == 0
+    assert "webhook http://127.0.0.1" in process.output and "session=***" in process.output
+    assert "S3cr3t-Value-4711" not in process.output
+    assert "aswh_token" not in process.output
