@@ -89,7 +89,10 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
 
     for key in ("CLIENT_ID", "CLIENT_SECRET"):
         if get(key) is None:
-            raise ConfigError(f"{key} is not set: copy .env.example to .env and fill in your app's credentials")
+            raise ConfigError(
+                f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
+                " (or try the bot offline first: python -m tests.simulate)"
+            )
     log_level = (get("LOG_LEVEL") or "INFO").upper()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")

@@ -21,6 +21,7 @@ async def test_missing_credential_exits_2_with_one_line_and_no_network(fake, bot
     assert await process.wait(10) == 2
     assert process.lines == [
         f"error: {missing} is not set: copy .env.example to .env and fill in your app's credentials"
+        " (or try the bot offline first: python -m tests.simulate)"
     ]
     assert fake.open_requests == []
 
