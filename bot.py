@@ -13,27 +13,30 @@ Stop:  Ctrl+C or SIGTERM      (in-flight replies finish first, up to SHUTDOWN_GR
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import os
+import random
 import re
 import signal
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote_plus, urlsplit
 
 import aiohttp
 import dingtalk_stream
+import websockets
+import websockets.exceptions  # websockets>=15 loads submodules lazily; bind it before use
 from aiohttp import web
+from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
 from dotenv import load_dotenv
-
-# Importing websockets.protocol also binds `websockets.exceptions`, which websockets>=15 loads lazily
-# and the SDK's reconnect loop refers to; without it an early error kills the loop (AttributeError).
 from websockets.protocol import State as WebSocketState
 
 log = logging.getLogger("bot")
@@ -65,7 +68,9 @@ class Settings:
     action_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 15.0
     webhook_allowed_hosts: frozenset[str] = frozenset()
-    openapi_endpoint: str | None = None  # None = the SDK's default, https://api.dingtalk.com
+    connect_timeout_seconds: float = 10.0
+    keepalive_seconds: float = 15.0
+    openapi_endpoint: str = "https://api.dingtalk.com"
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
@@ -108,7 +113,9 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         action_timeout_seconds=number("ACTION_TIMEOUT_SECONDS", 30.0, float, 0.1, 3600),
         shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 15.0, float, 0, 3600),
         webhook_allowed_hosts=allowed,
-        openapi_endpoint=get("DINGTALK_OPENAPI_ENDPOINT"),
+        connect_timeout_seconds=number("CONNECT_TIMEOUT_SECONDS", 10.0, float, 0.1, 300),
+        keepalive_seconds=number("KEEPALIVE_SECONDS", 15.0, float, 0.1, 300),
+        openapi_endpoint=get("DINGTALK_OPENAPI_ENDPOINT") or "https://api.dingtalk.com",
     )
 
 
@@ -217,23 +224,63 @@ def graph_response(status: int, payload: dict[str, Any]) -> dict[str, Any]:
     return response.to_dict()
 
 
+class CallbackLedger:
+    """What this process knows about callbacks, shared by all its connections: the ones being served
+    (shutdown waits for them) and recent results by messageId (a redelivery is answered from memory,
+    so the user never gets a second reply). Bounded: the oldest results are forgotten first."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.in_flight: dict[asyncio.Task, str] = {}  # task serving a callback -> its messageId
+        self.results: OrderedDict[str, asyncio.Future] = OrderedDict()  # messageId -> (status, payload)
+        self.capacity = capacity
+
+    def track(self, message_id: str) -> None:
+        """Count the current task as in flight until it ends, which is after the SDK sends its ack."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_flight[task] = message_id
+            task.add_done_callback(lambda t: self.in_flight.pop(t, None))
+
+    def remember(self, message_id: str) -> asyncio.Future | None:
+        """The earlier result for this messageId if there is one, else start a new entry (None)."""
+        earlier = self.results.get(message_id)
+        if earlier is None:
+            self.results[message_id] = asyncio.get_running_loop().create_future()
+            while len(self.results) > self.capacity:
+                self.results.popitem(last=False)
+        return earlier
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to `grace` seconds for in-flight callbacks; log each one still running after that."""
+        if self.in_flight:
+            log.info("stopping: waiting up to %.0f s for %d callback(s)", grace, len(self.in_flight))
+            await asyncio.wait(list(self.in_flight), timeout=grace)
+        for task, message_id in list(self.in_flight.items()):
+            log.warning("callback %s abandoned: still running after the %.0f s grace period", message_id, grace)
+            task.cancel()
+
+
 class ActionHandler(dingtalk_stream.GraphHandler):
     """Serves Graph callbacks: dispatch by path to ACTIONS, reply via sessionWebhook, ack the truth."""
 
-    def __init__(self, settings: Settings, http: aiohttp.ClientSession, inflight: dict[asyncio.Task, str]):
+    def __init__(self, settings: Settings, http: aiohttp.ClientSession, ledger: CallbackLedger) -> None:
         super().__init__()
-        self.settings = settings
-        self.http = http
-        # SDK task of each callback being served -> its messageId. The task ends after the ack is
-        # sent, so waiting for these tasks on shutdown waits for reply *and* ack.
-        self.inflight = inflight
+        self.settings, self.http, self.ledger = settings, http, ledger
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
-        message_id = callback.headers.message_id or "-"
-        task = asyncio.current_task()
-        if task is not None:
-            self.inflight[task] = message_id
-            task.add_done_callback(lambda t: self.inflight.pop(t, None))
+        message_id = callback.headers.message_id or ""
+        self.ledger.track(message_id or "-")
+        earlier = self.ledger.remember(message_id) if message_id else None
+        if earlier is not None:
+            log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
+            status, payload = await asyncio.shield(earlier)
+        else:
+            status, payload = await self.answer(callback, message_id or "-")
+            if message_id:
+                self.ledger.results[message_id].set_result((status, payload))
+        return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
+
+    async def answer(self, callback: dingtalk_stream.CallbackMessage, message_id: str) -> tuple[int, dict[str, Any]]:
         started = time.monotonic()
         call: GraphCall | None = None
         try:
@@ -249,7 +296,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         elapsed_ms = (time.monotonic() - started) * 1000
         path = f"{call.method} {call.path}" if call else "-"
         log.info("callback %s %s -> %d in %.0f ms", message_id, path, status, elapsed_ms)
-        return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
+        return status, payload
 
     async def dispatch(self, call: GraphCall) -> int:
         action = ACTIONS.get(call.path)
@@ -334,32 +381,156 @@ async def reply_markdown(http: aiohttp.ClientSession, webhook: str, markdown: st
 # ---------------------------------------------------------------------------------------------
 
 
+# 0.24.4+ acks on the socket a frame came on (and de-duplicates); 0.24.3 acks on client.websocket.
+SDK_ACKS_ON_FRAME_SOCKET = (
+    "websocket" in inspect.signature(dingtalk_stream.DingTalkStreamClient.background_task).parameters
+)
+RECONNECT_MAX_DELAY_SECONDS = 60.0
+
+
+class CredentialsRejected(Exception):
+    """DingTalk refused CLIENT_ID / CLIENT_SECRET (HTTP 401, authFailed)."""
+
+
+class OpenFailed(Exception):
+    """Connection open failed for another reason; worth retrying."""
+
+
 def build_client(settings: Settings, handler: ActionHandler) -> dingtalk_stream.DingTalkStreamClient:
-    """One Stream connection with our handler registered on the Graph topic."""
-    if settings.openapi_endpoint:
-        # The SDK reads DINGTALK_OPENAPI_ENDPOINT only at import; this also honours .env and tests.
-        dingtalk_stream.DingTalkStreamClient.OPEN_CONNECTION_API = (
-            settings.openapi_endpoint.rstrip("/") + "/v1.0/gateway/connections/open"
-        )
+    """The SDK client: parses frames, runs our handler on the Graph topic, sends the ack."""
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     client = dingtalk_stream.DingTalkStreamClient(credential, logger=logging.getLogger("dingtalk_stream.client"))
     client.register_callback_handler(GRAPH_TOPIC, handler)
     return client
 
 
-def is_connected(client: dingtalk_stream.DingTalkStreamClient) -> bool:
-    websocket = getattr(client, "websocket", None)
-    return websocket is not None and getattr(websocket, "state", None) is WebSocketState.OPEN
+async def open_connection(http: aiohttp.ClientSession, settings: Settings, topics: list[str]) -> str:
+    """Ask DingTalk for a Stream endpoint and a one-time ticket; return the websocket URL.
+
+    Done here with aiohttp and a timeout, not by the SDK: 0.24.3 opens with a blocking, timeout-less
+    `requests.post` on the event loop, and neither version tells its caller that credentials were refused.
+    """
+    body = {
+        "clientId": settings.client_id,
+        "clientSecret": settings.client_secret,
+        "subscriptions": [{"type": "CALLBACK", "topic": topic} for topic in topics],
+        "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union",
+        "localIp": "",
+    }
+    url = settings.openapi_endpoint.rstrip("/") + "/v1.0/gateway/connections/open"
+    timeout = aiohttp.ClientTimeout(total=settings.connect_timeout_seconds)
+    try:
+        async with http.post(url, json=body, headers={"Accept": "application/json"}, timeout=timeout) as response:
+            status, text = response.status, await response.text()
+    except asyncio.TimeoutError:
+        raise OpenFailed(f"connection open: no answer within {settings.connect_timeout_seconds:.0f} s") from None
+    except aiohttp.ClientError as exc:
+        raise OpenFailed(f"connection open: {exc or type(exc).__name__}") from None
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    answer = answer if isinstance(answer, dict) else {}
+    if status == 401 or answer.get("code") == "authFailed":
+        raise CredentialsRejected(f"{answer.get('code', status)}: {answer.get('message', text[:200])}")
+    endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
+    if status != 200 or not (isinstance(endpoint, str) and endpoint and isinstance(ticket, str) and ticket):
+        raise OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text[:200]!r}")
+    return f"{endpoint}?ticket={quote_plus(ticket)}"
 
 
-async def start_health_server(settings: Settings, clients: list, stopping: asyncio.Event) -> web.AppRunner:
+def reconnect_delay(failures: int) -> float:
+    """None after a healthy connection ends, then about 1, 2, 4 … 60 s; jitter keeps many bots out of step."""
+    if failures == 0:
+        return 0.0
+    return min(2.0 ** (failures - 1), RECONNECT_MAX_DELAY_SECONDS) + random.uniform(0, 1)
+
+
+class StreamLink:
+    """One Stream connection: open it, hand every frame to the SDK client, reconnect with backoff."""
+
+    def __init__(self, name: str, client: dingtalk_stream.DingTalkStreamClient, http: aiohttp.ClientSession,
+                 settings: Settings, accepted: asyncio.Event) -> None:  # fmt: skip
+        self.name, self.client, self.http, self.settings = name, client, http, settings
+        self.accepted = accepted  # set once DingTalk accepted the credentials on any connection
+        self.websocket: Any = None
+        self.failures = 0
+        self.frame_tasks: set[asyncio.Task] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self.websocket is not None and self.websocket.state is WebSocketState.OPEN
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Stay connected until `stopping` is set. Credentials refused before any connection ever
+        succeeded are a configuration error: CredentialsRejected is raised instead of retrying."""
+        self.client.pre_start()
+        while not stopping.is_set():
+            try:
+                url = await open_connection(self.http, self.settings, list(self.client.callback_handler_map))
+                ended = await self.serve_connection(url)
+                log_level, problem = logging.INFO, f"connection closed ({ended})"
+            except CredentialsRejected as exc:
+                if not self.accepted.is_set():
+                    raise
+                log_level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
+            except (OpenFailed, OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
+                log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
+            if stopping.is_set():
+                break
+            delay = reconnect_delay(self.failures)
+            self.failures += 1
+            log.log(log_level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+
+    async def serve_connection(self, url: str) -> str:
+        """Read frames until the connection ends; return how it ended."""
+        keepalive = self.settings.keepalive_seconds
+        async with websockets.connect(
+            url,
+            open_timeout=self.settings.connect_timeout_seconds,
+            ping_interval=keepalive,  # a silently dead connection is noticed within 2 x keepalive
+            ping_timeout=keepalive,
+            close_timeout=5,
+        ) as websocket:
+            self.websocket = self.client.websocket = websocket
+            self.accepted.set()
+            log.info("%s: connected", self.name)
+            try:
+                async for raw in websocket:
+                    self.failures = 0  # any frame proves the connection healthy
+                    self.dispatch(raw, websocket)
+            finally:
+                self.websocket = None
+            return f"code {websocket.close_code} {websocket.close_reason or ''}".strip()
+
+    def dispatch(self, raw: str | bytes, websocket: Any) -> None:
+        """Hand one frame to the SDK (parse, run the handler, send the ack) as its own task."""
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            frame = None
+        if not isinstance(frame, dict):
+            log.warning("%s: skipped a frame that is not a JSON object: %s", self.name, redact(repr(raw)[:200]))
+            return
+        if SDK_ACKS_ON_FRAME_SOCKET:
+            work = self.client.background_task(frame, websocket)
+        else:
+            work = self.client.background_task(frame)
+        task = asyncio.create_task(work)
+        self.frame_tasks.add(task)
+        task.add_done_callback(self.frame_tasks.discard)
+
+
+async def start_health_server(settings: Settings, links: list[StreamLink], stopping: asyncio.Event) -> web.AppRunner:
     """GET /healthz: 200 when every instance is connected, 503 otherwise (or while stopping)."""
 
     async def healthz(_: web.Request) -> web.Response:
-        connected = sum(map(is_connected, clients))
-        healthy = connected == len(clients) and not stopping.is_set()
+        connected = sum(link.connected for link in links)
+        healthy = connected == len(links) and not stopping.is_set()
         state = "stopping" if stopping.is_set() else "ok" if healthy else "degraded"
-        body = {"status": state, "instances": len(clients), "connected": connected}
+        body = {"status": state, "instances": len(links), "connected": connected}
         return web.json_response(body, status=200 if healthy else 503)
 
     app = web.Application()
@@ -371,62 +542,60 @@ async def start_health_server(settings: Settings, clients: list, stopping: async
     return runner
 
 
-async def stop_client(client: dingtalk_stream.DingTalkStreamClient, task: asyncio.Task, timeout: float) -> None:
-    """Stop one client, on SDK versions with and without `stop()`."""
-    stop = getattr(client, "stop", None)
-    if stop is not None:  # dingtalk-stream >= 0.24.4
-        try:
-            await asyncio.wait_for(stop(), timeout)
-        except Exception as exc:  # a socket that fails to close cleanly is still closed below
-            log.debug("client stop: %r", exc)
-        await asyncio.wait({task}, timeout=timeout)
-    # 0.24.3 has no stop() and retries after the first CancelledError, so cancel until it ends.
-    deadline = time.monotonic() + timeout
-    while not task.done() and time.monotonic() < deadline:
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.2)
-    if not task.done():
-        log.warning("stream client did not stop within %.1f s", timeout)
-
-
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
-    """Run the stream client(s) (and health endpoint) until `stop` is set; return an exit code."""
-    inflight: dict[asyncio.Task, str] = {}
-    stopping = asyncio.Event()
+    """Run the stream connection(s) (and health endpoint) until `stop` is set; return an exit code."""
+    ledger = CallbackLedger()
+    stopping, accepted = asyncio.Event(), asyncio.Event()
     async with aiohttp.ClientSession(trust_env=False) as http:
-        clients = [build_client(settings, ActionHandler(settings, http, inflight)) for _ in range(settings.instances)]
+        links = [
+            StreamLink(f"stream-{i + 1}", build_client(settings, ActionHandler(settings, http, ledger)), http,
+                       settings, accepted)
+            for i in range(settings.instances)
+        ]  # fmt: skip
         runner = None
         if settings.health_port:
             try:
-                runner = await start_health_server(settings, clients, stopping)
+                runner = await start_health_server(settings, links, stopping)
             except OSError as exc:
                 log.error("cannot serve HEALTH_PORT=%d: %s", settings.health_port, exc)
                 return 2
-        tasks = [asyncio.create_task(client.start(), name=f"dingtalk-stream-{i}") for i, client in enumerate(clients)]
-        log.info("serving %d action(s) with %d stream instance(s)", len(ACTIONS), len(clients))
+        tasks = [asyncio.create_task(link.run(stopping), name=link.name) for link in links]
+        log.info("serving %d action(s) with %d stream instance(s)", len(ACTIONS), len(links))
         stop_waiter = asyncio.create_task(stop.wait())
         exit_code = 0
         try:
             done, _ = await asyncio.wait([stop_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            if stop_waiter not in done:
-                ended = done.pop()
-                log.error("a stream client ended unexpectedly: %r", None if ended.cancelled() else ended.exception())
-                exit_code = 1
+            exit_code = 0 if stop_waiter in done else exit_code_of(done.pop())
         finally:
+            stopping.set()  # no new connections; /healthz answers 503
             stop_waiter.cancel()
-            stopping.set()
-            if inflight:
-                log.info(
-                    "stopping: waiting up to %.0f s for %d callback(s)", settings.shutdown_grace_seconds, len(inflight)
-                )
-                await asyncio.wait(list(inflight), timeout=settings.shutdown_grace_seconds)
-            for message_id in inflight.values():
-                log.warning("callback %s abandoned: still running after the grace period", message_id)
-            await asyncio.gather(*(stop_client(c, t, 3.0) for c, t in zip(clients, tasks, strict=True)))
+            await ledger.drain(settings.shutdown_grace_seconds)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=10)
+            leftovers = [t for link in links for t in link.frame_tasks]
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                await asyncio.wait(leftovers, timeout=1)
             if runner is not None:
                 await runner.cleanup()
     log.info("stopped")
     return exit_code
+
+
+def exit_code_of(ended: asyncio.Task) -> int:
+    """A connection task that ended on its own: wrong credentials (2) or a bug (1)."""
+    error = None if ended.cancelled() else ended.exception()
+    if isinstance(error, CredentialsRejected):
+        log.error(
+            "DingTalk rejected CLIENT_ID / CLIENT_SECRET (%s): check both in the developer console, "
+            "your app → 凭证与基础信息 / Credentials & basic info",
+            error,
+        )
+        return 2
+    log.error("%s ended unexpectedly", ended.get_name(), exc_info=error)
+    return 1
 
 
 class RedactingFilter(logging.Filter):
@@ -487,6 +656,9 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    for key in ("CLIENT_ID", "CLIENT_SECRET"):
+        if os.environ[key] != os.environ[key].strip():  # a common paste error that DingTalk rejects
+            log.warning("%s had surrounding whitespace; using it without", key)
     return asyncio.run(run(settings))
 
 
