@@ -454,7 +454,7 @@ class StreamLink:
         self.name, self.client, self.http, self.settings = name, client, http, settings
         self.accepted = accepted  # set once DingTalk accepted the credentials on any connection
         self.websocket: Any = None
-        self.failures = 0
+        self.failures = 1  # consecutive failed attempts; 0 only after a connection that received frames
         self.frame_tasks: set[asyncio.Task] = set()
 
     @property
@@ -474,7 +474,11 @@ class StreamLink:
                 if not self.accepted.is_set():
                     raise
                 log_level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
-            except (OpenFailed, OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as exc:
+            except websockets.exceptions.ConnectionClosed as exc:
+                log_level, problem = logging.WARNING, f"connection lost: {exc}"
+            except asyncio.TimeoutError:
+                log_level, problem = logging.WARNING, "websocket handshake timed out"
+            except (OpenFailed, OSError, websockets.exceptions.WebSocketException) as exc:
                 log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
             if stopping.is_set():
                 break

@@ -29,6 +29,7 @@ GRAPH_TOPIC = "/v1.0/graph/api/invoke"
 class OpenRequest:
     body: dict[str, Any]
     status: int  # what the fake answered
+    received_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -74,7 +75,9 @@ class Connection:
 
     id: str
     ws: web.WebSocketResponse
+    transport: Any
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    frozen: bool = False  # stop answering the bot's websocket pings: a silently dead connection
 
 
 class FakeDingTalk:
@@ -87,11 +90,18 @@ class FakeDingTalk:
         self.webhook_latency = 0.0
         self.webhook_status = 200
         self.webhook_errcode = 0
+        self.webhook_cut_off = False  # close the connection halfway through the response
+        self.slow_sessions: dict[str, float] = {}  # session -> latency, overriding webhook_latency
         self.expired_sessions: set[str] = set()
+        # connection-open faults
+        self.open_status: int | None = None  # answer with this HTTP error status
+        self.open_raw_body: str | None = None  # answer 200 with this text instead of endpoint/ticket
+        self.open_delay = 0.0  # seconds before answering (a hanging open)
         # gateway faults
         self.reject_websocket = False  # answer the websocket handshake with 403
         # what the fake saw
-        self.open_requests: list[OpenRequest] = []
+        self.open_requests: list[OpenRequest] = []  # answered ones
+        self.open_attempts = 0  # arrived ones, answered or not
         self.webhook_posts: list[WebhookPost] = []
         self.connections: list[Connection] = []  # every connection ever made, in order
         self.acks: dict[str, list[dict[str, Any]]] = {}
@@ -155,8 +165,18 @@ class FakeDingTalk:
             body = await request.json()
         except ValueError:
             body = {}
+        self.open_attempts += 1
+        await self._notify()
+        if self.open_delay:
+            await asyncio.sleep(self.open_delay)
         if body.get("clientId") != self.client_id or body.get("clientSecret") != self.client_secret:
             status, answer = 401, {"requestid": uuid.uuid4().hex, "code": "authFailed", "message": "鉴权失败"}
+        elif self.open_status is not None:
+            status, answer = self.open_status, {"requestid": uuid.uuid4().hex, "code": "serverError", "message": "fake"}
+        elif self.open_raw_body is not None:
+            self.open_requests.append(OpenRequest(body, 200))
+            await self._notify()
+            return web.Response(text=self.open_raw_body, content_type="application/json")
         else:
             ticket = str(uuid.uuid4())
             self._tickets.add(ticket)
@@ -174,14 +194,16 @@ class FakeDingTalk:
         if ticket not in self._tickets:
             return web.json_response({"code": "invalidTicket"}, status=401)
         self._tickets.discard(ticket)  # a ticket opens one connection only
-        ws = web.WebSocketResponse(autoping=True)
+        ws = web.WebSocketResponse(autoping=False)  # pongs by hand, so a connection can play dead
         await ws.prepare(request)
-        conn = Connection(id=f"conn-{next(self._ids)}", ws=ws)
+        conn = Connection(id=f"conn-{next(self._ids)}", ws=ws, transport=request.transport)
         self.connections.append(conn)
         await self._notify()
         try:
             async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
+                if msg.type == WSMsgType.PING and not conn.frozen:
+                    await ws.pong(msg.data)
+                if msg.type != WSMsgType.TEXT or conn.frozen:
                     continue
                 ack = json.loads(msg.data)
                 if self.trace:
@@ -266,6 +288,11 @@ class FakeDingTalk:
         except asyncio.TimeoutError:
             await conn.ws.close()
 
+    async def drop(self, conn: Connection) -> None:
+        """Cut the TCP connection without a websocket close frame."""
+        conn.transport.abort()
+        await conn.closed.wait()
+
     # ----- sessionWebhook sink -----
 
     async def _webhook(self, request: web.Request) -> web.Response:
@@ -276,8 +303,15 @@ class FakeDingTalk:
             payload = await request.text()
         self.webhook_posts.append(WebhookPost(session, request.host, payload, time.monotonic()))
         await self._notify()
-        if self.webhook_latency:
-            await asyncio.sleep(self.webhook_latency)
+        latency = self.slow_sessions.get(session, self.webhook_latency)
+        if latency:
+            await asyncio.sleep(latency)
+        if self.webhook_cut_off:
+            response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "64"})
+            await response.prepare(request)
+            await response.write(b'{"errcode": 0, "errm')
+            request.transport.abort()
+            return response
         if session in self.expired_sessions:
             return web.json_response({"errcode": 300001, "errmsg": "session 不存在"})
         if self.webhook_status != 200:
