@@ -50,6 +50,12 @@ MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID
 # AI assistant webhooks live on api.dingtalk.com, chatbot ones on oapi.dingtalk.com: accept both.
 DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+RECONNECT_MAX_DELAY_SECONDS = 60.0
+REMEMBERED_CALLBACKS = 10_000  # results kept by messageId, to answer redeliveries without replying twice
+# 0.24.4+ acks on the socket a frame came on (and de-duplicates); 0.24.3 acks on client.websocket.
+SDK_ACKS_ON_FRAME_SOCKET = (
+    "websocket" in inspect.signature(dingtalk_stream.DingTalkStreamClient.background_task).parameters
+)
 
 
 class ConfigError(Exception):
@@ -102,20 +108,21 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
     allowed = frozenset(h.strip().lower() for h in (get("WEBHOOK_ALLOWED_HOSTS") or "").split(",") if h.strip())
+    defaults = Settings
     return Settings(
         client_id=get("CLIENT_ID") or "",
         client_secret=get("CLIENT_SECRET") or "",
-        instances=number("INSTANCES", 1, int, 1, 32),
-        health_host=get("HEALTH_HOST") or "127.0.0.1",
+        instances=number("INSTANCES", defaults.instances, int, 1, 32),
+        health_host=get("HEALTH_HOST") or defaults.health_host,
         health_port=number("HEALTH_PORT", None, int, 1, 65535),
         log_level=log_level,
-        webhook_timeout_seconds=number("WEBHOOK_TIMEOUT_SECONDS", 10.0, float, 0.1, 300),
-        action_timeout_seconds=number("ACTION_TIMEOUT_SECONDS", 30.0, float, 0.1, 3600),
-        shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", 15.0, float, 0, 3600),
+        webhook_timeout_seconds=number("WEBHOOK_TIMEOUT_SECONDS", defaults.webhook_timeout_seconds, float, 0.1, 300),
+        action_timeout_seconds=number("ACTION_TIMEOUT_SECONDS", defaults.action_timeout_seconds, float, 0.1, 3600),
+        shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, float, 0, 3600),
         webhook_allowed_hosts=allowed,
-        connect_timeout_seconds=number("CONNECT_TIMEOUT_SECONDS", 10.0, float, 0.1, 300),
-        keepalive_seconds=number("KEEPALIVE_SECONDS", 15.0, float, 0.1, 300),
-        openapi_endpoint=get("DINGTALK_OPENAPI_ENDPOINT") or "https://api.dingtalk.com",
+        connect_timeout_seconds=number("CONNECT_TIMEOUT_SECONDS", defaults.connect_timeout_seconds, float, 0.1, 300),
+        keepalive_seconds=number("KEEPALIVE_SECONDS", defaults.keepalive_seconds, float, 0.1, 300),
+        openapi_endpoint=get("DINGTALK_OPENAPI_ENDPOINT") or defaults.openapi_endpoint,
     )
 
 
@@ -229,7 +236,7 @@ class CallbackLedger:
     (shutdown waits for them) and recent results by messageId (a redelivery is answered from memory,
     so the user never gets a second reply). Bounded: the oldest results are forgotten first."""
 
-    def __init__(self, capacity: int = 10_000) -> None:
+    def __init__(self, capacity: int = REMEMBERED_CALLBACKS) -> None:
         self.in_flight: dict[asyncio.Task, str] = {}  # task serving a callback -> its messageId
         self.results: OrderedDict[str, asyncio.Future] = OrderedDict()  # messageId -> (status, payload)
         self.capacity = capacity
@@ -241,14 +248,21 @@ class CallbackLedger:
             self.in_flight[task] = message_id
             task.add_done_callback(lambda t: self.in_flight.pop(t, None))
 
-    def remember(self, message_id: str) -> asyncio.Future | None:
-        """The earlier result for this messageId if there is one, else start a new entry (None)."""
+    def claim(self, message_id: str) -> tuple[bool, asyncio.Future]:
+        """(True, new entry) for a first delivery, (False, the first one's result) for a redelivery."""
         earlier = self.results.get(message_id)
-        if earlier is None:
-            self.results[message_id] = asyncio.get_running_loop().create_future()
-            while len(self.results) > self.capacity:
-                self.results.popitem(last=False)
-        return earlier
+        if earlier is not None:
+            return False, earlier
+        result = self.results[message_id] = asyncio.get_running_loop().create_future()
+        while len(self.results) > self.capacity:
+            self.results.popitem(last=False)
+        return True, result
+
+    def forget(self, message_id: str) -> None:
+        """The first delivery was cancelled before it had a result: let a redelivery start afresh."""
+        result = self.results.pop(message_id, None)
+        if result is not None and not result.done():
+            result.cancel()
 
     async def drain(self, grace: float) -> None:
         """Wait up to `grace` seconds for in-flight callbacks; log each one still running after that."""
@@ -268,16 +282,19 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         self.settings, self.http, self.ledger = settings, http, ledger
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
-        message_id = callback.headers.message_id or ""
-        self.ledger.track(message_id or "-")
-        earlier = self.ledger.remember(message_id) if message_id else None
-        if earlier is not None:
+        message_id = callback.headers.message_id or "-"
+        self.ledger.track(message_id)
+        first, result = self.ledger.claim(message_id)
+        if not first:
             log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
-            status, payload = await asyncio.shield(earlier)
+            status, payload = await asyncio.shield(result)
         else:
-            status, payload = await self.answer(callback, message_id or "-")
-            if message_id:
-                self.ledger.results[message_id].set_result((status, payload))
+            try:
+                status, payload = await self.answer(callback, message_id)
+            except asyncio.CancelledError:
+                self.ledger.forget(message_id)
+                raise
+            result.set_result((status, payload))
         return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
 
     async def answer(self, callback: dingtalk_stream.CallbackMessage, message_id: str) -> tuple[int, dict[str, Any]]:
@@ -379,13 +396,6 @@ async def reply_markdown(http: aiohttp.ClientSession, webhook: str, markdown: st
 # ---------------------------------------------------------------------------------------------
 # Lifecycle / 生命周期：clients, health endpoint, signals, graceful shutdown
 # ---------------------------------------------------------------------------------------------
-
-
-# 0.24.4+ acks on the socket a frame came on (and de-duplicates); 0.24.3 acks on client.websocket.
-SDK_ACKS_ON_FRAME_SOCKET = (
-    "websocket" in inspect.signature(dingtalk_stream.DingTalkStreamClient.background_task).parameters
-)
-RECONNECT_MAX_DELAY_SECONDS = 60.0
 
 
 class CredentialsRejected(Exception):

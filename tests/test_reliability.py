@@ -188,8 +188,8 @@ def test_ledger_memory_is_bounded():
     async def scenario() -> bot.CallbackLedger:
         ledger = bot.CallbackLedger(capacity=3)
         for n in range(5):
-            assert ledger.remember(f"m{n}") is None
-        assert ledger.remember("m4") is not None
+            assert ledger.claim(f"m{n}")[0]
+        assert not ledger.claim("m4")[0]
         return ledger
 
     ledger = asyncio.run(scenario())
@@ -255,3 +255,15 @@ async def test_sigterm_during_a_burst_of_20(fake, remote, bot_process, grace):
     else:
         for message_id in ids:
             assert f"callback {message_id} abandoned" in process.output
+
+
+def test_cancelled_first_delivery_lets_a_redelivery_start_afresh():
+    async def scenario() -> None:
+        ledger = bot.CallbackLedger()
+        first, result = ledger.claim("m1")
+        assert first
+        ledger.forget("m1")  # what the handler does when the first delivery is cancelled
+        assert result.cancelled()  # anyone waiting on it stops waiting
+        assert ledger.claim("m1")[0]
+
+    asyncio.run(scenario())
