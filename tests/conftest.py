@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 
 import bot
@@ -194,3 +196,27 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def healthz(port: int) -> tuple[int, dict]:
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        return resp.status, await resp.json()
+
+
+async def wait_health(port: int, status: int, timeout: float = 15.0) -> dict:
+    async def probe() -> dict | None:
+        code, body = await healthz(port)
+        return body if code == status else None
+
+    deadline = time.monotonic() + timeout
+    while (body := await probe()) is None:
+        assert time.monotonic() < deadline, f"/healthz never answered {status}"
+        await asyncio.sleep(0.05)
+    return body

@@ -6,11 +6,10 @@ import asyncio
 import json
 import logging
 
-import aiohttp
 import pytest
 
 import bot
-from tests.conftest import wait_until
+from tests.conftest import free_port, healthz, wait_until
 from tests.fake_dingtalk import graph_request
 
 WEATHER = "/v1/actions/weather"
@@ -184,34 +183,21 @@ async def test_reconnects_after_gateway_disconnect(fake, remote, start_bot):
     assert len(fake.open_requests) == 2  # a fresh ticket for the new connection
 
 
-async def _healthz(port: int) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as response:
-        return response.status, await response.json()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_healthz_is_200_when_all_connected_and_503_while_one_is_down(fake, remote, start_bot):
-    port = _free_port()
+    port = free_port()
     async with start_bot(instances=2, health_port=port):
-        assert await _healthz(port) == (200, {"status": "ok", "instances": 2, "connected": 2})
+        assert await healthz(port) == (200, {"status": "ok", "instances": 2, "connected": 2})
         fake.reject_websocket = True
         await remote(fake.disconnect(fake.live_connections()[0]))
-        status, body = await _healthz(port)
+        status, body = await healthz(port)
         assert (status, body["status"], body["connected"]) == (503, "degraded", 1)
         fake.reject_websocket = False
         await wait_until(lambda: len(fake.live_connections()) == 2, 15)
-        assert (await _healthz(port))[0] == 200
+        assert (await healthz(port))[0] == 200
 
 
 async def test_stop_waits_for_in_flight_callback_then_exits(fake, remote, start_bot, caplog):
-    port = _free_port()
+    port = free_port()
     fake.webhook_latency = 1.0
     caplog.set_level(logging.INFO, logger="bot")
     async with start_bot(health_port=port) as task:

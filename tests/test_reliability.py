@@ -6,14 +6,12 @@ import asyncio
 import itertools
 import json
 import signal
-import socket
 import time
 
-import aiohttp
 import pytest
 
 import bot
-from tests.conftest import bot_env, wait_until
+from tests.conftest import bot_env, free_port, healthz, wait_health, wait_until
 from tests.fake_dingtalk import GRAPH_TOPIC, graph_request
 
 WEATHER = "/v1/actions/weather"
@@ -22,30 +20,6 @@ PARAMS = {"location": "杭州", "date": "明天"}
 
 def weather(fake, session: str | None = None) -> dict:
     return graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url(session))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def healthz(port: int) -> tuple[int, dict]:
-    timeout = aiohttp.ClientTimeout(total=2)
-    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-        return resp.status, await resp.json()
-
-
-async def wait_health(port: int, status: int, timeout: float = 15.0) -> dict:
-    async def probe() -> dict | None:
-        code, body = await healthz(port)
-        return body if code == status else None
-
-    deadline = time.monotonic() + timeout
-    while (body := await probe()) is None:
-        assert time.monotonic() < deadline, f"/healthz never answered {status}"
-        await asyncio.sleep(0.05)
-    return body
 
 
 @pytest.fixture
