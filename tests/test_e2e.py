@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 import pytest
 
@@ -215,8 +216,6 @@ async def test_stop_waits_for_in_flight_callback_then_exits(fake, remote, start_
 
 
 async def test_health_port_in_use_is_a_clear_error(fake, caplog):
-    import socket
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
