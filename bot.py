@@ -52,7 +52,8 @@ DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 RECONNECT_MAX_DELAY_SECONDS = 60.0
 REMEMBERED_CALLBACKS = 10_000  # results kept by messageId, to answer redeliveries without replying twice
-# 0.24.4+ acks on the socket a frame came on (and de-duplicates); 0.24.3 acks on client.websocket.
+MAX_FRAMES_IN_FLIGHT = 500  # per connection; past it, reading pauses until one finishes
+# 0.24.4b1 and later ack on the socket a frame came on (and de-duplicate); 0.24.3 acks on client.websocket.
 SDK_ACKS_ON_FRAME_SOCKET = (
     "websocket" in inspect.signature(dingtalk_stream.DingTalkStreamClient.background_task).parameters
 )
@@ -70,9 +71,10 @@ class Settings:
     health_host: str = "127.0.0.1"
     health_port: int | None = None
     log_level: str = "INFO"
-    webhook_timeout_seconds: float = 10.0
-    action_timeout_seconds: float = 30.0
-    shutdown_grace_seconds: float = 15.0
+    # Action + webhook stay under ~16 s, the earliest redelivery of an unacked callback reported.
+    webhook_timeout_seconds: float = 5.0
+    action_timeout_seconds: float = 10.0
+    shutdown_grace_seconds: float = 20.0
     webhook_allowed_hosts: frozenset[str] = frozenset()
     connect_timeout_seconds: float = 10.0
     keepalive_seconds: float = 15.0
@@ -108,7 +110,10 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
     allowed = frozenset(h.strip().lower() for h in (get("WEBHOOK_ALLOWED_HOSTS") or "").split(",") if h.strip())
-    defaults = Settings
+    endpoint = get("DINGTALK_OPENAPI_ENDPOINT") or Settings.openapi_endpoint
+    if urlsplit(endpoint).scheme not in ("http", "https"):
+        raise ConfigError(f"DINGTALK_OPENAPI_ENDPOINT={endpoint!r} must start with https:// (or http://)")
+    defaults = Settings  # the dataclass's field defaults
     return Settings(
         client_id=get("CLIENT_ID") or "",
         client_secret=get("CLIENT_SECRET") or "",
@@ -122,7 +127,7 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         webhook_allowed_hosts=allowed,
         connect_timeout_seconds=number("CONNECT_TIMEOUT_SECONDS", defaults.connect_timeout_seconds, float, 0.1, 300),
         keepalive_seconds=number("KEEPALIVE_SECONDS", defaults.keepalive_seconds, float, 0.1, 300),
-        openapi_endpoint=get("DINGTALK_OPENAPI_ENDPOINT") or defaults.openapi_endpoint,
+        openapi_endpoint=endpoint,
     )
 
 
@@ -207,11 +212,19 @@ async def run_action(action: Action, params: dict[str, Any], timeout: float) -> 
         signature.bind(**kwargs)
     except TypeError as exc:
         raise GraphError(400, f"bad parameters: {exc}") from None
+    # A task, not wait_for: a TimeoutError raised inside the action is its own failure (500), not ours.
+    task = asyncio.ensure_future(action(**kwargs))
     try:
-        result = await asyncio.wait_for(action(**kwargs), timeout)
-    except asyncio.TimeoutError:
-        log.error("action %s timed out after %.1f s", action.__name__, timeout)
-        raise GraphError(504, "action timed out") from None
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        log.error("action %s timed out after %.3g s", action.__name__, timeout)
+        raise GraphError(504, "action timed out")
+    try:
+        result = task.result()
     except Exception:
         log.exception("action %s failed", action.__name__)
         raise GraphError(500, "internal error in action") from None
@@ -232,21 +245,13 @@ def graph_response(status: int, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class CallbackLedger:
-    """What this process knows about callbacks, shared by all its connections: the ones being served
-    (shutdown waits for them) and recent results by messageId (a redelivery is answered from memory,
-    so the user never gets a second reply). Bounded: the oldest results are forgotten first."""
+    """Recent results by messageId, shared by all connections of this process: a redelivered
+    callback is answered from memory, so the user never gets a second reply. Bounded: the oldest
+    results are forgotten first. (Another process does not see them: keep actions idempotent.)"""
 
     def __init__(self, capacity: int = REMEMBERED_CALLBACKS) -> None:
-        self.in_flight: dict[asyncio.Task, str] = {}  # task serving a callback -> its messageId
         self.results: OrderedDict[str, asyncio.Future] = OrderedDict()  # messageId -> (status, payload)
         self.capacity = capacity
-
-    def track(self, message_id: str) -> None:
-        """Count the current task as in flight until it ends, which is after the SDK sends its ack."""
-        task = asyncio.current_task()
-        if task is not None:
-            self.in_flight[task] = message_id
-            task.add_done_callback(lambda t: self.in_flight.pop(t, None))
 
     def claim(self, message_id: str) -> tuple[bool, asyncio.Future]:
         """(True, new entry) for a first delivery, (False, the first one's result) for a redelivery."""
@@ -264,15 +269,6 @@ class CallbackLedger:
         if result is not None and not result.done():
             result.cancel()
 
-    async def drain(self, grace: float) -> None:
-        """Wait up to `grace` seconds for in-flight callbacks; log each one still running after that."""
-        if self.in_flight:
-            log.info("stopping: waiting up to %.0f s for %d callback(s)", grace, len(self.in_flight))
-            await asyncio.wait(list(self.in_flight), timeout=grace)
-        for task, message_id in list(self.in_flight.items()):
-            log.warning("callback %s abandoned: still running after the %.0f s grace period", message_id, grace)
-            task.cancel()
-
 
 class ActionHandler(dingtalk_stream.GraphHandler):
     """Serves Graph callbacks: dispatch by path to ACTIONS, reply via sessionWebhook, ack the truth."""
@@ -282,8 +278,10 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         self.settings, self.http, self.ledger = settings, http, ledger
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
-        message_id = callback.headers.message_id or "-"
-        self.ledger.track(message_id)
+        message_id = callback.headers.message_id
+        if not message_id:  # nothing to recognise a redelivery by
+            status, payload = await self.answer(callback, "-")
+            return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
         first, result = self.ledger.claim(message_id)
         if not first:
             log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
@@ -302,7 +300,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         call: GraphCall | None = None
         try:
             call = parse_graph_request(callback.data)
-            status = await self.dispatch(call)
+            status = await self.serve_call(call)
             payload: dict[str, Any] = {"success": True}
         except GraphError as err:
             log.warning("callback %s: %d %s", message_id, err.status, err.reason)
@@ -315,7 +313,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         log.info("callback %s %s -> %d in %.0f ms", message_id, path, status, elapsed_ms)
         return status, payload
 
-    async def dispatch(self, call: GraphCall) -> int:
+    async def serve_call(self, call: GraphCall) -> int:
         action = ACTIONS.get(call.path)
         if action is None:
             raise GraphError(404, f"no action for path {call.path}")
@@ -450,7 +448,7 @@ async def open_connection(http: aiohttp.ClientSession, settings: Settings, topic
 
 
 def reconnect_delay(failures: int) -> float:
-    """None after a healthy connection ends, then about 1, 2, 4 … 60 s; jitter keeps many bots out of step."""
+    """No wait after a healthy connection ends, then about 1, 2, 4 … 60 s; jitter keeps bots out of step."""
     if failures == 0:
         return 0.0
     return min(2.0 ** (failures - 1), RECONNECT_MAX_DELAY_SECONDS) + random.uniform(0, 1)
@@ -460,22 +458,24 @@ class StreamLink:
     """One Stream connection: open it, hand every frame to the SDK client, reconnect with backoff."""
 
     def __init__(self, name: str, client: dingtalk_stream.DingTalkStreamClient, http: aiohttp.ClientSession,
-                 settings: Settings, accepted: asyncio.Event) -> None:  # fmt: skip
+                 settings: Settings, accepted: asyncio.Event, stopping: asyncio.Event) -> None:  # fmt: skip
         self.name, self.client, self.http, self.settings = name, client, http, settings
         self.accepted = accepted  # set once DingTalk accepted the credentials on any connection
+        self.stopping = stopping  # set on shutdown: take no new callbacks, open no new connection
         self.websocket: Any = None
-        self.failures = 1  # consecutive failed attempts; 0 only after a connection that received frames
-        self.frame_tasks: set[asyncio.Task] = set()
+        self.failures = 1  # failed attempts in a row; 0 once a connection has received a frame
+        # Frames being handled -> messageId. A task ends after its ack is sent, so shutdown waits on these.
+        self.frame_tasks: dict[asyncio.Task, str] = {}
 
     @property
     def connected(self) -> bool:
         return self.websocket is not None and self.websocket.state is WebSocketState.OPEN
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Stay connected until `stopping` is set. Credentials refused before any connection ever
-        succeeded are a configuration error: CredentialsRejected is raised instead of retrying."""
+    async def run(self) -> None:
+        """Stay connected until stopping. Credentials refused before any connection ever succeeded
+        are a configuration error: CredentialsRejected is raised instead of retrying."""
         self.client.pre_start()
-        while not stopping.is_set():
+        while not self.stopping.is_set():
             try:
                 url = await open_connection(self.http, self.settings, list(self.client.callback_handler_map))
                 ended = await self.serve_connection(url)
@@ -490,13 +490,13 @@ class StreamLink:
                 log_level, problem = logging.WARNING, "websocket handshake timed out"
             except (OpenFailed, OSError, websockets.exceptions.WebSocketException) as exc:
                 log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
-            if stopping.is_set():
+            if self.stopping.is_set():
                 break
             delay = reconnect_delay(self.failures)
             self.failures += 1
             log.log(log_level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), delay)
+                await asyncio.wait_for(self.stopping.wait(), delay)
 
     async def serve_connection(self, url: str) -> str:
         """Read frames until the connection ends; return how it ended."""
@@ -514,13 +514,15 @@ class StreamLink:
             try:
                 async for raw in websocket:
                     self.failures = 0  # any frame proves the connection healthy
-                    self.dispatch(raw, websocket)
+                    if len(self.frame_tasks) >= MAX_FRAMES_IN_FLIGHT:  # back-pressure: read on when one ends
+                        await asyncio.wait(list(self.frame_tasks), return_when=asyncio.FIRST_COMPLETED)
+                    self.handle_frame(raw, websocket)
             finally:
                 self.websocket = None
             return f"code {websocket.close_code} {websocket.close_reason or ''}".strip()
 
-    def dispatch(self, raw: str | bytes, websocket: Any) -> None:
-        """Hand one frame to the SDK (parse, run the handler, send the ack) as its own task."""
+    def handle_frame(self, raw: str | bytes, websocket: Any) -> None:
+        """Hand one frame to the SDK (parse, run the handler, send the ack) as a task of its own."""
         try:
             frame = json.loads(raw)
         except ValueError:
@@ -528,13 +530,55 @@ class StreamLink:
         if not isinstance(frame, dict):
             log.warning("%s: skipped a frame that is not a JSON object: %s", self.name, redact(repr(raw)[:200]))
             return
+        headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
+        message_id = str(headers.get("messageId") or "-")
+        if frame.get("type") == dingtalk_stream.CallbackMessage.TYPE:
+            if self.stopping.is_set():  # unacked, so DingTalk delivers it again to a live connection
+                log.info("%s: callback %s left for another connection: stopping", self.name, message_id)
+                return
+            try:  # the SDK would fail on these before our handler runs, and send no ack at all
+                dingtalk_stream.CallbackMessage.from_dict(frame)
+            except (ValueError, TypeError, AttributeError) as exc:
+                log.warning("%s: callback %s is malformed (%s): 400", self.name, message_id, exc)
+                work = websocket.send(json.dumps(malformed_frame_ack(message_id, str(exc))))
+                self.track(asyncio.create_task(work), message_id)
+                return
         if SDK_ACKS_ON_FRAME_SOCKET:
             work = self.client.background_task(frame, websocket)
         else:
             work = self.client.background_task(frame)
-        task = asyncio.create_task(work)
-        self.frame_tasks.add(task)
-        task.add_done_callback(self.frame_tasks.discard)
+        self.track(asyncio.create_task(work), message_id)
+
+    def track(self, task: asyncio.Task, message_id: str) -> None:
+        self.frame_tasks[task] = message_id
+        task.add_done_callback(lambda t: self.frame_tasks.pop(t, None))
+
+
+def malformed_frame_ack(message_id: str, problem: str) -> dict[str, Any]:
+    """The ack for a callback frame the SDK cannot parse: Graph 400 with the reason."""
+    response = graph_response(400, {"success": False, "error": f"malformed callback frame: {problem}"[:300]})
+    return {
+        "code": dingtalk_stream.AckMessage.STATUS_BAD_REQUEST,
+        "headers": {"messageId": message_id, "contentType": "application/json"},
+        "message": "bad request",
+        "data": json.dumps({"response": response}),
+    }
+
+
+async def drain(links: list[StreamLink], grace: float) -> None:
+    """Wait up to `grace` seconds for every frame in hand (reply and ack); log each one still running after."""
+    deadline = time.monotonic() + grace
+    while pending := {task: mid for link in links for task, mid in link.frame_tasks.items()}:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        log.info("stopping: waiting up to %.3g s for %d callback(s)", remaining, len(pending))
+        await asyncio.wait(list(pending), timeout=remaining)
+    for task, message_id in pending.items():
+        log.warning("callback %s abandoned: still running after the %.3g s grace period", message_id, grace)
+        task.cancel()
+    if pending:
+        await asyncio.wait(list(pending), timeout=1)
 
 
 async def start_health_server(settings: Settings, links: list[StreamLink], stopping: asyncio.Event) -> web.AppRunner:
@@ -560,10 +604,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     """Run the stream connection(s) (and health endpoint) until `stop` is set; return an exit code."""
     ledger = CallbackLedger()
     stopping, accepted = asyncio.Event(), asyncio.Event()
-    async with aiohttp.ClientSession(trust_env=False) as http:
+    # trust_env: honour HTTP(S)_PROXY / NO_PROXY like websockets does for the Stream connection.
+    async with aiohttp.ClientSession(trust_env=True) as http:
         links = [
             StreamLink(f"stream-{i + 1}", build_client(settings, ActionHandler(settings, http, ledger)), http,
-                       settings, accepted)
+                       settings, accepted, stopping)
             for i in range(settings.instances)
         ]  # fmt: skip
         runner = None
@@ -573,7 +618,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             except OSError as exc:
                 log.error("cannot serve HEALTH_PORT=%d: %s", settings.health_port, exc)
                 return 2
-        tasks = [asyncio.create_task(link.run(stopping), name=link.name) for link in links]
+        tasks = [asyncio.create_task(link.run(), name=link.name) for link in links]
         log.info("serving %d action(s) with %d stream instance(s)", len(ACTIONS), len(links))
         stop_waiter = asyncio.create_task(stop.wait())
         exit_code = 0
@@ -581,17 +626,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             done, _ = await asyncio.wait([stop_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
             exit_code = 0 if stop_waiter in done else exit_code_of(done.pop())
         finally:
-            stopping.set()  # no new connections; /healthz answers 503
+            stopping.set()  # no new callbacks or connections; /healthz answers 503
             stop_waiter.cancel()
-            await ledger.drain(settings.shutdown_grace_seconds)
+            await drain(links, settings.shutdown_grace_seconds)
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks, timeout=10)
-            leftovers = [t for link in links for t in link.frame_tasks]
-            for task in leftovers:
-                task.cancel()
-            if leftovers:
-                await asyncio.wait(leftovers, timeout=1)
             if runner is not None:
                 await runner.cleanup()
     log.info("stopped")

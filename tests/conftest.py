@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +29,11 @@ from tests.fake_dingtalk import FakeDingTalk
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
+# The bot honours HTTP(S)_PROXY; the fake DingTalk is on loopback, which must never go through one.
+LOOPBACK = "127.0.0.1,localhost"
+for _key in ("NO_PROXY", "no_proxy"):
+    os.environ[_key] = ",".join(filter(None, (os.environ.get(_key), LOOPBACK)))
+
 
 @pytest.fixture(autouse=True)
 def lenient_log_formatting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,6 +41,13 @@ def lenient_log_formatting(monkeypatch: pytest.MonkeyPatch) -> None:
     such a malformed call and goes on; pytest's log capture raises instead, inside the SDK's reconnect
     loop. Behave like production."""
     monkeypatch.setattr(logging, "raiseExceptions", False)
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class FakeThread:
@@ -53,6 +65,7 @@ class FakeThread:
 
     def __exit__(self, *exc: object) -> None:
         self.sync(self.fake.close())
+        self.sync(_cancel_other_tasks())  # e.g. a webhook a test left hanging
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
@@ -87,18 +100,24 @@ def settings_for(fake: FakeDingTalk, **overrides: Any) -> bot.Settings:
     return replace(settings, **overrides)
 
 
+@dataclass
+class InProcessBot:
+    task: asyncio.Task  # bot.serve(); its result is the exit code
+    stop: asyncio.Event  # what SIGTERM sets in `python bot.py`
+
+
 @pytest.fixture
-def start_bot(remote: FakeThread) -> Callable[..., contextlib.AbstractAsyncContextManager[asyncio.Task]]:
-    """`async with start_bot(**settings) as task:` serves the bot in this loop until the block ends."""
+def start_bot(remote: FakeThread) -> Callable[..., contextlib.AbstractAsyncContextManager[InProcessBot]]:
+    """`async with start_bot(**settings) as running:` serves the bot in this loop until the block ends."""
 
     @contextlib.asynccontextmanager
-    async def run(connected: int | None = None, **overrides: Any) -> AsyncIterator[asyncio.Task]:
+    async def run(connected: int | None = None, **overrides: Any) -> AsyncIterator[InProcessBot]:
         settings = settings_for(remote.fake, **overrides)
         stop = asyncio.Event()
         task = asyncio.create_task(bot.serve(settings, stop))
         try:
             await remote(remote.fake.wait_connected(settings.instances if connected is None else connected))
-            yield task
+            yield InProcessBot(task, stop)
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)

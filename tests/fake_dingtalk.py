@@ -225,11 +225,19 @@ class FakeDingTalk:
         return live[next(self._ids) % len(live)]  # spread pushes, as DingTalk does
 
     async def send_frame(
-        self, type_: str, topic: str, data: Any, *, message_id: str | None = None, conn: Connection | None = None
+        self,
+        type_: str,
+        topic: str,
+        data: Any,
+        *,
+        message_id: str | None = None,
+        conn: Connection | None = None,
+        headers: dict[str, str] | None = None,
     ) -> str:
-        """Push one frame; `data` is sent as given if a str, else JSON-encoded. Returns the messageId."""
+        """Push one frame; `data` is sent as given if a str, else JSON-encoded; `headers` override the
+        usual ones. Returns the messageId."""
         conn = self._pick(conn)
-        message_id = message_id or f"msg-{uuid.uuid4().hex[:12]}"
+        message_id = f"msg-{uuid.uuid4().hex[:12]}" if message_id is None else message_id
         frame = {
             "specVersion": "1.0",
             "type": type_,
@@ -240,6 +248,7 @@ class FakeDingTalk:
                 "messageId": message_id,
                 "time": str(int(time.time() * 1000)),
                 "topic": topic,
+                **(headers or {}),
             },
             "data": data if isinstance(data, str) else json.dumps(data, ensure_ascii=False),
         }

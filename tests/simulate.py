@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import unicodedata
 import uuid
@@ -66,10 +67,9 @@ class Operation:
     @classmethod
     def from_tools_yaml(cls, spec: dict[str, Any], path: str | None = None) -> Operation:
         paths = spec.get("paths") or {}
-        if path is None:
-            if len(paths) != 1:
-                raise UsageError(f"tools.yaml has {len(paths)} paths; choose one with --path: {', '.join(paths)}")
-            path = next(iter(paths))
+        if not paths:
+            raise UsageError("tools.yaml declares no paths")
+        path = path or next(iter(paths))  # the first one unless --path says otherwise
         if path not in paths:
             raise UsageError(f"{path} is not in tools.yaml (paths: {', '.join(paths)})")
         method, operation = next((m, op) for m, op in paths[path].items() if m in ("get", "post"))
@@ -180,11 +180,14 @@ class Simulator:
             "HEALTH_PORT": "",
             "LOG_LEVEL": "INFO" if self.verbose else "WARNING",
             "PYTHONUNBUFFERED": "1",
+            "NO_PROXY": ",".join(filter(None, (os.environ.get("NO_PROXY"), "127.0.0.1,localhost"))),
+            "no_proxy": ",".join(filter(None, (os.environ.get("no_proxy"), "127.0.0.1,localhost"))),
         }
         started = time.monotonic()
         self.bot = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "bot.py"), cwd=ROOT, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # Ctrl+C reaches the simulator only; it stops the bot with SIGTERM
         )  # fmt: skip
         self._reader = asyncio.create_task(self._echo_bot_output())
         connected = asyncio.create_task(self.fake.wait_connected(1, CONNECT_TIMEOUT))
@@ -243,16 +246,35 @@ class Simulator:
         await self.fake.close()
 
 
+def read_lines() -> asyncio.Queue[str | None]:
+    """Lines from stdin, read on a daemon thread so Ctrl+C never waits for Enter; None at EOF.
+
+    os.read, not input(): a daemon thread blocked in input() holds stdin's lock, and the interpreter
+    aborts when it exits under it."""
+    loop, lines = asyncio.get_running_loop(), asyncio.Queue()
+
+    def reader() -> None:
+        pending = b""
+        while chunk := os.read(sys.stdin.fileno(), 4096):
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                loop.call_soon_threadsafe(lines.put_nowait, line.decode(errors="replace").rstrip("\r"))
+        loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    return lines
+
+
 async def interactive(sim: Simulator) -> bool:
     names = " ".join(name for name, _ in sim.operation.user_params)
-    print(f"Type the parameters ({names}) like on the command line, or key=value / JSON. Empty line or Ctrl+D quits.")
-    loop, all_ok = asyncio.get_running_loop(), True
+    print(f"Type the parameters ({names}) like on the command line, or key=value / JSON.")
+    print("An empty line, Ctrl+D or Ctrl+C quits.")
+    lines, all_ok = read_lines(), True
     while True:
-        try:
-            line = await loop.run_in_executor(None, input, "\n你 / you> ")
-        except EOFError:
-            break
-        if not line.strip():
+        print("\n你 / you> ", end="", flush=True)
+        line = await lines.get()
+        if line is None or not line.strip():
             break
         try:
             params = sim.operation.parse_args(line.split() if not line.lstrip().startswith("{") else [line])
@@ -292,7 +314,10 @@ def main() -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="show the frames on the wire and bot logs")
     parser.add_argument("--path", help="the tools.yaml path to call (when it declares several)")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the ack (default 15)")
-    return asyncio.run(main_async(parser.parse_args()))
+    try:
+        return asyncio.run(main_async(parser.parse_args()))
+    except KeyboardInterrupt:  # the bot was already stopped by main_async's cleanup
+        return 130
 
 
 if __name__ == "__main__":

@@ -197,19 +197,29 @@ async def test_healthz_is_200_when_all_connected_and_503_while_one_is_down(fake,
         assert (await healthz(port))[0] == 200
 
 
-async def test_stop_waits_for_in_flight_callback_then_exits(fake, remote, start_bot, caplog):
+async def test_stop_waits_for_in_flight_callback_and_takes_no_new_one(fake, remote, start_bot, caplog):
     port = free_port()
     fake.webhook_latency = 1.0
     caplog.set_level(logging.INFO, logger="bot")
-    async with start_bot(health_port=port) as task:
+    async with start_bot(health_port=port) as running:
         message_id = await remote(
             fake.send_frame(
                 "CALLBACK", "/v1.0/graph/api/invoke", graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())
             )
         )
         await remote(fake.wait_for(lambda: fake.webhook_posts))  # the reply is in flight
-    # leaving the block set the stop event and awaited serve(): the ack must already be there
-    assert task.result() == 0
+        running.stop.set()
+        await wait_until(lambda: "waiting up to" in caplog.text)
+        late = await remote(
+            fake.send_frame(
+                "CALLBACK", "/v1.0/graph/api/invoke", graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())
+            )
+        )
+        await asyncio.wait_for(asyncio.shield(running.task), 5)
+    # the first callback got its reply and ack; the late one was left unacked for DingTalk to redeliver
+    assert running.task.result() == 0
+    assert late not in fake.acks and len(fake.webhook_posts) == 1
+    assert f"callback {late} left for another connection: stopping" in caplog.text
     ack = fake.acks[message_id][0]
     assert json.loads(json.loads(ack["data"])["response"]["body"]) == {"success": True}
     assert "waiting up to" in caplog.text and "abandoned" not in caplog.text
@@ -223,3 +233,36 @@ async def test_health_port_in_use_is_a_clear_error(fake, caplog):
         assert await asyncio.wait_for(bot.serve(settings, asyncio.Event()), 5) == 2
     assert "cannot serve HEALTH_PORT" in caplog.text
     assert fake.open_requests == []
+
+
+async def test_callbacks_without_message_id_are_each_served(fake, remote, start_bot):
+    async with start_bot():
+        for count in (1, 2):
+            frame_id = await remote(
+                fake.send_frame(
+                    "CALLBACK",
+                    "/v1.0/graph/api/invoke",
+                    graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url()),
+                    message_id="",
+                )
+            )
+            await remote(fake.wait_ack(frame_id, count=count))
+        assert len(fake.webhook_posts) == 2
+
+
+@pytest.mark.parametrize(
+    ("data", "headers"),
+    [("{not json", {}), ('{"requestLine": {}}', {"time": "yesterday"})],
+    ids=["data-not-json", "time-not-a-number"],
+)
+async def test_malformed_callback_frame_gets_a_400_ack_and_the_bot_keeps_serving(
+    fake, remote, start_bot, data, headers
+):
+    async with start_bot():
+        message_id = await remote(fake.send_frame("CALLBACK", "/v1.0/graph/api/invoke", data, headers=headers))
+        ack = await remote(fake.wait_ack(message_id))
+        response = json.loads(ack["data"])["response"]
+        assert ack["code"] == 400 and response["statusLine"]["code"] == 400
+        assert "malformed callback frame" in json.loads(response["body"])["error"]
+        follow_up = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+    assert follow_up.status == 200

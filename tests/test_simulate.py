@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from tests.conftest import ROOT, bot_env
 
 def simulate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tests.simulate", *args],
+        [sys.executable, "-m", "tests.simulate", "--path", "/v1/actions/weather", *args],
         cwd=ROOT, env=bot_env(), input=stdin, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -52,3 +53,20 @@ def test_simulator_interactive_sends_each_line():
     assert result.returncode == 0
     assert result.stdout.count("status 200") == 2
     assert "上海 · 后天" in result.stdout and "广州 · 今天" in result.stdout
+
+
+def test_ctrl_c_in_interactive_mode_stops_the_bot_and_exits_130():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.simulate", "-i"],
+        cwd=ROOT, env=bot_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait for the prompt's instructions: the bot is connected by then
+            if "Ctrl+C quits" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 130
+        assert "Traceback" not in proc.stdout.read()
+    finally:
+        proc.kill()

@@ -60,6 +60,16 @@ async def test_run_action_failure_is_500_with_traceback_in_log_only(caplog):
     assert "hunter2" in caplog.text and "Traceback" in caplog.text
 
 
+async def test_timeout_inside_the_action_is_its_failure_not_ours(caplog):
+    async def slow_dependency(location: str) -> str:
+        raise TimeoutError("database did not answer")
+
+    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
+        await bot.run_action(slow_dependency, {"location": "杭州"}, 30)
+    assert err.value.status == 500
+    assert "action slow_dependency failed" in caplog.text and "database did not answer" in caplog.text
+
+
 async def test_run_action_returning_non_markdown_is_500(caplog):
     async def wrong(location: str) -> str:
         return {"not": "markdown"}  # type: ignore[return-value]
@@ -214,6 +224,7 @@ def test_missing_credential_names_the_key(missing, value):
         ("LOG_LEVEL", "LOUD"),
         ("WEBHOOK_TIMEOUT_SECONDS", "soon"),
         ("SHUTDOWN_GRACE_SECONDS", "-1"),
+        ("DINGTALK_OPENAPI_ENDPOINT", "api.dingtalk.com"),
     ],
 )
 def test_bad_values_name_the_key(key, value):
