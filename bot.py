@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -23,6 +24,7 @@ import re
 import signal
 import sys
 import time
+import urllib.request
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -203,29 +205,28 @@ def parse_graph_request(data: Any) -> GraphCall:
     return GraphCall(method.upper(), url.path, {**dict(parse_qsl(url.query, keep_blank_values=True)), **body})
 
 
-async def run_action(action: Action, params: dict[str, Any], timeout: float) -> str:
-    """Call `action` with the parameters its signature names; a missing one is the caller's error."""
+@functools.cache
+def action_signature(action: Action) -> tuple[inspect.Signature, bool]:
+    """The action's signature, and whether it takes **params (all parameters)."""
     signature = inspect.signature(action)
-    takes_all = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    return signature, any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+
+
+async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> str:
+    """Call `action` with the parameters its signature names; a missing one is the caller's error."""
+    signature, takes_all = action_signature(action)
     kwargs = params if takes_all else {k: v for k, v in params.items() if k in signature.parameters}
     try:
         signature.bind(**kwargs)
     except TypeError as exc:
         raise GraphError(400, f"bad parameters: {exc}") from None
-    # A task, not wait_for: a TimeoutError raised inside the action is its own failure (500), not ours.
-    task = asyncio.ensure_future(action(**kwargs))
     try:
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if not done:
-        task.cancel()
-        log.error("action %s timed out after %.3g s", action.__name__, timeout)
-        raise GraphError(504, "action timed out")
-    try:
-        result = task.result()
-    except Exception:
+        async with asyncio.timeout(time_limit) as deadline:
+            result = await action(**kwargs)
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
+            log.error("action %s timed out after %.3g s", action.__name__, time_limit)
+            raise GraphError(504, "action timed out") from None
         log.exception("action %s failed", action.__name__)
         raise GraphError(500, "internal error in action") from None
     if not isinstance(result, str):
@@ -359,20 +360,40 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
+@functools.lru_cache(maxsize=64)
+def proxy_for(scheme: str, host: str) -> str | None:
+    """HTTP(S)_PROXY / NO_PROXY for this host, as urllib reads them, looked up once per host.
+    (aiohttp's trust_env=True would look them up, and .netrc, in a thread on every request.)"""
+    if urllib.request.proxy_bypass(host):
+        return None
+    return urllib.request.getproxies().get(scheme)
+
+
+def post_json(http: aiohttp.ClientSession, url: str, payload: Any, timeout: float, **kwargs: Any) -> Any:
+    """POST JSON with a total timeout, no redirects, through the environment's proxy if it names one."""
+    parts = urlsplit(url)
+    return http.post(
+        url,
+        json=payload,
+        allow_redirects=False,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        proxy=proxy_for(parts.scheme, parts.hostname or ""),
+        **kwargs,
+    )
+
+
 class WebhookError(Exception):
     """The webhook did not accept the reply."""
 
 
-async def reply_markdown(http: aiohttp.ClientSession, webhook: str, markdown: str, timeout: float) -> None:
+async def reply_markdown(http: aiohttp.ClientSession, webhook: str, markdown: str, time_limit: float) -> None:
     """POST `markdown` as an AI card (same payload as the SDK's reply_markdown); raise GraphError(502) on failure."""
     payload = {
         "contentType": "ai_card",
         "content": {"templateId": MARKDOWN_CARD_TEMPLATE_ID, "cardData": {"content": markdown}},
     }
     try:
-        async with http.post(
-            webhook, json=payload, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as response:
+        async with post_json(http, webhook, payload, time_limit) as response:
             status, text = response.status, await response.text()
         if not 200 <= status < 300:
             raise WebhookError(f"HTTP {status}: {text[:200]}")
@@ -383,8 +404,8 @@ async def reply_markdown(http: aiohttp.ClientSession, webhook: str, markdown: st
         # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200 and an errcode.
         if isinstance(answer, dict) and answer.get("errcode") not in (None, 0, "0"):
             raise WebhookError(f"errcode {answer.get('errcode')}: {answer.get('errmsg', '')}")
-    except asyncio.TimeoutError:
-        log.error("webhook %s timed out after %.1f s", redact(webhook), timeout)
+    except TimeoutError:
+        log.error("webhook %s timed out after %.1f s", redact(webhook), time_limit)
         raise GraphError(502, "reply webhook timed out") from None
     except (aiohttp.ClientError, WebhookError) as exc:
         log.error("webhook %s failed: %s", redact(webhook), redact(str(exc)))
@@ -426,11 +447,11 @@ async def open_connection(http: aiohttp.ClientSession, settings: Settings, topic
         "localIp": "",
     }
     url = settings.openapi_endpoint.rstrip("/") + "/v1.0/gateway/connections/open"
-    timeout = aiohttp.ClientTimeout(total=settings.connect_timeout_seconds)
+    timeout = settings.connect_timeout_seconds
     try:
-        async with http.post(url, json=body, headers={"Accept": "application/json"}, timeout=timeout) as response:
+        async with post_json(http, url, body, timeout, headers={"Accept": "application/json"}) as response:
             status, text = response.status, await response.text()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise OpenFailed(f"connection open: no answer within {settings.connect_timeout_seconds:.0f} s") from None
     except aiohttp.ClientError as exc:
         raise OpenFailed(f"connection open: {exc or type(exc).__name__}") from None
@@ -486,7 +507,7 @@ class StreamLink:
                 log_level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
             except websockets.exceptions.ConnectionClosed as exc:
                 log_level, problem = logging.WARNING, f"connection lost: {exc}"
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log_level, problem = logging.WARNING, "websocket handshake timed out"
             except (OpenFailed, OSError, websockets.exceptions.WebSocketException) as exc:
                 log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
@@ -604,8 +625,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     """Run the stream connection(s) (and health endpoint) until `stop` is set; return an exit code."""
     ledger = CallbackLedger()
     stopping, accepted = asyncio.Event(), asyncio.Event()
-    # trust_env: honour HTTP(S)_PROXY / NO_PROXY like websockets does for the Stream connection.
-    async with aiohttp.ClientSession(trust_env=True) as http:
+    async with aiohttp.ClientSession() as http:
         links = [
             StreamLink(f"stream-{i + 1}", build_client(settings, ActionHandler(settings, http, ledger)), http,
                        settings, accepted, stopping)

@@ -261,3 +261,20 @@ def test_redacting_filter_survives_malformed_log_calls():
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "unknown exception", (ValueError("s3cr3t"),), None)
     assert bot.RedactingFilter(("s3cr3t",)).filter(record)
     assert record.getMessage() == "unknown exception (ValueError('***'),)"
+
+
+# ----- proxies -----
+
+
+def test_proxy_comes_from_the_environment_and_no_proxy_wins(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,internal.corp")
+    for name in ("https_proxy", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    bot.proxy_for.cache_clear()
+    try:
+        assert bot.proxy_for("https", "api.dingtalk.com") == "http://proxy.corp:3128"
+        assert bot.proxy_for("https", "internal.corp") is None
+        assert bot.proxy_for("http", "api.dingtalk.com") is None  # no HTTP_PROXY set
+    finally:
+        bot.proxy_for.cache_clear()
