@@ -55,10 +55,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 RECONNECT_MAX_DELAY_SECONDS = 60.0
 REMEMBERED_CALLBACKS = 10_000  # results kept by messageId, to answer redeliveries without replying twice
 MAX_FRAMES_IN_FLIGHT = 500  # per connection; past it, reading pauses until one finishes
-# 0.24.4b1 and later ack on the socket a frame came on (and de-duplicate); 0.24.3 acks on client.websocket.
-SDK_ACKS_ON_FRAME_SOCKET = (
-    "websocket" in inspect.signature(dingtalk_stream.DingTalkStreamClient.background_task).parameters
-)
 
 
 class ConfigError(Exception):
@@ -426,7 +422,7 @@ class OpenFailed(Exception):
 
 
 def build_client(settings: Settings, handler: ActionHandler) -> dingtalk_stream.DingTalkStreamClient:
-    """The SDK client: parses frames, runs our handler on the Graph topic, sends the ack."""
+    """The SDK client, holding our handler for the Graph topic (and the SDK's own for SYSTEM frames)."""
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     client = dingtalk_stream.DingTalkStreamClient(credential, logger=logging.getLogger("dingtalk_stream.client"))
     client.register_callback_handler(GRAPH_TOPIC, handler)
@@ -476,7 +472,7 @@ def reconnect_delay(failures: int) -> float:
 
 
 class StreamLink:
-    """One Stream connection: open it, hand every frame to the SDK client, reconnect with backoff."""
+    """One Stream connection: open it, answer every frame through the SDK's handlers, reconnect with backoff."""
 
     def __init__(self, name: str, client: dingtalk_stream.DingTalkStreamClient, http: aiohttp.ClientSession,
                  settings: Settings, accepted: asyncio.Event, stopping: asyncio.Event) -> None:  # fmt: skip
@@ -529,7 +525,7 @@ class StreamLink:
             ping_timeout=keepalive,
             close_timeout=5,
         ) as websocket:
-            self.websocket = self.client.websocket = websocket
+            self.websocket = websocket
             self.accepted.set()
             log.info("%s: connected", self.name)
             try:
@@ -543,7 +539,7 @@ class StreamLink:
             return f"code {websocket.close_code} {websocket.close_reason or ''}".strip()
 
     def handle_frame(self, raw: str | bytes, websocket: Any) -> None:
-        """Hand one frame to the SDK (parse, run the handler, send the ack) as a task of its own."""
+        """Answer one frame in a task of its own, so a slow action never holds up the others."""
         try:
             frame = json.loads(raw)
         except ValueError:
@@ -553,35 +549,51 @@ class StreamLink:
             return
         headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
         message_id = str(headers.get("messageId") or "-")
-        if frame.get("type") == dingtalk_stream.CallbackMessage.TYPE:
-            if self.stopping.is_set():  # unacked, so DingTalk delivers it again to a live connection
-                log.info("%s: callback %s left for another connection: stopping", self.name, message_id)
-                return
-            try:  # the SDK would fail on these before our handler runs, and send no ack at all
-                dingtalk_stream.CallbackMessage.from_dict(frame)
-            except (ValueError, TypeError, AttributeError) as exc:
-                log.warning("%s: callback %s is malformed (%s): 400", self.name, message_id, exc)
-                work = websocket.send(json.dumps(malformed_frame_ack(message_id, str(exc))))
-                self.track(asyncio.create_task(work), message_id)
-                return
-        if SDK_ACKS_ON_FRAME_SOCKET:
-            work = self.client.background_task(frame, websocket)
-        else:
-            work = self.client.background_task(frame)
-        self.track(asyncio.create_task(work), message_id)
-
-    def track(self, task: asyncio.Task, message_id: str) -> None:
+        if frame.get("type") == dingtalk_stream.CallbackMessage.TYPE and self.stopping.is_set():
+            # left unacked, so DingTalk delivers it again to a live connection
+            log.info("%s: callback %s left for another connection: stopping", self.name, message_id)
+            return
+        task = asyncio.create_task(self.answer_frame(frame, message_id, websocket))
         self.frame_tasks[task] = message_id
         task.add_done_callback(lambda t: self.frame_tasks.pop(t, None))
 
+    async def answer_frame(self, frame: dict[str, Any], message_id: str, websocket: Any) -> None:
+        """Parse the frame with the SDK, run its handler and send the ack on the socket it came on."""
+        kind = frame.get("type")
+        try:
+            if kind == dingtalk_stream.SystemMessage.TYPE:  # ping, disconnect
+                message: Any = dingtalk_stream.SystemMessage.from_dict(frame)
+                handler: Any = self.client.system_handler
+            elif kind == dingtalk_stream.CallbackMessage.TYPE:
+                message = dingtalk_stream.CallbackMessage.from_dict(frame)
+                handler = self.client.callback_handler_map.get(message.headers.topic)
+            else:  # EVENT frames come only to event subscribers, which this bot is not
+                log.warning("%s: ignored a %r frame", self.name, kind)
+                return
+        except (ValueError, TypeError, AttributeError) as exc:  # e.g. `data` not JSON, `time` not a number
+            log.warning("%s: frame %s is malformed (%s): 400", self.name, message_id, exc)
+            ack = frame_ack(dingtalk_stream.AckMessage.STATUS_BAD_REQUEST, message_id, f"malformed frame: {exc}")
+        else:
+            if handler is None:
+                log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
+                ack = frame_ack(dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT, message_id, "topic not subscribed")
+            else:
+                ack = (await handler.raw_process(message)).to_dict()
+        try:
+            await websocket.send(json.dumps(ack))
+            if kind == dingtalk_stream.SystemMessage.TYPE and message.headers.topic == "disconnect":
+                await websocket.close()  # DingTalk retires this connection: reconnect now
+        except websockets.exceptions.ConnectionClosed:
+            log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
 
-def malformed_frame_ack(message_id: str, problem: str) -> dict[str, Any]:
-    """The ack for a callback frame the SDK cannot parse: Graph 400 with the reason."""
-    response = graph_response(400, {"success": False, "error": f"malformed callback frame: {problem}"[:300]})
+
+def frame_ack(code: int, message_id: str, problem: str) -> dict[str, Any]:
+    """An ack for a frame no handler could answer, with a Graph response saying why."""
+    response = graph_response(code, {"success": False, "error": problem[:300]})
     return {
-        "code": dingtalk_stream.AckMessage.STATUS_BAD_REQUEST,
+        "code": code,
         "headers": {"messageId": message_id, "contentType": "application/json"},
-        "message": "bad request",
+        "message": problem[:300],
         "data": json.dumps({"response": response}),
     }
 

@@ -263,6 +263,14 @@ async def test_malformed_callback_frame_gets_a_400_ack_and_the_bot_keeps_serving
         ack = await remote(fake.wait_ack(message_id))
         response = json.loads(ack["data"])["response"]
         assert ack["code"] == 400 and response["statusLine"]["code"] == 400
-        assert "malformed callback frame" in json.loads(response["body"])["error"]
+        assert "malformed frame" in json.loads(response["body"])["error"]
         follow_up = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
     assert follow_up.status == 200
+
+
+async def test_callback_on_a_topic_without_handler_gets_404_ack(fake, remote, start_bot):
+    async with start_bot():
+        message_id = await remote(fake.send_frame("CALLBACK", "/v1.0/im/bot/messages/get", {"text": "hi"}))
+        ack = await remote(fake.wait_ack(message_id))
+    assert ack["code"] == 404
+    assert json.loads(json.loads(ack["data"])["response"]["body"])["error"] == "topic not subscribed"
