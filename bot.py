@@ -201,21 +201,32 @@ def parse_graph_request(data: Any) -> GraphCall:
     return GraphCall(method.upper(), url.path, {**dict(parse_qsl(url.query, keep_blank_values=True)), **body})
 
 
+@dataclass(frozen=True)
+class ActionParameters:
+    names: frozenset[str]  # the keyword parameters it takes
+    required: tuple[str, ...]  # those without a default
+    takes_all: bool  # it has **params
+
+
 @functools.cache
-def action_signature(action: Action) -> tuple[inspect.Signature, bool]:
-    """The action's signature, and whether it takes **params (all parameters)."""
-    signature = inspect.signature(action)
-    return signature, any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+def action_parameters(action: Action) -> ActionParameters:
+    """What `action` takes, read from its signature once."""
+    params = inspect.signature(action).parameters.values()
+    keyword = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return ActionParameters(
+        frozenset(p.name for p in keyword),
+        tuple(p.name for p in keyword if p.default is p.empty),
+        any(p.kind is p.VAR_KEYWORD for p in params),
+    )
 
 
 async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> str:
     """Call `action` with the parameters its signature names; a missing one is the caller's error."""
-    signature, takes_all = action_signature(action)
-    kwargs = params if takes_all else {k: v for k, v in params.items() if k in signature.parameters}
-    try:
-        signature.bind(**kwargs)
-    except TypeError as exc:
-        raise GraphError(400, f"bad parameters: {exc}") from None
+    takes = action_parameters(action)
+    missing = [name for name in takes.required if name not in params]
+    if missing:
+        raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
+    kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
     try:
         async with asyncio.timeout(time_limit) as deadline:
             result = await action(**kwargs)
@@ -390,11 +401,11 @@ async def reply_markdown(http: aiohttp.ClientSession, webhook: str, markdown: st
     }
     try:
         async with post_json(http, webhook, payload, time_limit) as response:
-            status, text = response.status, await response.text()
+            status, body = response.status, await response.read()
         if not 200 <= status < 300:
-            raise WebhookError(f"HTTP {status}: {text[:200]}")
+            raise WebhookError(f"HTTP {status}: {body[:200].decode(errors='replace')}")
         try:
-            answer = json.loads(text)
+            answer = json.loads(body)
         except ValueError:
             answer = None
         # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200 and an errcode.

@@ -32,7 +32,7 @@ def test_simulator_exits_1_when_the_bot_answers_non_200():
     assert result.returncode == 1
     assert "status 400" in result.stdout
     assert "✗ the bot answered Graph status 400" in result.stdout
-    assert "missing a required argument: 'location'" in result.stdout
+    assert "missing parameter(s): location" in result.stdout
 
 
 def test_simulator_rejects_bad_arguments_with_exit_2():
