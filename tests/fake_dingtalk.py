@@ -294,7 +294,7 @@ class FakeDingTalk:
         await self.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn)
         try:
             await asyncio.wait_for(conn.closed.wait(), close_after)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await conn.ws.close()
 
     async def drop(self, conn: Connection) -> None:

@@ -217,7 +217,7 @@ class Simulator:
         try:
             message_id = await self.fake.send_frame("CALLBACK", GRAPH_TOPIC, request)
             ack = await self.fake.wait_ack(message_id, self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"✗ no ack within {self.timeout:.0f} s: the bot did not answer")
             return False
         result = GraphResult.from_ack(ack, time.monotonic() - started)
@@ -238,7 +238,7 @@ class Simulator:
             self.bot.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.bot.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.bot.kill()
                 print("✗ bot.py did not stop within 10 s of SIGTERM; killed it")
         if self._reader is not None:
