@@ -523,7 +523,7 @@ class StreamLink:
             delay = reconnect_delay(self.failures)
             self.failures += 1
             log.log(log_level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
 
     async def serve_connection(self, url: str) -> str:
