@@ -230,6 +230,11 @@ async def run_action(action: Action, params: dict[str, Any], time_limit: float) 
     try:
         async with asyncio.timeout(time_limit) as deadline:
             result = await action(**kwargs)
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
+            raise
+        log.exception("action %s failed: something it awaited was cancelled", action.__name__)
+        raise GraphError(500, "internal error in action") from None
     except Exception as exc:
         if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
             log.error("action %s timed out after %.3g s", action.__name__, time_limit)
@@ -287,7 +292,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
         message_id = callback.headers.message_id
-        if not message_id:  # nothing to recognise a redelivery by
+        if not (message_id and isinstance(message_id, str)):  # nothing to recognise a redelivery by
             status, payload = await self.answer(callback, "-")
             return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
         first, result = self.ledger.claim(message_id)
@@ -457,7 +462,7 @@ async def open_connection(http: aiohttp.ClientSession, settings: Settings, topic
     timeout = settings.connect_timeout_seconds
     try:
         async with post_json(http, url, body, timeout, headers={"Accept": "application/json"}) as response:
-            status, text = response.status, await response.text()
+            status, text = response.status, (await response.read()).decode("utf-8", "replace")
     except TimeoutError:
         raise OpenFailed(f"connection open: no answer within {settings.connect_timeout_seconds:.0f} s") from None
     except aiohttp.ClientError as exc:
@@ -516,7 +521,8 @@ class StreamLink:
                 log_level, problem = logging.WARNING, f"connection lost: {exc}"
             except TimeoutError:
                 log_level, problem = logging.WARNING, "websocket handshake timed out"
-            except (OpenFailed, OSError, websockets.exceptions.WebSocketException) as exc:
+            except (OpenFailed, OSError, ValueError, websockets.exceptions.WebSocketException) as exc:
+                # ValueError: an endpoint websockets cannot use, e.g. a port out of range
                 log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
             if self.stopping.is_set():
                 break
@@ -553,7 +559,7 @@ class StreamLink:
         """Answer one frame in a task of its own, so a slow action never holds up the others."""
         try:
             frame = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
             frame = None
         if not isinstance(frame, dict):
             log.warning("%s: skipped a frame that is not a JSON object: %s", self.name, redact(repr(raw)[:200]))
@@ -570,7 +576,7 @@ class StreamLink:
 
     async def answer_frame(self, frame: dict[str, Any], message_id: str, websocket: Any) -> None:
         """Parse the frame with the SDK, run its handler and send the ack on the socket it came on."""
-        kind = frame.get("type")
+        kind, message = frame.get("type"), None
         try:
             if kind == dingtalk_stream.SystemMessage.TYPE:  # ping, disconnect
                 message: Any = dingtalk_stream.SystemMessage.from_dict(frame)
@@ -581,18 +587,27 @@ class StreamLink:
             else:  # EVENT frames come only to event subscribers, which this bot is not
                 log.warning("%s: ignored a %r frame", self.name, kind)
                 return
-        except (ValueError, TypeError, AttributeError) as exc:  # e.g. `data` not JSON, `time` not a number
+        except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # e.g. `data` not JSON
             log.warning("%s: frame %s is malformed (%s): 400", self.name, message_id, exc)
             ack = frame_ack(dingtalk_stream.AckMessage.STATUS_BAD_REQUEST, message_id, f"malformed frame: {exc}")
+            message = None
         else:
             if handler is None:
                 log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
                 ack = frame_ack(dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT, message_id, "topic not subscribed")
             else:
-                ack = (await handler.raw_process(message)).to_dict()
+                try:
+                    ack = (await handler.raw_process(message)).to_dict()
+                except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
+                    log.exception("%s: frame %s: unexpected error", self.name, message_id)
+                    ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
         try:
             await websocket.send(json.dumps(ack))
-            if kind == dingtalk_stream.SystemMessage.TYPE and message.headers.topic == "disconnect":
+            if (
+                message is not None
+                and kind == dingtalk_stream.SystemMessage.TYPE
+                and message.headers.topic == "disconnect"
+            ):
                 await websocket.close()  # DingTalk retires this connection: reconnect now
         except websockets.exceptions.ConnectionClosed:
             log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
@@ -675,6 +690,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks, timeout=10)
+            for task in tasks:  # retrieve every outcome, so none is reported as "never retrieved"
+                if task.done() and not task.cancelled():
+                    task.exception()
             if runner is not None:
                 await runner.cleanup()
     log.info("stopped")

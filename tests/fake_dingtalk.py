@@ -95,7 +95,7 @@ class FakeDingTalk:
         self.expired_sessions: set[str] = set()
         # connection-open faults
         self.open_status: int | None = None  # answer with this HTTP error status
-        self.open_raw_body: str | None = None  # answer 200 with this text instead of endpoint/ticket
+        self.open_raw_body: str | bytes | None = None  # answer 200 with this instead of endpoint/ticket
         self.open_delay = 0.0  # seconds before answering (a hanging open)
         # gateway faults
         self.reject_websocket = False  # answer the websocket handshake with 403
@@ -176,7 +176,8 @@ class FakeDingTalk:
         elif self.open_raw_body is not None:
             self.open_requests.append(OpenRequest(body, 200))
             await self._notify()
-            return web.Response(text=self.open_raw_body, content_type="application/json")
+            raw = self.open_raw_body
+            return web.Response(body=raw.encode() if isinstance(raw, str) else raw, content_type="application/json")
         else:
             ticket = str(uuid.uuid4())
             self._tickets.add(ticket)
@@ -209,6 +210,8 @@ class FakeDingTalk:
                 if self.trace:
                     self.trace("<", ack)
                 message_id = ack.get("headers", {}).get("messageId", "")
+                if not isinstance(message_id, str):  # file odd ids under their JSON text
+                    message_id = json.dumps(message_id)
                 self.acks.setdefault(message_id, []).append(ack)
                 await self._notify()
         finally:

@@ -115,6 +115,26 @@ async def test_unusable_open_answers_are_retried_until_right(fake, remote, start
     assert 'no endpoint and ticket in \'{"ticket": "no-endpoint"}\'' in caplog.text
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "<html>网关维护中</html>".encode("gbk"),  # not UTF-8, e.g. a proxy's error page
+        b'{"endpoint": "ws://127.0.0.1:99999/connect", "ticket": "t"}',  # a port websockets refuses
+    ],
+    ids=["gbk-page", "bad-port"],
+)
+async def test_odd_open_answers_after_connecting_are_retried_not_fatal(fake, remote, start_bot, fast_retry, answer):
+    async with start_bot() as running:
+        fake.open_raw_body = answer
+        await remote(fake.disconnect(fake.live_connections()[0]))
+        attempts = fake.open_attempts
+        await remote(fake.wait_for(lambda: fake.open_attempts >= attempts + 2, 5))  # still retrying
+        assert not running.task.done()
+        fake.open_raw_body = None
+        await remote(fake.wait_connected(1, 10))
+        assert (await remote(fake.invoke(weather(fake)))).status == 200
+
+
 # ----- 5. disconnect, abrupt drop, silently dead connection -----
 
 
@@ -135,6 +155,40 @@ async def test_lost_connection_is_noticed_reflected_and_replaced(fake, remote, s
         fake.reject_websocket = False
         await wait_health(port, 200)
         assert (await remote(fake.invoke(weather(fake)))).status == 200
+
+
+# ----- odd frames: every one is answered or skipped, none stops the bot -----
+
+
+async def test_odd_frames_are_answered_and_the_bot_keeps_serving(fake, remote, start_bot, caplog):
+    deep = "[" * 100_000 + "]" * 100_000  # parses only with more recursion than Python allows
+    async with start_bot():
+        [conn] = fake.live_connections()
+        await remote(conn.ws.send_str(deep))  # a whole frame of it
+        nested_data = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, deep))
+        bad_system = await remote(fake.send_frame("SYSTEM", "ping", {"opaque": "x"}, headers={"time": "x"}))
+        await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), headers={"messageId": ["x"]}))
+        odd_id = json.dumps(["x"])  # how the fake files an ack whose messageId is not a string
+        assert (await remote(fake.wait_ack(nested_data)))["code"] == 400
+        assert (await remote(fake.wait_ack(bad_system)))["code"] == 400
+        assert (await remote(fake.wait_ack(odd_id)))["code"] == 200
+        assert (await remote(fake.invoke(weather(fake)))).status == 200
+    assert "skipped a frame that is not a JSON object" in caplog.text
+    assert "never retrieved" not in caplog.text
+
+
+async def test_stray_cancellation_inside_an_action_is_a_500(fake, remote, start_bot, monkeypatch):
+    async def cancelled_dependency(location: str) -> str:
+        other = asyncio.ensure_future(asyncio.sleep(10))
+        other.cancel()
+        return await other  # raises CancelledError although our task is not being cancelled
+
+    monkeypatch.setitem(bot.ACTIONS, "/v1/actions/cancelled", cancelled_dependency)
+    async with start_bot():
+        request = graph_request("/v1/actions/cancelled", PARAMS, session_webhook=fake.webhook_url())
+        result = await remote(fake.invoke(request))
+        assert (await remote(fake.invoke(weather(fake)))).status == 200
+    assert result.status == 500 and result.body["error"] == "internal error in action"
 
 
 # ----- 6. redelivery of the same messageId -----
