@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import aiohttp
 import dingtalk_stream
 
 import bot
-from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, graph_request
+from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, bot_env, free_port, graph_request
 
 ROOT = Path(__file__).resolve().parent.parent
 WEATHER = "/v1/actions/weather"
@@ -166,27 +165,6 @@ class AckWatcher:
             future.set_result((time.perf_counter(), frame))
 
 
-def child_env(fake: FakeDingTalk, **extra: str) -> dict[str, str]:
-    """Like conftest.bot_env: no inherited DingTalk settings, pointed at `fake`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIENT_", "DINGTALK_", "WEBHOOK_", "HEALTH_"))}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        CLIENT_ID=fake.client_id,
-        CLIENT_SECRET=fake.client_secret,
-        DINGTALK_OPENAPI_ENDPOINT=fake.base_url,
-        WEBHOOK_ALLOWED_HOSTS=f"{fake.host}:{fake.port}",
-        LOG_LEVEL="WARNING",
-    )
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory of `pid` in MB, from /proc/<pid>/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -309,7 +287,11 @@ async def launch(name: str, workdir: Path, *, instances: int = 1, health: bool =
         argv, cwd = [sys.executable, "-m", "tests.bench", "--serve", name], ROOT
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, env=child_env(fake, **extra), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv,
+        cwd=cwd,
+        env=bot_env(fake, LOG_LEVEL="WARNING", **extra),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     tail = bytearray()
     assert process.stdout is not None

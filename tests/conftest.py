@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -24,15 +23,13 @@ import aiohttp
 import pytest
 
 import bot
-from tests.fake_dingtalk import FakeDingTalk
+from tests.fake_dingtalk import FakeDingTalk, unproxied_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
-# The bot honours HTTP(S)_PROXY; the fake DingTalk is on loopback, which must never go through one.
-LOOPBACK = "127.0.0.1,localhost"
-for _key in ("NO_PROXY", "no_proxy"):
-    os.environ[_key] = ",".join(filter(None, (os.environ.get(_key), LOOPBACK)))
+# The in-process bot honours HTTP(S)_PROXY too; keep the fake DingTalk on loopback out of any proxy.
+os.environ.update(unproxied_loopback(dict(os.environ)))
 
 
 @pytest.fixture(autouse=True)
@@ -128,21 +125,6 @@ def start_bot(remote: FakeThread) -> Callable[..., contextlib.AbstractAsyncConte
 # ----- subprocess helpers -----
 
 
-def bot_env(fake: FakeDingTalk | None = None, **extra: str) -> dict[str, str]:
-    """Environment for `python bot.py`: no inherited DingTalk settings, no .env surprises."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIENT_", "DINGTALK_", "WEBHOOK_", "HEALTH_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    if fake is not None:
-        env.update(
-            CLIENT_ID=fake.client_id,
-            CLIENT_SECRET=fake.client_secret,
-            DINGTALK_OPENAPI_ENDPOINT=fake.base_url,
-            WEBHOOK_ALLOWED_HOSTS=f"{fake.host}:{fake.port}",
-        )
-    env.update(extra)
-    return env
-
-
 class BotProcess:
     """`python bot.py` as a user runs it, from a copy in a directory of its own (so no developer's
     .env next to the real bot.py is read). Its output (stdout+stderr) is collected as it comes."""
@@ -215,12 +197,6 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def healthz(port: int) -> tuple[int, dict]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +25,33 @@ from urllib.parse import urlencode
 from aiohttp import WSMsgType, web
 
 GRAPH_TOPIC = "/v1.0/graph/api/invoke"
+LOOPBACK = "127.0.0.1,localhost"  # the bot honours HTTP(S)_PROXY; the fake must never be reached through one
+
+
+def unproxied_loopback(env: dict[str, str]) -> dict[str, str]:
+    """`env` with loopback added to NO_PROXY / no_proxy."""
+    return env | {key: ",".join(filter(None, (env.get(key), LOOPBACK))) for key in ("NO_PROXY", "no_proxy")}
+
+
+def bot_env(fake: FakeDingTalk | None = None, **extra: str) -> dict[str, str]:
+    """Environment for `python bot.py` pointed at `fake`: no inherited DingTalk settings, loopback unproxied."""
+    prefixes = ("CLIENT_", "DINGTALK_", "WEBHOOK_", "HEALTH_")
+    env = unproxied_loopback({k: v for k, v in os.environ.items() if not k.startswith(prefixes)})
+    env["PYTHONUNBUFFERED"] = "1"
+    if fake is not None:
+        env.update(
+            CLIENT_ID=fake.client_id,
+            CLIENT_SECRET=fake.client_secret,
+            DINGTALK_OPENAPI_ENDPOINT=fake.base_url,
+            WEBHOOK_ALLOWED_HOSTS=f"{fake.host}:{fake.port}",
+        )
+    return env | extra
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass

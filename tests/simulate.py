@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, graph_request
+from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, bot_env, graph_request
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECT_TIMEOUT = 15.0
@@ -170,19 +170,8 @@ class Simulator:
             self.fake.trace = lambda direction, frame: print(
                 f"  {'→ frame' if direction == '>' else '← ack'} {json.dumps(frame, ensure_ascii=False)}"
             )
-        env = {
-            **os.environ,
-            "CLIENT_ID": self.fake.client_id,
-            "CLIENT_SECRET": self.fake.client_secret,
-            "DINGTALK_OPENAPI_ENDPOINT": self.fake.base_url,
-            "WEBHOOK_ALLOWED_HOSTS": f"{self.fake.host}:{self.fake.port}",
-            "INSTANCES": "1",
-            "HEALTH_PORT": "",
-            "LOG_LEVEL": "INFO" if self.verbose else "WARNING",
-            "PYTHONUNBUFFERED": "1",
-            "NO_PROXY": ",".join(filter(None, (os.environ.get("NO_PROXY"), "127.0.0.1,localhost"))),
-            "no_proxy": ",".join(filter(None, (os.environ.get("no_proxy"), "127.0.0.1,localhost"))),
-        }
+        # set even where empty, so a .env beside bot.py cannot turn them back on
+        env = bot_env(self.fake, INSTANCES="1", HEALTH_PORT="", LOG_LEVEL="INFO" if self.verbose else "WARNING")
         started = time.monotonic()
         self.bot = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "bot.py"), cwd=ROOT, env=env,

@@ -10,8 +10,8 @@ import socket
 import pytest
 
 import bot
-from tests.conftest import free_port, healthz, wait_until
-from tests.fake_dingtalk import graph_request
+from tests.conftest import healthz, wait_until
+from tests.fake_dingtalk import free_port, graph_request
 
 WEATHER = "/v1/actions/weather"
 PARAMS = {"location": "杭州", "date": "明天"}

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, FakeThread, bot_env
-from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, graph_request
+from tests.conftest import ROOT, FakeThread
+from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, bot_env, graph_request
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 DOCUMENTED_STATUSES = {200, 400, 404, 500, 502}

@@ -6,8 +6,7 @@ import signal
 
 import pytest
 
-from tests.conftest import bot_env
-from tests.fake_dingtalk import graph_request
+from tests.fake_dingtalk import bot_env, graph_request
 
 WEATHER = "/v1/actions/weather"
 PARAMS = {"location": "杭州", "date": "明天"}

@@ -11,8 +11,8 @@ import time
 import pytest
 
 import bot
-from tests.conftest import bot_env, free_port, healthz, wait_health, wait_until
-from tests.fake_dingtalk import GRAPH_TOPIC, graph_request
+from tests.conftest import healthz, wait_health, wait_until
+from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, free_port, graph_request
 
 WEATHER = "/v1/actions/weather"
 PARAMS = {"location": "杭州", "date": "明天"}

@@ -6,7 +6,8 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import ROOT, bot_env
+from tests.conftest import ROOT
+from tests.fake_dingtalk import bot_env
 
 
 def simulate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
