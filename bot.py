@@ -13,6 +13,7 @@ Stop:  Ctrl+C or SIGTERM      (in-flight replies finish first, up to SHUTDOWN_GR
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -23,9 +24,10 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import urllib.request
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -51,14 +53,74 @@ GRAPH_TOPIC = dingtalk_stream.GraphMessage.TOPIC  # "/v1.0/graph/api/invoke"
 MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID
 # AI assistant webhooks live on api.dingtalk.com, chatbot ones on oapi.dingtalk.com: accept both.
 DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 RECONNECT_MAX_DELAY_SECONDS = 60.0
-REMEMBERED_CALLBACKS = 10_000  # results kept by messageId, to answer redeliveries without replying twice
+HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the backoff
+OPENS_PER_MINUTE = 10  # per stream instance, whatever the gateway does
+RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
+# Results kept by messageId, to answer redeliveries without replying twice: for 5 minutes (redeliveries
+# are reported 16-60 s after a late ack), at most this many finished ones.
+REMEMBER_SECONDS = 300.0
+REMEMBERED_CALLBACKS = 100_000
 MAX_FRAMES_IN_FLIGHT = 500  # per connection; past it, reading pauses until one finishes
 
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Proxies:
+    """One proxy per destination, used alike for the connection open, the websocket and the webhook."""
+
+    https: str | None = None  # for https:// and wss://
+    http: str | None = None  # for http:// and ws://
+    no_proxy: str = ""
+
+    def for_url(self, url: str) -> str | None:
+        parts = urlsplit(url)
+        proxy = self.https if parts.scheme in ("https", "wss") else self.http
+        if proxy and urllib.request.proxy_bypass_environment(parts.hostname or "", {"no": self.no_proxy}):
+            return None
+        return proxy
+
+
+def read_proxies(env: Mapping[str, str]) -> Proxies:
+    """HTTPS_PROXY / HTTP_PROXY, else ALL_PROXY, and NO_PROXY; lower-case names win, as in curl.
+    HTTP(S) proxies only: a SOCKS one is a ConfigError naming the variable."""
+
+    def variable(name: str) -> tuple[str, str] | None:
+        for key in (name.lower(), name):
+            if value := env.get(key, "").strip():
+                return key, value
+        return None
+
+    def proxy(name: str) -> str | None:
+        found = variable(name) or variable("ALL_PROXY")
+        if found is None:
+            return None
+        key, value = found
+        url = value if "://" in value else f"http://{value}"  # "proxy:3128" means http, as in curl
+        try:
+            parts = urlsplit(url)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        except ValueError:
+            usable = False
+        if not usable:
+            raise ConfigError(
+                f"{key}={redact_userinfo(value)!r} is not an http:// proxy (SOCKS is not supported): "
+                "set HTTPS_PROXY=http://host:port, or unset it"
+            )
+        return url
+
+    no_proxy = variable("NO_PROXY")
+    return Proxies(proxy("HTTPS_PROXY"), proxy("HTTP_PROXY"), no_proxy[1] if no_proxy else "")
+
+
+def redact_userinfo(url: str) -> str:
+    """A proxy URL without its password, for messages."""
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", url)
 
 
 @dataclass(frozen=True)
@@ -77,6 +139,7 @@ class Settings:
     connect_timeout_seconds: float = 10.0
     keepalive_seconds: float = 15.0
     openapi_endpoint: str = "https://api.dingtalk.com"
+    proxies: Proxies = Proxies()
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
@@ -107,7 +170,7 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     log_level = (get("LOG_LEVEL") or "INFO").upper()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
-    allowed = frozenset(h.strip().lower() for h in (get("WEBHOOK_ALLOWED_HOSTS") or "").split(",") if h.strip())
+    allowed = frozenset(allowed_host(h) for h in (get("WEBHOOK_ALLOWED_HOSTS") or "").split(",") if h.strip())
     endpoint = get("DINGTALK_OPENAPI_ENDPOINT") or Settings.openapi_endpoint
     if urlsplit(endpoint).scheme not in ("http", "https"):
         raise ConfigError(f"DINGTALK_OPENAPI_ENDPOINT={endpoint!r} must start with https:// (or http://)")
@@ -126,7 +189,28 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         connect_timeout_seconds=number("CONNECT_TIMEOUT_SECONDS", defaults.connect_timeout_seconds, float, 0.1, 300),
         keepalive_seconds=number("KEEPALIVE_SECONDS", defaults.keepalive_seconds, float, 0.1, 300),
         openapi_endpoint=endpoint,
+        proxies=read_proxies(env),
     )
+
+
+def allowed_host(entry: str) -> str:
+    """A WEBHOOK_ALLOWED_HOSTS entry as check_webhook compares it: "host" or "host:port", IPv6 in brackets."""
+    entry = entry.strip().lower()
+    if entry.count(":") > 1 and not entry.startswith("["):  # a bare IPv6 address, any port
+        return host_key(entry, None)
+    try:
+        parts = urlsplit(f"//{entry}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ConfigError(f"WEBHOOK_ALLOWED_HOSTS entry {entry!r} is not a host or host:port") from None
+    if not host:
+        raise ConfigError(f"WEBHOOK_ALLOWED_HOSTS entry {entry!r} is not a host or host:port")
+    return host_key(host, port)
+
+
+def host_key(host: str, port: int | None) -> str:
+    bracketed = f"[{host}]" if ":" in host else host
+    return bracketed if port is None else f"{bracketed}:{port}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,29 +342,47 @@ def graph_response(status: int, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class CallbackLedger:
-    """Recent results by messageId, shared by all connections of this process: a redelivered
-    callback is answered from memory, so the user never gets a second reply. Bounded: the oldest
-    results are forgotten first. (Another process does not see them: keep actions idempotent.)"""
+    """Results by messageId, shared by all connections of this process: a redelivered callback is
+    answered from memory, so the user never gets a second reply. A callback in flight is never
+    forgotten; a finished one is kept for `ttl` seconds, at most `capacity` of them (oldest go first).
+    (Another process does not see them: keep actions idempotent.)"""
 
-    def __init__(self, capacity: int = REMEMBERED_CALLBACKS) -> None:
-        self.results: OrderedDict[str, asyncio.Future] = OrderedDict()  # messageId -> (status, payload)
-        self.capacity = capacity
+    def __init__(self, ttl: float = REMEMBER_SECONDS, capacity: int = REMEMBERED_CALLBACKS,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> future (status, payload)
+        self.finished: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()  # by finishing time
+        self.ttl, self.capacity, self.clock = ttl, capacity, clock
 
     def claim(self, message_id: str) -> tuple[bool, asyncio.Future]:
         """(True, new entry) for a first delivery, (False, the first one's result) for a redelivery."""
-        earlier = self.results.get(message_id)
-        if earlier is not None:
+        self.expire()
+        if (earlier := self.in_flight.get(message_id)) is not None:
             return False, earlier
-        result = self.results[message_id] = asyncio.get_running_loop().create_future()
-        while len(self.results) > self.capacity:
-            self.results.popitem(last=False)
+        if (done := self.finished.get(message_id)) is not None:
+            return False, done[1]
+        result = self.in_flight[message_id] = asyncio.get_running_loop().create_future()
         return True, result
+
+    def settle(self, message_id: str, status: int, payload: dict[str, Any]) -> None:
+        """The first delivery has its result: remember it for redeliveries."""
+        result = self.in_flight.pop(message_id)
+        result.set_result((status, payload))
+        self.finished[message_id] = (self.clock(), result)
+        self.expire()
 
     def forget(self, message_id: str) -> None:
         """The first delivery was cancelled before it had a result: let a redelivery start afresh."""
-        result = self.results.pop(message_id, None)
+        result = self.in_flight.pop(message_id, None)
         if result is not None and not result.done():
             result.cancel()
+
+    def expire(self) -> None:
+        too_old = self.clock() - self.ttl
+        while self.finished:
+            message_id, (finished_at, _) = next(iter(self.finished.items()))
+            if finished_at > too_old and len(self.finished) <= self.capacity:
+                break
+            del self.finished[message_id]
 
 
 class ActionHandler(dingtalk_stream.GraphHandler):
@@ -305,7 +407,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             except asyncio.CancelledError:
                 self.ledger.forget(message_id)
                 raise
-            result.set_result((status, payload))
+            self.ledger.settle(message_id, status, payload)
         return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
 
     async def answer(self, callback: dingtalk_stream.CallbackMessage, message_id: str) -> tuple[int, dict[str, Any]]:
@@ -332,7 +434,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             raise GraphError(404, f"no action for path {call.path}")
         webhook = check_webhook(call.params.get("sessionWebhook"), self.settings.webhook_allowed_hosts)
         markdown = await run_action(action, call.params, self.settings.action_timeout_seconds)
-        await reply_markdown(self.http, webhook, markdown, self.settings.webhook_timeout_seconds)
+        await reply_markdown(self.http, webhook, markdown, self.settings.webhook_timeout_seconds, self.settings.proxies)
         return 200
 
 
@@ -365,31 +467,23 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
         raise GraphError(400, "sessionWebhook is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
         raise GraphError(400, "sessionWebhook is not a valid http(s) URL")
-    if host in extra_hosts or f"{host}:{port}" in extra_hosts:
+    if host_key(host, None) in extra_hosts or host_key(host, port or DEFAULT_PORTS[parts.scheme]) in extra_hosts:
         return url
     if parts.scheme == "https" and host in DINGTALK_WEBHOOK_HOSTS and port in (None, 443):
         return url
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
-@functools.lru_cache(maxsize=64)
-def proxy_for(scheme: str, host: str) -> str | None:
-    """HTTP(S)_PROXY / NO_PROXY for this host, as urllib reads them, looked up once per host.
-    (aiohttp's trust_env=True would look them up, and .netrc, in a thread on every request.)"""
-    if urllib.request.proxy_bypass(host):
-        return None
-    return urllib.request.getproxies().get(scheme)
-
-
-def post_json(http: aiohttp.ClientSession, url: str, payload: Any, timeout: float, **kwargs: Any) -> Any:
-    """POST JSON with a total timeout, no redirects, through the environment's proxy if it names one."""
-    parts = urlsplit(url)
+def post_json(
+    http: aiohttp.ClientSession, url: str, payload: Any, timeout: float, proxies: Proxies, **kwargs: Any
+) -> Any:
+    """POST JSON with a total timeout, no redirects, through the proxy the settings name for `url`."""
     return http.post(
         url,
         json=payload,
         allow_redirects=False,
         timeout=aiohttp.ClientTimeout(total=timeout),
-        proxy=proxy_for(parts.scheme, parts.hostname or ""),
+        proxy=proxies.for_url(url),
         **kwargs,
     )
 
@@ -398,14 +492,16 @@ class WebhookError(Exception):
     """The webhook did not accept the reply."""
 
 
-async def reply_markdown(http: aiohttp.ClientSession, webhook: str, markdown: str, time_limit: float) -> None:
+async def reply_markdown(
+    http: aiohttp.ClientSession, webhook: str, markdown: str, time_limit: float, proxies: Proxies
+) -> None:
     """POST `markdown` as an AI card (same payload as the SDK's reply_markdown); raise GraphError(502) on failure."""
     payload = {
         "contentType": "ai_card",
         "content": {"templateId": MARKDOWN_CARD_TEMPLATE_ID, "cardData": {"content": markdown}},
     }
     try:
-        async with post_json(http, webhook, payload, time_limit) as response:
+        async with post_json(http, webhook, payload, time_limit, proxies) as response:
             status, body = response.status, await response.read()
         if not 200 <= status < 300:
             raise WebhookError(f"HTTP {status}: {body[:200].decode(errors='replace')}")
@@ -461,7 +557,8 @@ async def open_connection(http: aiohttp.ClientSession, settings: Settings, topic
     url = settings.openapi_endpoint.rstrip("/") + "/v1.0/gateway/connections/open"
     timeout = settings.connect_timeout_seconds
     try:
-        async with post_json(http, url, body, timeout, headers={"Accept": "application/json"}) as response:
+        accept = {"Accept": "application/json"}
+        async with post_json(http, url, body, timeout, settings.proxies, headers=accept) as response:
             status, text = response.status, (await response.read()).decode("utf-8", "replace")
     except TimeoutError:
         raise OpenFailed(f"connection open: no answer within {settings.connect_timeout_seconds:.0f} s") from None
@@ -481,10 +578,42 @@ async def open_connection(http: aiohttp.ClientSession, settings: Settings, topic
 
 
 def reconnect_delay(failures: int) -> float:
-    """No wait after a healthy connection ends, then about 1, 2, 4 … 60 s; jitter keeps bots out of step."""
-    if failures == 0:
-        return 0.0
-    return min(2.0 ** (failures - 1), RECONNECT_MAX_DELAY_SECONDS) + random.uniform(0, 1)
+    """0-1 s after a healthy connection ends, then about 1, 2, 4 … 60 s, for ever; the jitter keeps
+    bots (and the instances of one bot) out of step."""
+    backoff = 0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), RECONNECT_MAX_DELAY_SECONDS)
+    return backoff + random.uniform(0, 1)
+
+
+class OpenLimiter:
+    """At most `limit` connection opens in any `period` seconds, whatever the gateway does."""
+
+    def __init__(self, limit: int = OPENS_PER_MINUTE, period: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.opens: deque[float] = deque(maxlen=limit)
+        self.period, self.clock = period, clock
+
+    def wait_needed(self) -> float:
+        """Seconds to wait before the next open is allowed."""
+        if len(self.opens) < (self.opens.maxlen or 0):
+            return 0.0
+        return max(0.0, self.opens[0] + self.period - self.clock())
+
+    def record(self) -> None:
+        self.opens.append(self.clock())
+
+
+class Connection:
+    """One websocket and the frames it has in hand."""
+
+    def __init__(self, websocket: Any) -> None:
+        self.websocket = websocket
+        self.opened_at = time.monotonic()
+        self.frame_tasks: dict[asyncio.Task, str] = {}  # frame being answered -> messageId
+        self.retired = asyncio.Event()  # DingTalk sent `disconnect`: take no new callbacks here
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing is best effort: the peer may be gone already
+            await self.websocket.close()
 
 
 class StreamLink:
@@ -495,67 +624,146 @@ class StreamLink:
         self.name, self.client, self.http, self.settings = name, client, http, settings
         self.accepted = accepted  # set once DingTalk accepted the credentials on any connection
         self.stopping = stopping  # set on shutdown: take no new callbacks, open no new connection
-        self.websocket: Any = None
-        self.failures = 1  # failed attempts in a row; 0 once a connection has received a frame
-        # Frames being handled -> messageId. A task ends after its ack is sent, so shutdown waits on these.
-        self.frame_tasks: dict[asyncio.Task, str] = {}
+        self.current: Connection | None = None  # the connection new callbacks arrive on
+        self.connections: set[Connection] = set()  # the current one and retired ones finishing their frames
+        self.retiring: set[asyncio.Task] = set()
+        self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
+        self.limiter = OpenLimiter()
 
     @property
     def connected(self) -> bool:
-        return self.websocket is not None and self.websocket.state is WebSocketState.OPEN
+        return self.current is not None and self.current.websocket.state is WebSocketState.OPEN
+
+    @property
+    def frame_tasks(self) -> dict[asyncio.Task, str]:
+        """Frames being answered on any of this link's connections; shutdown waits on these."""
+        return {task: mid for conn in self.connections for task, mid in conn.frame_tasks.items()}
 
     async def run(self) -> None:
         """Stay connected until stopping. Credentials refused before any connection ever succeeded
         are a configuration error: CredentialsRejected is raised instead of retrying."""
         self.client.pre_start()
-        while not self.stopping.is_set():
-            try:
-                url = await open_connection(self.http, self.settings, list(self.client.callback_handler_map))
-                ended = await self.serve_connection(url)
-                log_level, problem = logging.INFO, f"connection closed ({ended})"
-            except CredentialsRejected as exc:
-                if not self.accepted.is_set():
-                    raise
-                log_level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
-            except websockets.exceptions.ConnectionClosed as exc:
-                log_level, problem = logging.WARNING, f"connection lost: {exc}"
-            except TimeoutError:
-                log_level, problem = logging.WARNING, "websocket handshake timed out"
-            except (OpenFailed, OSError, ValueError, websockets.exceptions.WebSocketException) as exc:
-                # ValueError: an endpoint websockets cannot use, e.g. a port out of range
-                log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
-            if self.stopping.is_set():
-                break
-            delay = reconnect_delay(self.failures)
-            self.failures += 1
-            log.log(log_level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), delay)
+        try:
+            while not self.stopping.is_set():
+                await self.connect_and_serve()
+        finally:
+            for task in self.retiring:
+                task.cancel()
+            for conn in list(self.connections):
+                await conn.close()
 
-    async def serve_connection(self, url: str) -> str:
-        """Read frames until the connection ends; return how it ended."""
+    async def connect_and_serve(self) -> None:
+        """One connection from open to its end (or retirement), then the pause before the next."""
+        conn: Connection | None = None
+        try:
+            conn = await self.unless_stopping(self.connect())
+            if conn is None:
+                return
+            log_level, problem = logging.INFO, await self.serve(conn)
+        except CredentialsRejected as exc:
+            if not self.accepted.is_set():
+                raise
+            log_level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
+        except websockets.exceptions.ConnectionClosed as exc:
+            log_level, problem = logging.WARNING, f"connection lost: {exc}"
+        except TimeoutError:
+            log_level, problem = logging.WARNING, "websocket handshake timed out"
+        except (OpenFailed, OSError, ValueError, websockets.exceptions.WebSocketException) as exc:
+            # ValueError: an endpoint websockets cannot use, e.g. a port out of range
+            log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
+        if self.stopping.is_set():
+            return
+        # Only a connection that stayed up a while resets the backoff: a gateway that closes every
+        # new connection at once must not make the bot reconnect in a tight loop.
+        lived = time.monotonic() - conn.opened_at if conn else 0.0
+        self.failures = 0 if lived >= HEALTHY_AFTER_SECONDS else self.failures + 1
+        delay = max(reconnect_delay(self.failures), self.limiter.wait_needed())
+        log.log(log_level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), delay)
+
+    async def unless_stopping(self, opening: Awaitable[Connection]) -> Connection | None:
+        """Await `opening` unless shutdown begins first: then abandon it (no connection opens while stopping)."""
+        task = asyncio.ensure_future(opening)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            return None
+        conn = task.result()
+        if self.stopping.is_set():
+            await conn.close()
+            return None
+        return conn
+
+    async def connect(self) -> Connection:
+        """Ask DingTalk for an endpoint and open the websocket, both within CONNECT_TIMEOUT_SECONDS."""
+        self.limiter.record()
+        url = await open_connection(self.http, self.settings, list(self.client.callback_handler_map))
         keepalive = self.settings.keepalive_seconds
-        async with websockets.connect(
+        websocket = await websockets.connect(
             url,
             open_timeout=self.settings.connect_timeout_seconds,
             ping_interval=keepalive,  # a silently dead connection is noticed within 2 x keepalive
             ping_timeout=keepalive,
             close_timeout=5,
-        ) as websocket:
-            self.websocket = websocket
-            self.accepted.set()
-            log.info("%s: connected", self.name)
-            try:
-                async for raw in websocket:
-                    self.failures = 0  # any frame proves the connection healthy
-                    if len(self.frame_tasks) >= MAX_FRAMES_IN_FLIGHT:  # back-pressure: read on when one ends
-                        await asyncio.wait(list(self.frame_tasks), return_when=asyncio.FIRST_COMPLETED)
-                    self.handle_frame(raw, websocket)
-            finally:
-                self.websocket = None
-            return f"code {websocket.close_code} {websocket.close_reason or ''}".strip()
+            proxy=self.settings.proxies.for_url(url),  # never websockets' own reading of the environment
+        )
+        return Connection(websocket)
 
-    def handle_frame(self, raw: str | bytes, websocket: Any) -> None:
+    async def serve(self, conn: Connection) -> str:
+        """Read frames until the connection ends or DingTalk retires it; return how it ended."""
+        self.current = conn
+        self.connections.add(conn)
+        self.accepted.set()
+        log.info("%s: connected", self.name)
+        reader = asyncio.create_task(self.read(conn))
+        retired = asyncio.create_task(conn.retired.wait())
+        try:
+            await asyncio.wait([reader, retired], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            reader.cancel()
+            raise
+        finally:
+            retired.cancel()
+            self.current = None
+        if reader.done():
+            self.connections.discard(conn)
+            reader.result()  # raises how it was lost
+            return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
+        # DingTalk keeps a retired connection open a while: answer what it has in hand there, new frames come
+        # on the replacement, opened now.
+        task = asyncio.create_task(self.retire(conn, reader))
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+        return "DingTalk retired the connection (disconnect)"
+
+    async def read(self, conn: Connection) -> None:
+        async for raw in conn.websocket:
+            if len(conn.frame_tasks) >= MAX_FRAMES_IN_FLIGHT:  # back-pressure: read on when one ends
+                await asyncio.wait(list(conn.frame_tasks), return_when=asyncio.FIRST_COMPLETED)
+            self.handle_frame(raw, conn)
+
+    async def retire(self, conn: Connection, reader: asyncio.Task) -> None:
+        """Close a retired connection once its frames in hand are answered (within RETIRE_WINDOW_SECONDS)."""
+        try:
+            await settle(lambda: conn.frame_tasks, RETIRE_WINDOW_SECONDS)
+            for message_id in conn.frame_tasks.values():
+                log.warning("%s: callback %s outlived its retired connection: its ack is lost", self.name, message_id)
+            await conn.close()
+            with contextlib.suppress(Exception):
+                await reader
+        finally:
+            reader.cancel()
+            self.connections.discard(conn)
+
+    def handle_frame(self, raw: str | bytes, conn: Connection) -> None:
         """Answer one frame in a task of its own, so a slow action never holds up the others."""
         try:
             frame = json.loads(raw)
@@ -566,13 +774,17 @@ class StreamLink:
             return
         headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
         message_id = str(headers.get("messageId") or "-")
-        if frame.get("type") == dingtalk_stream.CallbackMessage.TYPE and self.stopping.is_set():
+        kind = frame.get("type")
+        if kind == dingtalk_stream.CallbackMessage.TYPE and (self.stopping.is_set() or conn.retired.is_set()):
             # left unacked, so DingTalk delivers it again to a live connection
-            log.info("%s: callback %s left for another connection: stopping", self.name, message_id)
+            why = "stopping" if self.stopping.is_set() else "connection retired"
+            log.info("%s: callback %s left for another connection: %s", self.name, message_id, why)
             return
-        task = asyncio.create_task(self.answer_frame(frame, message_id, websocket))
-        self.frame_tasks[task] = message_id
-        task.add_done_callback(lambda t: self.frame_tasks.pop(t, None))
+        if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
+            conn.retired.set()
+        task = asyncio.create_task(self.answer_frame(frame, message_id, conn.websocket))
+        conn.frame_tasks[task] = message_id
+        task.add_done_callback(lambda t: conn.frame_tasks.pop(t, None))
 
     async def answer_frame(self, frame: dict[str, Any], message_id: str, websocket: Any) -> None:
         """Parse the frame with the SDK, run its handler and send the ack on the socket it came on."""
@@ -603,12 +815,6 @@ class StreamLink:
                     ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
         try:
             await websocket.send(json.dumps(ack))
-            if (
-                message is not None
-                and kind == dingtalk_stream.SystemMessage.TYPE
-                and message.headers.topic == "disconnect"
-            ):
-                await websocket.close()  # DingTalk retires this connection: reconnect now
         except websockets.exceptions.ConnectionClosed:
             log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
 
@@ -624,15 +830,20 @@ def frame_ack(code: int, message_id: str, problem: str) -> dict[str, Any]:
     }
 
 
+async def settle(tasks: Callable[[], Mapping[asyncio.Task, str]], within: float) -> None:
+    """Wait up to `within` seconds until `tasks()` (re-read as tasks come and go) is empty."""
+    deadline = time.monotonic() + within
+    while (pending := tasks()) and (remaining := deadline - time.monotonic()) > 0:
+        await asyncio.wait(list(pending), timeout=remaining)
+
+
 async def drain(links: list[StreamLink], grace: float) -> None:
     """Wait up to `grace` seconds for every frame in hand (reply and ack); log each one still running after."""
-    deadline = time.monotonic() + grace
-    while pending := {task: mid for link in links for task, mid in link.frame_tasks.items()}:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        log.info("stopping: waiting up to %.3g s for %d callback(s)", remaining, len(pending))
-        await asyncio.wait(list(pending), timeout=remaining)
+    in_hand = len([task for link in links for task in link.frame_tasks])
+    if in_hand:
+        log.info("stopping: waiting up to %.3g s for %d callback(s)", grace, in_hand)
+    await settle(lambda: {task: mid for link in links for task, mid in link.frame_tasks.items()}, grace)
+    pending = {task: mid for link in links for task, mid in link.frame_tasks.items()}
     for task, message_id in pending.items():
         log.warning("callback %s abandoned: still running after the %.3g s grace period", message_id, grace)
         task.cancel()
@@ -760,7 +971,23 @@ async def run(settings: Settings) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         except NotImplementedError:  # Windows: no loop signal handlers
             signal.signal(signum, lambda s, _f: loop.call_soon_threadsafe(on_signal, s))
-    return await serve(settings, stop)
+    # Our own pool for asyncio.to_thread: asyncio.run would wait for its threads without limit (3.11)
+    # or for 300 s (3.12+) after the grace period; we wait a second, then leave them.
+    threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
+    loop.set_default_executor(threads)
+    exit_code = await serve(settings, stop)
+    threads.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + 1.0
+    busy = [t for t in threading.enumerate() if t.name.startswith("bot-thread")]
+    while busy and time.monotonic() < deadline:  # a thread offers nothing to await: poll
+        await asyncio.sleep(0.05)
+        busy = [t for t in busy if t.is_alive()]
+    if busy:
+        log.warning("exiting with %d thread(s) still running (e.g. an action in asyncio.to_thread)", len(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(exit_code)
+    return exit_code
 
 
 def main() -> int:

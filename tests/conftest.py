@@ -129,17 +129,21 @@ class BotProcess:
     """`python bot.py` as a user runs it, from a copy in a directory of its own (so no developer's
     .env next to the real bot.py is read). Its output (stdout+stderr) is collected as it comes."""
 
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.env, self.workdir = env, workdir
+    def __init__(self, env: dict[str, str], workdir: Path, prelude: str = "") -> None:
+        self.env, self.workdir, self.prelude = env, workdir, prelude
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
 
     async def start(self) -> BotProcess:
         shutil.copy(ROOT / "bot.py", self.workdir / "bot.py")
+        script = "bot.py"
+        if self.prelude:  # e.g. a test's own action, registered before main() runs
+            script = "run_bot.py"
+            (self.workdir / script).write_text(f"{self.prelude}\nraise SystemExit(bot.main())\n")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "bot.py",
+            script,
             cwd=self.workdir,
             env=self.env,
             stdout=asyncio.subprocess.PIPE,
@@ -175,8 +179,8 @@ class BotProcess:
 async def bot_process(tmp_path: Path) -> AsyncIterator[Callable[..., Coroutine[Any, Any, BotProcess]]]:
     started: list[BotProcess] = []
 
-    async def launch(env: dict[str, str]) -> BotProcess:
-        process = await BotProcess(env, tmp_path).start()
+    async def launch(env: dict[str, str], prelude: str = "") -> BotProcess:
+        process = await BotProcess(env, tmp_path, prelude).start()
         started.append(process)
         return process
 

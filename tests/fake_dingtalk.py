@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import WSMsgType, web
 
@@ -128,6 +128,7 @@ class FakeDingTalk:
         self.open_delay = 0.0  # seconds before answering (a hanging open)
         # gateway faults
         self.reject_websocket = False  # answer the websocket handshake with 403
+        self.disconnect_at_once = False  # send `disconnect` on every new connection as soon as it opens
         # what the fake saw
         self.open_requests: list[OpenRequest] = []  # answered ones
         self.open_attempts = 0  # arrived ones, answered or not
@@ -229,6 +230,8 @@ class FakeDingTalk:
         conn = Connection(id=f"conn-{next(self._ids)}", ws=ws, transport=request.transport)
         self.connections.append(conn)
         await self._notify()
+        if self.disconnect_at_once:
+            await self.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn)
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.PING and not conn.frozen:
@@ -360,6 +363,61 @@ class FakeDingTalk:
         if self.webhook_errcode:
             return web.json_response({"errcode": self.webhook_errcode, "errmsg": "fake errcode"})
         return web.json_response({"errcode": 0, "errmsg": "ok"})
+
+
+class ForwardProxy:
+    """A plain HTTP proxy on 127.0.0.1 that records what passes through it: absolute-form requests
+    (plain http://) are forwarded, CONNECT (websockets, https://) is tunnelled."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []  # "POST http://127.0.0.1:1234/v1.0/gateway/...", "CONNECT 127.0.0.1:1234"
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> ForwardProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request_line, rest = head.split(b"\r\n", 1)
+            method, target, version = request_line.decode().split(" ", 2)
+            self.requests.append(f"{method} {target}")
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:  # absolute form: on in origin form, one request per connection so each one is seen here
+                url = urlsplit(target)
+                upstream_reader, upstream_writer = await asyncio.open_connection(url.hostname, url.port)
+                path = url.path + (f"?{url.query}" if url.query else "")
+                upstream_writer.write(f"{method} {path} {version}\r\nConnection: close\r\n".encode() + rest)
+            await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
 
 
 def graph_request(

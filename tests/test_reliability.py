@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import signal
 import time
 
@@ -12,7 +13,7 @@ import pytest
 
 import bot
 from tests.conftest import healthz, wait_health, wait_until
-from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, free_port, graph_request
+from tests.fake_dingtalk import GRAPH_TOPIC, ForwardProxy, GraphResult, bot_env, free_port, graph_request
 
 WEATHER = "/v1/actions/weather"
 PARAMS = {"location": "杭州", "date": "明天"}
@@ -212,18 +213,6 @@ async def test_redelivered_callback_gets_exactly_one_reply(fake, remote, start_b
     assert [json.loads(json.loads(a["data"])["response"]["body"]) for a in acks] == [{"success": True}] * 2
 
 
-def test_ledger_memory_is_bounded():
-    async def scenario() -> bot.CallbackLedger:
-        ledger = bot.CallbackLedger(capacity=3)
-        for n in range(5):
-            assert ledger.claim(f"m{n}")[0]
-        assert not ledger.claim("m4")[0]
-        return ledger
-
-    ledger = asyncio.run(scenario())
-    assert list(ledger.results) == ["m2", "m3", "m4"]
-
-
 # ----- 7. webhook faults -----
 
 
@@ -295,3 +284,158 @@ def test_cancelled_first_delivery_lets_a_redelivery_start_afresh():
         assert ledger.claim("m1")[0]
 
     asyncio.run(scenario())
+
+
+# ----- proxies: one per destination, the same for the open, the websocket and the webhook -----
+
+
+async def test_http_proxy_carries_the_open_the_websocket_and_the_webhook(fake, remote, start_bot):
+    proxy = await remote(ForwardProxy().start())
+    try:
+        async with start_bot(proxies=bot.Proxies(http=proxy.url)):  # the fake speaks plain http and ws
+            assert (await remote(fake.invoke(weather(fake)))).status == 200
+    finally:
+        await remote(proxy.close())
+    base = fake.base_url
+    assert proxy.requests[:2] == [f"POST {base}/v1.0/gateway/connections/open", f"CONNECT {fake.host}:{fake.port}"]
+    assert [r for r in proxy.requests if r.startswith(f"POST {base}/agent/send?session=")]
+
+
+async def test_socks_proxy_is_one_line_and_exit_2_before_any_network_call(fake, bot_process):
+    process = await bot_process(bot_env(fake, all_proxy="socks5h://127.0.0.1:1080", NO_PROXY="", no_proxy=""))
+    assert await process.wait(10) == 2
+    assert process.lines == [
+        "error: all_proxy='socks5h://127.0.0.1:1080' is not an http:// proxy (SOCKS is not supported): "
+        "set HTTPS_PROXY=http://host:port, or unset it"
+    ]
+    assert fake.open_attempts == 0
+
+
+# ----- long outages: the backoff stays bounded for ever, and a flapping gateway gets no storm -----
+
+
+def test_backoff_stays_bounded_after_any_number_of_failures():
+    # 1,025 failures in a row (about 17 h of a 60 s backoff) once overflowed 2.0 ** (failures - 1)
+    for failures in (0, 1, 2, 7, 1_025, 10**6, 10**12):
+        delay = bot.reconnect_delay(failures)
+        assert 0 < delay <= bot.RECONNECT_MAX_DELAY_SECONDS + 1
+    assert bot.reconnect_delay(1_025) >= bot.RECONNECT_MAX_DELAY_SECONDS
+    assert len({bot.reconnect_delay(0) for _ in range(20)}) > 1  # always jittered, even right after a healthy link
+
+
+def test_opens_per_minute_are_bounded_whatever_the_gateway_does():
+    now = [0.0]
+    limiter = bot.OpenLimiter(limit=3, period=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert limiter.wait_needed() == 0
+        limiter.record()
+    assert limiter.wait_needed() == 60
+    now[0] = 45.0
+    assert limiter.wait_needed() == 15
+    now[0] = 60.0
+    assert limiter.wait_needed() == 0
+
+
+async def test_gateway_that_disconnects_every_connection_gets_backoff_not_a_storm(fake, remote, start_bot):
+    fake.disconnect_at_once = True
+    async with start_bot(connected=0):
+        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 4, 15))
+        opens = [r.received_at for r in fake.open_requests[:4]]
+        assert all(r.status == 200 for r in fake.open_requests[:4])  # each one connected, and was retired at once
+    gaps = [b - a for a, b in itertools.pairwise(opens)]
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9 and gaps[2] >= 3.9, gaps  # 1, 2, 4 s (+ jitter): no tight loop
+
+
+# ----- DingTalk's routine disconnect with callbacks in flight -----
+
+
+async def test_disconnect_with_callbacks_in_flight_loses_no_ack(fake, remote, start_bot, caplog, monkeypatch):
+    monkeypatch.setattr(bot, "HEALTHY_AFTER_SECONDS", 0.0)  # as if the connection had been up for hours
+    caplog.set_level(logging.INFO, logger="bot")
+    fake.webhook_latency = 1.5
+    async with start_bot():
+        [old] = fake.live_connections()
+        ids = [await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=old)) for _ in range(5)]
+        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 5, 5))  # all five in flight
+        disconnecting = asyncio.ensure_future(remote(fake.disconnect(old)))
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 2))  # the replacement opens at once ...
+        new = fake.connections[1]
+        assert not old.closed.is_set()  # ... while the retired one still finishes its work
+        late = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=old))
+        await disconnecting  # the bot closed the retired connection itself, after its acks
+        fake.webhook_latency = 0
+        assert (await remote(fake.invoke(weather(fake), conn=new))).status == 200
+    acks = {message_id: fake.acks.get(message_id, []) for message_id in ids}
+    assert all(len(a) == 1 and GraphResult.from_ack(a[0], 0).status == 200 for a in acks.values()), acks
+    assert late not in fake.acks  # a callback on the retired connection is left for DingTalk to redeliver
+    assert "ack for" not in caplog.text and "connection retired" in caplog.text
+
+
+# ----- shutdown: no new connection while stopping; threads do not hold the exit -----
+
+
+async def test_no_connection_opens_once_stopping_has_begun(fake, remote, bot_process):
+    fake.webhook_latency = 4.0  # keeps the drain busy past the moment the other instance's open answers
+    process = await bot_process(bot_env(fake, INSTANCES="2", SHUTDOWN_GRACE_SECONDS="10", WEBHOOK_TIMEOUT_SECONDS="10"))
+    first, second = await remote(fake.wait_connected(2, timeout=10))
+    in_flight = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=first))
+    await remote(fake.wait_for(lambda: fake.webhook_posts, 5))
+    fake.open_delay = 1.0
+    attempts = fake.open_attempts
+    await remote(fake.drop(second))
+    await remote(fake.wait_for(lambda: fake.open_attempts > attempts, 5))  # that open is now hanging
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(15) == 0
+    assert len(fake.connections) == 2  # the open answered during the drain, and no connection followed it
+    assert len(fake.acks[in_flight]) == 1
+
+
+async def test_shutdown_is_not_held_up_by_an_action_thread(fake, remote, bot_process):
+    prelude = """
+import asyncio, time
+import bot
+
+async def get_weather(location: str) -> str:
+    print("action started", flush=True)
+    await asyncio.to_thread(time.sleep, 60)  # a blocking call, as README section 7 recommends running it
+    return "too late"
+
+bot.ACTIONS["/v1/actions/weather"] = get_weather
+"""
+    process = await bot_process(bot_env(fake, SHUTDOWN_GRACE_SECONDS="0.5"), prelude=prelude)
+    await remote(fake.wait_connected(1, timeout=10))
+    message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake)))
+    await process.wait_for_output("action started")
+    process.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert await process.wait(10) == 0
+    assert time.monotonic() - started < 5  # grace 0.5 s + 1 s for threads, not the thread's 60 s
+    assert f"callback {message_id} abandoned" in process.output
+    assert "exiting with 1 thread(s) still running" in process.output
+
+
+# ----- the redelivery ledger forgets by time, never what is in flight -----
+
+
+async def test_ledger_keeps_finished_results_for_its_ttl_then_forgets_them():
+    now = [0.0]
+    ledger = bot.CallbackLedger(ttl=300, capacity=1_000, clock=lambda: now[0])
+    assert ledger.claim("m1")[0]
+    ledger.settle("m1", 200, {"success": True})
+    now[0] = 299.0
+    first, result = ledger.claim("m1")
+    assert not first and result.result() == (200, {"success": True})
+    now[0] = 301.0
+    assert ledger.claim("m1")[0]  # past the TTL: a new delivery
+
+
+async def test_ledger_never_evicts_a_callback_in_flight():
+    now = [0.0]
+    ledger = bot.CallbackLedger(ttl=10, capacity=2, clock=lambda: now[0])
+    assert ledger.claim("slow")[0]
+    for n in range(50):  # far past the cap and the TTL
+        now[0] += 1
+        assert ledger.claim(f"m{n}")[0]
+        ledger.settle(f"m{n}", 200, {"success": True})
+    assert not ledger.claim("slow")[0]  # still in flight: a redelivery waits for it
+    assert list(ledger.finished) == ["m48", "m49"]  # finished ones: the newest `capacity`

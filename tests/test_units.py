@@ -266,15 +266,34 @@ def test_redacting_filter_survives_malformed_log_calls():
 # ----- proxies -----
 
 
-def test_proxy_comes_from_the_environment_and_no_proxy_wins(monkeypatch):
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,internal.corp")
-    for name in ("https_proxy", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    bot.proxy_for.cache_clear()
-    try:
-        assert bot.proxy_for("https", "api.dingtalk.com") == "http://proxy.corp:3128"
-        assert bot.proxy_for("https", "internal.corp") is None
-        assert bot.proxy_for("http", "api.dingtalk.com") is None  # no HTTP_PROXY set
-    finally:
-        bot.proxy_for.cache_clear()
+def test_proxy_per_destination_comes_from_the_environment_and_no_proxy_wins():
+    proxies = bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": "proxy.corp:3128", "NO_PROXY": "internal.corp"}).proxies
+    assert proxies.for_url("https://api.dingtalk.com/v1.0/gateway/connections/open") == "http://proxy.corp:3128"
+    assert proxies.for_url("wss://wss-open-connection.dingtalk.com/connect?ticket=t") == "http://proxy.corp:3128"
+    assert proxies.for_url("https://internal.corp/agent/send") is None
+    assert proxies.for_url("http://api.dingtalk.com/") is None  # no HTTP_PROXY or ALL_PROXY set
+
+
+def test_lower_case_proxy_names_win_and_all_proxy_is_the_fallback():
+    env = {**CREDENTIALS, "https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:1", "ALL_PROXY": "http://all:1"}
+    proxies = bot.load_settings(env).proxies
+    assert (proxies.https, proxies.http) == ("http://lower:1", "http://all:1")
+
+
+@pytest.mark.parametrize("key", ["ALL_PROXY", "HTTPS_PROXY", "http_proxy"])
+def test_socks_proxy_is_a_config_error_naming_the_variable(key):
+    with pytest.raises(bot.ConfigError) as err:
+        bot.load_settings({**CREDENTIALS, key: "socks5://user:pw@127.0.0.1:1080"})
+    assert str(err.value).startswith(f"{key}='socks5://user:***@127.0.0.1:1080' is not an http:// proxy")
+    assert "pw" not in str(err.value)
+
+
+def test_allowed_hosts_match_the_default_port_and_ipv6():
+    allowed = bot.load_settings({**CREDENTIALS, "WEBHOOK_ALLOWED_HOSTS": "hooks.corp:443, [::1]:8080, fe80::1"})
+    hosts = allowed.webhook_allowed_hosts
+    assert bot.check_webhook("https://hooks.corp/agent/send", hosts)  # 443 is https's own port
+    assert bot.check_webhook("http://[::1]:8080/agent/send", hosts)
+    assert bot.check_webhook("http://[fe80::1]:9/agent/send", hosts)  # no port given: any port
+    for refused in ("http://hooks.corp/agent/send", "http://[::1]:8081/agent/send"):
+        with pytest.raises(bot.GraphError):
+            bot.check_webhook(refused, hosts)
