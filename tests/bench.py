@@ -827,7 +827,8 @@ def notes(m: Measurements, plan: Plan) -> list[str]:
     ours_growth = m.rss_after.get("ours", 0.0) - m.rss_connected.get("ours", 0.0)
     lines.append(
         f"memory: bot.py keeps each messageId's result {bot.REMEMBER_SECONDS:.0f} s (at most "
-        f"{bot.REMEMBERED_CALLBACKS:,}) to answer redeliveries without a second reply, so RSS follows recent traffic; ours grew "
+        f"{bot.REMEMBERED_CALLBACKS:,}) to answer redeliveries without a second reply, "
+        f"so RSS follows recent traffic; ours grew "
         f"{ours_growth:+.1f} MB over {m.callbacks.get('ours', 0):,} callbacks"
     )
     cache = getattr(dingtalk_stream.DingTalkStreamClient, "MAX_CACHED_MESSAGE_RESULTS", None)
