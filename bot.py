@@ -19,6 +19,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -29,8 +30,9 @@ import time
 import urllib.request
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlsplit
 
@@ -38,6 +40,7 @@ import aiohttp
 import dingtalk_stream
 import websockets
 import websockets.exceptions  # websockets>=15 loads submodules lazily; bind it before use
+import yaml
 from aiohttp import web
 from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
 from dotenv import load_dotenv
@@ -140,6 +143,7 @@ class Settings:
     keepalive_seconds: float = 15.0
     openapi_endpoint: str = "https://api.dingtalk.com"
     proxies: Proxies = Proxies()
+    operations: Mapping[str, Operation] = field(default_factory=dict)  # from tools.yaml: "POST /path" -> ...
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
@@ -190,7 +194,150 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         keepalive_seconds=number("KEEPALIVE_SECONDS", defaults.keepalive_seconds, float, 0.1, 300),
         openapi_endpoint=endpoint,
         proxies=read_proxies(env),
+        operations=load_operations(),
     )
+
+
+TOOLS_FILE = Path(__file__).with_name("tools.yaml")
+DISPLAY_MODES = ("auto", "markdown", "disabled")
+WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of an operation, as tools.yaml declares it."""
+
+    name: str
+    location: str  # "query" (a string, converted to `type`) or "body" (JSON, checked against `type`)
+    type: str | None = None  # integer, number, boolean, string, array, object; None: anything
+    required: bool = False
+    enum: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    context: dict[str, Any] | None = None  # x-dingtalk-context: DingTalk fills it in, not the model
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation of tools.yaml: how DingTalk calls it and how its answer is shown."""
+
+    method: str
+    path: str
+    display: str  # x-dingtalk-display-result: auto, markdown or disabled
+    parameters: tuple[Parameter, ...]
+
+    @property
+    def webhook(self) -> str | None:
+        """The parameter that carries the sessionWebhook, if any."""
+        return next((p.name for p in self.parameters if p.context == WEBHOOK_CONTEXT), None)
+
+
+def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Operation]:
+    """Read tools.yaml into "METHOD /path" -> Operation, each path matched with an action in `actions`
+    (default ACTIONS). Any mismatch or malformed part is a ConfigError naming the file and the path."""
+    actions = ACTIONS if actions is None else actions
+    name = path.name
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not (isinstance(spec, dict) and str(spec.get("openapi", "")).startswith("3.") and spec.get("paths")):
+        raise ConfigError(f"{name} is not an OpenAPI 3 description with paths (openapi: 3.0.1, paths: ...)")
+    if not isinstance(spec["paths"], dict):
+        raise ConfigError(f"{name}: paths must be a mapping of path -> operations")
+    operations: dict[str, Operation] = {}
+    for route, item in spec["paths"].items():
+        for method, op in (item or {}).items() if isinstance(item, dict) else ():
+            if method in ("parameters", "summary", "description") or method.startswith("x-"):
+                continue
+            if method not in ("get", "post"):
+                raise ConfigError(f"{name}: {method.upper()} {route}: DingTalk calls only GET and POST operations")
+            operation = read_operation(spec, route, method, op, item.get("parameters", []))
+            operations[f"{operation.method} {route}"] = operation
+        if not any(key.endswith(f" {route}") for key in operations):
+            raise ConfigError(f"{name}: {route} has no get or post operation")
+    declared = {op.path for op in operations.values()}
+    for route in declared - actions.keys():
+        raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it")
+    for route in actions.keys() - declared:
+        raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it")
+    for operation in operations.values():
+        check_operation(name, operation, actions[operation.path])
+    return operations
+
+
+def read_operation(spec: dict, route: str, method: str, op: Any, shared: Any) -> Operation:
+    where = f"{TOOLS_FILE.name}: {method.upper()} {route}"
+    if not isinstance(op, dict):
+        raise ConfigError(f"{where} is not a mapping")
+    display = op.get("x-dingtalk-display-result", "auto")  # DingTalk's default
+    if display not in DISPLAY_MODES:
+        raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(DISPLAY_MODES)}")
+    parameters: dict[str, Parameter] = {}
+    for entry in [*(shared or []), *(op.get("parameters") or [])]:
+        entry = resolve(spec, entry, where)
+        if entry.get("in") == "query" and isinstance(entry.get("name"), str):
+            schema = resolve(spec, entry.get("schema") or {}, where)
+            parameters[entry["name"]] = parameter(entry["name"], "query", {**schema, **entry}, entry.get("required"))
+    body = op.get("requestBody")
+    if body is not None:
+        try:
+            schema = resolve(spec, body["content"]["application/json"]["schema"], where)
+        except (KeyError, TypeError):
+            raise ConfigError(f"{where}: requestBody needs content: application/json: schema") from None
+        required = schema.get("required") or []
+        for prop_name, prop in (schema.get("properties") or {}).items():
+            prop = resolve(spec, prop, where)
+            parameters[prop_name] = parameter(prop_name, "body", prop, prop_name in required)
+    return Operation(method.upper(), route, display, tuple(parameters.values()))
+
+
+def resolve(spec: dict, node: Any, where: str) -> dict:
+    """Follow local $refs ("#/components/schemas/X") to the node they name."""
+    for _ in range(32):  # a cycle of $refs is an error, not a hang
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: expected a mapping, found {node!r:.60}")
+        ref = node.get("$ref")
+        if ref is None:
+            return node
+        if not (isinstance(ref, str) and ref.startswith("#/")):
+            raise ConfigError(f"{where}: only local $refs (#/...) are supported, not {ref!r}")
+        node = spec
+        for key in ref[2:].split("/"):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            raise ConfigError(f"{where}: $ref {ref} names nothing")
+    raise ConfigError(f"{where}: $refs go round in a circle")
+
+
+def parameter(name: str, location: str, schema: dict, required: Any) -> Parameter:
+    enum = schema.get("enum")
+    return Parameter(
+        name,
+        location,
+        schema.get("type") if isinstance(schema.get("type"), str) else None,
+        required is True,
+        tuple(enum) if isinstance(enum, list) else None,
+        schema.get("minimum"),
+        schema.get("maximum"),
+        schema.get("x-dingtalk-context") if isinstance(schema.get("x-dingtalk-context"), dict) else None,
+    )
+
+
+def check_operation(file: str, operation: Operation, action: Action) -> None:
+    """What tools.yaml says an operation needs, the action and the display mode must provide."""
+    where = f"{file}: {operation.method} {operation.path}"
+    if operation.display == "disabled" and operation.webhook is None:
+        raise ConfigError(
+            f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
+            "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
+        )
+    declared = {p.name for p in operation.parameters}
+    for needed in action_parameters(action).required:
+        if needed not in declared:
+            raise ConfigError(f"{where} does not declare {needed!r}, which {action.__name__}() requires")
 
 
 def allowed_host(entry: str) -> str:
@@ -215,12 +362,16 @@ def host_key(host: str, port: int | None) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Actions / 动作：the part you edit. One async function per path declared in tools.yaml.
-# Parameters arrive as keyword arguments named as in tools.yaml; return markdown.
+# Parameters arrive as keyword arguments named as in tools.yaml, checked and typed from it.
+# What to return depends on the operation's x-dingtalk-display-result in tools.yaml:
+#   auto      data (dict or list): the assistant's model presents it to the user
+#   markdown  a str of markdown: shown as is in the assistant's result card
+#   disabled  a str of markdown (sent as a card through sessionWebhook), or Card(...) of your own template
 # ---------------------------------------------------------------------------------------------
 
 
 async def get_weather(location: str, date: str = "今天") -> str:
-    """Demo action: echo the place and day the user asked for, with made-up weather."""
+    """disabled: reply through sessionWebhook with made-up weather for the place and day asked."""
     return (
         f"### {location} · {date}\n"
         "- 天气 / Weather: 晴 Sunny\n"
@@ -229,11 +380,38 @@ async def get_weather(location: str, date: str = "今天") -> str:
     )
 
 
-Action = Callable[..., Awaitable[str]]
+DEMO_RATES = {"USD": 7.12, "EUR": 7.71, "JPY": 0.047, "HKD": 0.91}  # CNY per unit; made up
+
+
+async def get_exchange_rate(currency: str, amount: float = 1) -> dict[str, Any]:
+    """auto: return data; the assistant's model turns it into an answer."""
+    rate = DEMO_RATES[currency]  # tools.yaml's enum lets only these through
+    return {"currency": currency, "amount": amount, "cny": round(amount * rate, 2), "rate": rate, "demo": True}
+
+
+async def get_on_call(team: str, weeks: int = 1) -> str:
+    """markdown: return markdown; the assistant shows it as is."""
+    people = ["张伟 Zhang Wei", "李娜 Li Na", "王芳 Wang Fang"]
+    rows = "\n".join(f"| {week + 1} | {people[(len(team) + week) % len(people)]} |" for week in range(weeks))
+    return f"**{team}** 值班表 / on-call (演示数据 / demo data)\n\n| 周 Week | 值班 On call |\n|---|---|\n{rows}"
+
+
+Action = Callable[..., Awaitable[Any]]
 
 ACTIONS: dict[str, Action] = {
     "/v1/actions/weather": get_weather,
+    "/v1/actions/exchange-rate": get_exchange_rate,
+    "/v1/actions/on-call": get_on_call,
 }
+
+
+@dataclass(frozen=True)
+class Card:
+    """A card of your own AI card template, for a `disabled` operation: create the template in DingTalk's
+    card platform (消息卡片, AI 卡片 scene), then return Card("<template id>", {"<variable>": value, ...})."""
+
+    template_id: str
+    data: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +482,7 @@ def action_parameters(action: Action) -> ActionParameters:
     )
 
 
-async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> str:
+async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
     """Call `action` with the parameters its signature names; a missing one is the caller's error."""
     takes = action_parameters(action)
     missing = [name for name in takes.required if name not in params]
@@ -325,13 +503,69 @@ async def run_action(action: Action, params: dict[str, Any], time_limit: float) 
             raise GraphError(504, "action timed out") from None
         log.exception("action %s failed", action.__name__)
         raise GraphError(500, "internal error in action") from None
-    if not isinstance(result, str):
-        log.error("action %s returned %s, expected str (markdown)", action.__name__, type(result).__name__)
-        raise GraphError(500, "internal error in action")
     return result
 
 
-def graph_response(status: int, payload: dict[str, Any]) -> dict[str, Any]:
+def check_parameters(operation: Operation, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` checked against the operation's declared parameters: required ones present, values of
+    the declared type (query strings converted to it); GraphError(400) naming the parameter if not."""
+    checked = {k: v for k, v in params.items() if v is not None}  # null means "not given"
+    missing = [p.name for p in operation.parameters if p.required and p.name not in checked]
+    if missing:
+        raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
+    for param in operation.parameters:
+        if param.name in checked:
+            checked[param.name] = typed_value(param, checked[param.name])
+    return checked
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def typed_value(param: Parameter, value: Any) -> Any:
+    kind = param.type
+    if param.location == "query" and isinstance(value, str) and len(value) < 40:  # query strings carry text
+        if kind == "integer" and _INTEGER.fullmatch(value):
+            value = int(value)
+        elif kind == "number" and _NUMBER.fullmatch(value):
+            value = int(value) if _INTEGER.fullmatch(value) else float(value)
+        elif kind == "boolean" and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 3.0 in JSON is the integer 3
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    fits = {
+        "integer": numeric and isinstance(value, int),
+        "number": numeric and math.isfinite(value),
+        "boolean": isinstance(value, bool),
+        "string": isinstance(value, str),
+        "array": isinstance(value, list),
+        "object": isinstance(value, dict),
+    }.get(kind or "", True)  # no type, or one we do not know: anything goes
+    if not fits:
+        raise GraphError(
+            400, f"parameter {param.name} must be {'an' if kind == 'integer' else 'a'} {kind}, got {shown(value)}"
+        )
+    if param.enum is not None and not any(
+        value == e and isinstance(value, bool) == isinstance(e, bool) for e in param.enum
+    ):
+        raise GraphError(
+            400, f"parameter {param.name} must be one of {', '.join(map(str, param.enum))}, got {shown(value)}"
+        )
+    low, high = param.minimum, param.maximum
+    if numeric and ((low is not None and value < low) or (high is not None and value > high)):
+        limits = [f"at least {low}" if low is not None else "", f"at most {high}" if high is not None else ""]
+        raise GraphError(400, f"parameter {param.name} must be {' and '.join(filter(None, limits))}, got {value}")
+    return value
+
+
+def shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def graph_response(status: int, payload: Any) -> dict[str, Any]:
     """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
     response = dingtalk_stream.GraphResponse()
     response.status_line.code = status
@@ -385,6 +619,21 @@ class CallbackLedger:
             del self.finished[message_id]
 
 
+EXPECTED_RESULT = {
+    "auto": "data: a dict or list of JSON values (for the assistant's model to present)",
+    "markdown": "a str of markdown (shown as is)",
+    "disabled": "a str of markdown or a Card (sent through sessionWebhook)",
+}
+
+
+def is_json(data: Any) -> bool:
+    try:
+        json.dumps(data)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class ActionHandler(dingtalk_stream.GraphHandler):
     """Serves Graph callbacks: dispatch by path to ACTIONS, reply via sessionWebhook, ack the truth."""
 
@@ -410,13 +659,12 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             self.ledger.settle(message_id, status, payload)
         return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
 
-    async def answer(self, callback: dingtalk_stream.CallbackMessage, message_id: str) -> tuple[int, dict[str, Any]]:
+    async def answer(self, callback: dingtalk_stream.CallbackMessage, message_id: str) -> tuple[int, Any]:
         started = time.monotonic()
         call: GraphCall | None = None
         try:
             call = parse_graph_request(callback.data)
-            status = await self.serve_call(call)
-            payload: dict[str, Any] = {"success": True}
+            status, payload = 200, await self.serve_call(call)
         except GraphError as err:
             log.warning("callback %s: %d %s", message_id, err.status, err.reason)
             status, payload = err.status, {"success": False, "error": err.reason}
@@ -428,14 +676,31 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         log.info("callback %s %s -> %d in %.0f ms", message_id, path, status, elapsed_ms)
         return status, payload
 
-    async def serve_call(self, call: GraphCall) -> int:
-        action = ACTIONS.get(call.path)
-        if action is None:
-            raise GraphError(404, f"no action for path {call.path}")
-        webhook = check_webhook(call.params.get("sessionWebhook"), self.settings.webhook_allowed_hosts)
-        markdown = await run_action(action, call.params, self.settings.action_timeout_seconds)
-        await reply_markdown(self.http, webhook, markdown, self.settings.webhook_timeout_seconds, self.settings.proxies)
-        return 200
+    async def serve_call(self, call: GraphCall) -> Any:
+        """Run the action for the call and answer as its operation's display mode says; return the body."""
+        operation = self.settings.operations.get(f"{call.method} {call.path}")
+        if operation is None:
+            raise GraphError(404, f"no action for {call.method} {call.path}")
+        params = check_parameters(operation, call.params)
+        webhook = None
+        if operation.display == "disabled":  # check the webhook before running the action
+            webhook = check_webhook(params.get(operation.webhook or ""), self.settings.webhook_allowed_hosts)
+        action = ACTIONS[call.path]
+        result = await run_action(action, params, self.settings.action_timeout_seconds)
+        if operation.display == "auto" and isinstance(result, dict | list) and is_json(result):
+            return result  # the assistant's model presents the data
+        if operation.display == "markdown" and isinstance(result, str):
+            return {"content": result}  # shown as is
+        if operation.display == "disabled" and isinstance(result, str | Card) and webhook is not None:
+            card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
+            await reply_card(self.http, webhook, card, self.settings.webhook_timeout_seconds, self.settings.proxies)
+            return {"success": True}
+        log.error(
+            "action %s returned %s, but %s %s is x-dingtalk-display-result: %s, which expects %s",
+            action.__name__, type(result).__name__, call.method, call.path, operation.display,
+            EXPECTED_RESULT[operation.display],
+        )  # fmt: skip
+        raise GraphError(500, "internal error in action")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,14 +757,12 @@ class WebhookError(Exception):
     """The webhook did not accept the reply."""
 
 
-async def reply_markdown(
-    http: aiohttp.ClientSession, webhook: str, markdown: str, time_limit: float, proxies: Proxies
+async def reply_card(
+    http: aiohttp.ClientSession, webhook: str, card: Card, time_limit: float, proxies: Proxies
 ) -> None:
-    """POST `markdown` as an AI card (same payload as the SDK's reply_markdown); raise GraphError(502) on failure."""
-    payload = {
-        "contentType": "ai_card",
-        "content": {"templateId": MARKDOWN_CARD_TEMPLATE_ID, "cardData": {"content": markdown}},
-    }
+    """POST an AI card to the sessionWebhook (markdown goes in the SDK's markdown card template, as its
+    reply_markdown does); raise GraphError(502) unless DingTalk took it."""
+    payload = {"contentType": "ai_card", "content": {"templateId": card.template_id, "cardData": card.data}}
     try:
         async with post_json(http, webhook, payload, time_limit, proxies) as response:
             status, body = response.status, await response.read()

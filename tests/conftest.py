@@ -85,6 +85,21 @@ def fake(remote: FakeThread) -> FakeDingTalk:
     return remote.fake
 
 
+TOOLS_ACTIONS = dict(bot.ACTIONS)  # the actions tools.yaml declares, before any test adds its own
+
+
+def operations() -> dict[str, bot.Operation]:
+    """tools.yaml's operations, plus a `disabled` POST one for each action a test registered beside them."""
+    ops = bot.load_operations(actions=TOOLS_ACTIONS)
+    for path, action in bot.ACTIONS.items():
+        if path not in TOOLS_ACTIONS:
+            required = bot.action_parameters(action).required
+            params = [bot.Parameter(name, "body", "string", required=True) for name in required]
+            params.append(bot.Parameter("sessionWebhook", "body", "string", context=bot.WEBHOOK_CONTEXT))
+            ops[f"POST {path}"] = bot.Operation("POST", path, "disabled", tuple(params))
+    return ops
+
+
 def settings_for(fake: FakeDingTalk, **overrides: Any) -> bot.Settings:
     settings = bot.Settings(
         client_id=fake.client_id,
@@ -93,6 +108,7 @@ def settings_for(fake: FakeDingTalk, **overrides: Any) -> bot.Settings:
         openapi_endpoint=fake.base_url,
         webhook_timeout_seconds=2.0,
         shutdown_grace_seconds=5.0,
+        operations=operations(),
     )
     return replace(settings, **overrides)
 
@@ -129,14 +145,19 @@ class BotProcess:
     """`python bot.py` as a user runs it, from a copy in a directory of its own (so no developer's
     .env next to the real bot.py is read). Its output (stdout+stderr) is collected as it comes."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, prelude: str = "") -> None:
-        self.env, self.workdir, self.prelude = env, workdir, prelude
+    def __init__(self, env: dict[str, str], workdir: Path, prelude: str = "", tools: str | None = None) -> None:
+        self.env, self.workdir, self.prelude, self.tools = env, workdir, prelude, tools
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
 
     async def start(self) -> BotProcess:
-        shutil.copy(ROOT / "bot.py", self.workdir / "bot.py")
+        for name in ("bot.py", "tools.yaml"):
+            shutil.copy(ROOT / name, self.workdir / name)
+        if self.tools is not None:  # a test's own tools.yaml ("" for none at all)
+            (self.workdir / "tools.yaml").unlink()
+            if self.tools:
+                (self.workdir / "tools.yaml").write_text(self.tools, encoding="utf-8")
         script = "bot.py"
         if self.prelude:  # e.g. a test's own action, registered before main() runs
             script = "run_bot.py"
@@ -179,8 +200,8 @@ class BotProcess:
 async def bot_process(tmp_path: Path) -> AsyncIterator[Callable[..., Coroutine[Any, Any, BotProcess]]]:
     started: list[BotProcess] = []
 
-    async def launch(env: dict[str, str], prelude: str = "") -> BotProcess:
-        process = await BotProcess(env, tmp_path, prelude).start()
+    async def launch(env: dict[str, str], prelude: str = "", tools: str | None = None) -> BotProcess:
+        process = await BotProcess(env, tmp_path, prelude, tools).start()
         started.append(process)
         return process
 

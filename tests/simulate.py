@@ -1,15 +1,21 @@
 """Try the bot offline: a local DingTalk simulator, no credentials needed.
 
-    python -m tests.simulate 杭州 明天                 # parameters in the order tools.yaml declares them
-    python -m tests.simulate location=杭州 date=明天   # or by name
-    python -m tests.simulate '{"location": "杭州"}'    # or as a JSON object
-    python -m tests.simulate -i                        # interactive: each line you type is one call
-    python -m tests.simulate --verbose 杭州            # also show the frames on the wire
+    python -m tests.simulate --list                                    # the operations in tools.yaml, their modes
+    python -m tests.simulate 杭州 明天                                 # the first path; values in declared order
+    python -m tests.simulate --path /v1/actions/weather 杭州 明天      # disabled: reply through sessionWebhook
+    python -m tests.simulate --path /v1/actions/exchange-rate USD 100  # auto: data for the assistant's model
+    python -m tests.simulate --path /v1/actions/on-call 运维 2         # markdown: shown as is in the result card
+    python -m tests.simulate location=杭州 date=明天                   # or by name
+    python -m tests.simulate '{"location": "杭州"}'                    # or as a JSON object
+    python -m tests.simulate -i                                        # interactive: each line you type is one call
+    python -m tests.simulate --verbose 杭州                            # also show the frames on the wire
 
 It starts the fake DingTalk from tests/fake_dingtalk.py on 127.0.0.1, runs the unmodified bot.py
-against it (as `python bot.py`, with dummy credentials), builds the Graph callback from tools.yaml,
-and prints the markdown the bot posted to the sessionWebhook and the Graph response from its ack.
-Exit code: 0 when every call was answered 200, 1 otherwise, 2 for bad arguments.
+against it (as `python bot.py`, with dummy credentials), builds the Graph callback for the operation
+as bot.py itself reads tools.yaml (bot.load_operations), and prints what the user would see for the
+operation's x-dingtalk-display-result: the card posted to the sessionWebhook (disabled), the markdown
+result card (markdown) or the data for the assistant's model (auto); then the Graph response in the ack.
+Exit code: 0 when every call was answered 200 as its mode expects, 1 otherwise, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -25,13 +31,11 @@ import threading
 import time
 import unicodedata
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, bot_env, graph_request
+import bot
+from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, WebhookPost, bot_env, graph_request
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECT_TIMEOUT = 15.0
@@ -50,97 +54,173 @@ DEMO_CONTEXT = {
     ("currentConversation", "conversationToken"): "ct_demo_conversation_token",
 }
 
+# What the user sees for each x-dingtalk-display-result.
+DISPLAY_LABELS = {
+    "auto": "data for the assistant's model",
+    "markdown": "markdown shown as is",
+    "disabled": "reply through sessionWebhook",
+}
+
 
 class UsageError(Exception):
     pass
 
 
-@dataclass
-class Operation:
-    """The one operation of tools.yaml the simulator calls."""
+# ----- the operations of tools.yaml, as bot.py reads them -----
 
-    path: str
-    method: str
-    user_params: list[tuple[str, str]]  # (name, type), filled from the command line
-    context_params: dict[str, tuple[str, str]]  # name -> (property, format), filled by "DingTalk"
 
-    @classmethod
-    def from_tools_yaml(cls, spec: dict[str, Any], path: str | None = None) -> Operation:
-        paths = spec.get("paths") or {}
-        if not paths:
-            raise UsageError("tools.yaml declares no paths")
-        path = path or next(iter(paths))  # the first one unless --path says otherwise
-        if path not in paths:
-            raise UsageError(f"{path} is not in tools.yaml (paths: {', '.join(paths)})")
-        method, operation = next((m, op) for m, op in paths[path].items() if m in ("get", "post"))
-        if method == "post":
-            schema = operation["requestBody"]["content"]["application/json"]["schema"]
-            while "$ref" in schema:
-                schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
-            props = schema.get("properties", {})
+def load_operations() -> dict[str, bot.Operation]:
+    """tools.yaml's operations exactly as bot.py reads them at start ("METHOD /path" -> Operation)."""
+    return bot.load_operations()
+
+
+def pick_operation(operations: dict[str, bot.Operation], path: str | None) -> bot.Operation:
+    """The operation --path names ("/path" or "METHOD /path"); the first one without --path."""
+    if path is None:
+        return next(iter(operations.values()))
+    for key, operation in operations.items():
+        if path in (operation.path, key):
+            return operation
+    known = ", ".join(dict.fromkeys(op.path for op in operations.values()))
+    raise UsageError(f"{path} is not in tools.yaml (known paths: {known})")
+
+
+def user_parameters(operation: bot.Operation) -> list[bot.Parameter]:
+    """The parameters the assistant's model fills in from the user's words (no x-dingtalk-context)."""
+    return [p for p in operation.parameters if p.context is None]
+
+
+def context_parameters(operation: bot.Operation) -> list[bot.Parameter]:
+    """The parameters DingTalk fills in itself (x-dingtalk-context)."""
+    return [p for p in operation.parameters if p.context is not None]
+
+
+def parse_args(operation: bot.Operation, words: list[str]) -> dict[str, Any]:
+    """Positional words, key=value pairs or one JSON object -> the user's parameters.
+
+    Positional words fill the parameters without x-dingtalk-context in declared order. Typed words are
+    converted to the declared type for a JSON body; query parameters stay text, as in a real query string
+    (the bot converts those itself). A JSON object is sent as given."""
+    if len(words) == 1 and words[0].lstrip().startswith("{"):
+        try:
+            value = json.loads(words[0])
+        except ValueError as exc:
+            raise UsageError(f"not a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise UsageError("the JSON argument must be an object")
+        return value
+    declared = {p.name: p for p in user_parameters(operation)}
+    params: dict[str, Any] = {}
+    positional = iter(declared.values())
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep and key in declared:
+            param = declared[key]
         else:
-            props = {p["name"]: {**p.get("schema", {}), **p} for p in operation.get("parameters", [])}
-        user, context = [], {}
-        for name, prop in props.items():
-            if "x-dingtalk-context" in prop:
-                context[name] = (prop["x-dingtalk-context"]["property"], prop["x-dingtalk-context"]["format"])
-            else:
-                user.append((name, prop.get("type", "string")))
-        return cls(path, method.upper(), user, context)
-
-    def parse_args(self, words: list[str]) -> dict[str, Any]:
-        """Positional words, key=value pairs or one JSON object -> the user's parameters."""
-        if len(words) == 1 and words[0].lstrip().startswith("{"):
-            try:
-                value = json.loads(words[0])
-            except ValueError as exc:
-                raise UsageError(f"not a JSON object: {exc}") from None
-            if not isinstance(value, dict):
-                raise UsageError("the JSON argument must be an object")
-            return value
-        types = dict(self.user_params)
-        params: dict[str, Any] = {}
-        positional = iter(name for name, _ in self.user_params)
-        for word in words:
-            key, sep, value = word.partition("=")
-            if not (sep and key in types):
-                key, value = next(positional, None), word
-                if key is None:
-                    raise UsageError(f"too many values: {self.path} takes {', '.join(types) or 'no parameters'}")
-            params[key] = coerce(value, types[key])
-        return params
-
-    def callback(self, params: dict[str, Any], raw_input: str, webhook: str) -> dict[str, Any]:
-        """The Graph callback DingTalk would push for this call."""
-        values = dict(params)
-        for name, (prop, fmt) in self.context_params.items():
-            if (prop, fmt) == ("currentConversation", "sessionWebhook"):
-                values[name] = webhook
-            elif (prop, fmt) == ("currentInput", "raw"):
-                values[name] = raw_input
-            else:
-                values[name] = DEMO_CONTEXT.get((prop, fmt), f"demo-{fmt}")
-        return graph_request(self.path, values, method=self.method)
+            param, value = next(positional, None), word
+            if param is None:
+                takes = ", ".join(declared) or "no parameters"
+                raise UsageError(f"too many values: {operation.method} {operation.path} takes {takes}")
+        params[param.name] = convert(param, value)
+    return params
 
 
-def coerce(value: str, type_: str) -> Any:
-    try:
-        if type_ == "integer":
-            return int(value)
-        if type_ == "number":
-            return float(value)
-    except ValueError:
-        raise UsageError(f"{value!r} is not a valid {type_}") from None
-    if type_ == "boolean":
-        return value.lower() in ("1", "true", "yes", "y")
-    return value
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_BOOLEANS = {"true": True, "yes": True, "y": True, "1": True, "false": False, "no": False, "n": False, "0": False}
+
+
+def convert(param: bot.Parameter, value: str) -> Any:
+    """A word typed for `param` as DingTalk would send it: its JSON type in a body, text in a query string."""
+    kind = param.type
+    if kind == "integer" and _INTEGER.fullmatch(value):
+        typed: Any = int(value)
+    elif kind == "number" and _NUMBER.fullmatch(value):
+        typed = int(value) if _INTEGER.fullmatch(value) else float(value)
+    elif kind == "boolean" and value.lower() in _BOOLEANS:
+        typed = _BOOLEANS[value.lower()]
+    elif kind in ("array", "object"):
+        try:
+            typed = json.loads(value)
+        except ValueError:
+            typed = None
+        if not isinstance(typed, list if kind == "array" else dict):
+            raise UsageError(f"{param.name}: {value!r} is not a JSON {kind}")
+    elif kind in ("integer", "number", "boolean"):
+        raise UsageError(f"{param.name}: {value!r} is not {'an' if kind == 'integer' else 'a'} {kind}")
+    else:
+        typed = value
+    if param.location == "query":  # a query string carries text; the bot converts it to the declared type
+        return value if kind in (None, "string", "integer", "number") else json.dumps(typed)
+    return typed
+
+
+def build_callback(operation: bot.Operation, params: dict[str, Any], raw_input: str, webhook: str) -> dict[str, Any]:
+    """The Graph callback DingTalk would push for this call, with its context parameters filled in."""
+    values = dict(params)
+    for param in context_parameters(operation):
+        prop, fmt = param.context.get("property"), param.context.get("format")  # type: ignore[union-attr]
+        if param.name == operation.webhook:
+            values[param.name] = webhook
+        elif (prop, fmt) == ("currentInput", "raw"):
+            values[param.name] = raw_input
+        else:
+            values[param.name] = DEMO_CONTEXT.get((prop, fmt), f"demo-{fmt}")
+    return graph_request(operation.path, values, method=operation.method)
+
+
+def describe(operations: dict[str, bot.Operation]) -> str:
+    """--list: each operation's method, path, display mode and parameters."""
+    blocks = [f"tools.yaml declares {len(operations)} operation(s):"]
+    for operation in operations.values():
+        lines = [f"{operation.method} {operation.path}"]
+        lines.append(f"    display: {operation.display} — {DISPLAY_LABELS[operation.display]}")
+        user, context = user_parameters(operation), context_parameters(operation)
+        where = "query string" if operation.method == "GET" else "JSON body"
+        lines.append(f"    parameters ({where}):" if user else "    parameters: none")
+        width = max((len(p.name) for p in operation.parameters), default=0)
+        for param in user:
+            lines.append(f"      {param.name:<{width}}  {describe_parameter(param)}")
+        if context:
+            lines.append("    filled in by DingTalk:")
+            for param in context:
+                source = ".".join(str(param.context.get(k, "?")) for k in ("property", "format"))  # type: ignore[union-attr]
+                lines.append(f"      {param.name:<{width}}  {source}")
+        blocks.append("\n".join(lines))
+    blocks.append("Call one: python -m tests.simulate --path <path> [values...]")
+    return "\n\n".join(blocks)
+
+
+def describe_parameter(param: bot.Parameter) -> str:
+    parts = [param.type or "any", "required" if param.required else "optional"]
+    if param.enum is not None:
+        parts.append("one of " + ", ".join(map(str, param.enum)))
+    low, high = param.minimum, param.maximum
+    if low is not None and high is not None:
+        parts.append(f"{low}–{high}")
+    elif low is not None:
+        parts.append(f"≥ {low}")
+    elif high is not None:
+        parts.append(f"≤ {high}")
+    return ", ".join(parts)
+
+
+# ----- showing replies in a terminal -----
 
 
 def render_markdown(text: str) -> str:
-    """Markdown as a terminal shows it readably: headings underlined, bullets, quotes, no ** markers."""
-    lines = []
-    for line in text.splitlines():
+    """Markdown as a terminal shows it readably: headings underlined, bullets, quotes, tables aligned,
+    no ** markers."""
+    lines: list[str] = []
+    table: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
         line = re.sub(r"\*\*(.+?)\*\*", r"\1", line)
+        if line.lstrip().startswith("|"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if table:
+            lines += render_table(table)
+            table = []
         if heading := re.match(r"#{1,6}\s+(.*)", line):
             lines += [heading.group(1), "‾" * display_width(heading.group(1))]
         elif bullet := re.match(r"\s*[-*+]\s+(.*)", line):
@@ -149,15 +229,53 @@ def render_markdown(text: str) -> str:
             lines.append(f"  │ {quote.group(1)}")
         else:
             lines.append(line)
-    return "\n".join("    " + line if line else "" for line in lines)
+    return "\n".join("    " + line if line else "" for line in lines).rstrip("\n")
+
+
+def render_table(rows: list[list[str]]) -> list[str]:
+    """A markdown table with its columns aligned; the |---| row becomes a rule."""
+    is_rule = [all(re.fullmatch(r":?-{1,}:?", cell) for cell in row) for row in rows]
+    cells = [row for row, rule in zip(rows, is_rule, strict=True) if not rule]
+    columns = max(len(row) for row in cells) if cells else 0
+    widths = [max((display_width(row[i]) for row in cells if i < len(row)), default=0) for i in range(columns)]
+    out = []
+    for row, rule in zip(rows, is_rule, strict=True):
+        if rule:
+            out.append("─┼─".join("─" * w for w in widths))
+        else:
+            padded = [cell + " " * (w - display_width(cell)) for cell, w in zip(row, widths, strict=False)]
+            out.append(" │ ".join(padded).rstrip())
+    return out
 
 
 def display_width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
+def indented(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def show_webhook_post(post: WebhookPost) -> None:
+    payload = post.payload
+    content = payload.get("content") if isinstance(payload, dict) else None
+    template = content.get("templateId") if isinstance(content, dict) else None
+    if template == bot.MARKDOWN_CARD_TEMPLATE_ID and post.markdown is not None:
+        print("\n── reply in the chat (markdown card via sessionWebhook) ──")
+        print(render_markdown(post.markdown))
+    elif template is not None:
+        print(f"\n── reply in the chat (AI card {template} via sessionWebhook) ──")
+        print(indented(json.dumps(content.get("cardData"), ensure_ascii=False, indent=2)))  # type: ignore[union-attr]
+    else:
+        print("\n── posted to the sessionWebhook (not an AI card) ──")
+        print(indented(payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, indent=2)))
+
+
+# ----- the simulator -----
+
+
 class Simulator:
-    def __init__(self, operation: Operation, verbose: bool, timeout: float) -> None:
+    def __init__(self, operation: bot.Operation, verbose: bool, timeout: float) -> None:
         self.operation, self.verbose, self.timeout = operation, verbose, timeout
         self.fake = FakeDingTalk(client_id="simulator-client-id", client_secret="simulator-client-secret")
         self.bot: asyncio.subprocess.Process | None = None
@@ -197,10 +315,17 @@ class Simulator:
             print(f"  bot| {line}")
 
     async def call(self, params: dict[str, Any], raw_input: str) -> bool:
-        """One call as DingTalk makes it; print what the user would see. True when answered 200."""
+        """One call as DingTalk makes it; print what the user would see. True when answered 200 as the
+        operation's display mode expects."""
+        op = self.operation
         session = f"aswh_sim_{uuid.uuid4().hex[:16]}"
-        request = self.operation.callback(params, raw_input, self.fake.webhook_url(session))
-        print(f"\n▶ {self.operation.method} {self.operation.path} {json.dumps(params, ensure_ascii=False)}")
+        request = build_callback(op, params, raw_input, self.fake.webhook_url(session))
+        if op.method == "GET":
+            print(f"\n▶ GET {op.path}  query {'&'.join(f'{k}={v}' for k, v in params.items()) or '(none)'}")
+        else:
+            print(f"\n▶ {op.method} {op.path}  body {json.dumps(params, ensure_ascii=False)}")
+        if context := context_parameters(op):
+            print(f"  + filled in by DingTalk: {', '.join(p.name for p in context)}")
         posts_before = len(self.fake.webhook_posts)
         started = time.monotonic()
         try:
@@ -210,17 +335,52 @@ class Simulator:
             print(f"✗ no ack within {self.timeout:.0f} s: the bot did not answer")
             return False
         result = GraphResult.from_ack(ack, time.monotonic() - started)
-        for post in self.fake.webhook_posts[posts_before:]:
-            if post.session == session:
-                print("\n── reply in the chat (markdown card via sessionWebhook) ──")
-                print(render_markdown(post.markdown or json.dumps(post.payload, ensure_ascii=False)))
+        posts = self.fake.webhook_posts[posts_before:]  # calls go one at a time: these are this call's
+        problems = self.show_result(result, posts)
         body = result.body if isinstance(result.body, str) else json.dumps(result.body, ensure_ascii=False)
         print("\n── Graph response (in the ack) ──")
         print(f"    status {result.status}  body {body}")
         print(f"    round trip {result.elapsed * 1000:.0f} ms")
         if result.status != 200:
-            print(f"✗ the bot answered Graph status {result.status}")
-        return result.status == 200
+            problems.insert(0, f"the bot answered Graph status {result.status}")
+        for problem in problems:
+            print(f"✗ {problem}")
+        return not problems
+
+    def show_result(self, result: GraphResult, posts: list[WebhookPost]) -> list[str]:
+        """Print what the user sees for the operation's display mode; return what went against the mode."""
+        display, body, ok = self.operation.display, result.body, result.status == 200
+        problems = []
+        if display == "disabled":
+            for post in posts:
+                show_webhook_post(post)
+            if ok and not posts:
+                problems.append(
+                    "x-dingtalk-display-result is disabled, but the bot posted nothing to the sessionWebhook"
+                )
+            return problems
+        if posts:
+            problems.append(
+                f"x-dingtalk-display-result is {display}, but the bot also posted {len(posts)} message(s) to the "
+                "sessionWebhook: the user would see the answer twice"
+            )
+        if not ok:
+            return problems
+        if display == "markdown":
+            content = body.get("content") if isinstance(body, dict) else None
+            print("\n── result card (markdown shown as is) ──")
+            if isinstance(content, str):
+                print(render_markdown(content))
+                if not posts:
+                    print("    (no sessionWebhook call: DingTalk shows this markdown in the assistant's result card)")
+            else:
+                problems.append('x-dingtalk-display-result is markdown, but the body is not {"content": "<markdown>"}')
+        else:  # auto
+            print("\n── data for the assistant's model (x-dingtalk-display-result: auto) ──")
+            print(indented(body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, indent=2)))
+            if not posts:
+                print("    (in DingTalk the assistant's model turns this data into its answer; no sessionWebhook call)")
+        return problems
 
     async def stop(self) -> None:
         if self.bot is not None and self.bot.returncode is None:
@@ -256,7 +416,7 @@ def read_lines() -> asyncio.Queue[str | None]:
 
 
 async def interactive(sim: Simulator) -> bool:
-    names = " ".join(name for name, _ in sim.operation.user_params)
+    names = " ".join(p.name for p in user_parameters(sim.operation))
     print(f"Type the parameters ({names}) like on the command line, or key=value / JSON.")
     print("An empty line, Ctrl+D or Ctrl+C quits.")
     lines, all_ok = read_lines(), True
@@ -266,7 +426,7 @@ async def interactive(sim: Simulator) -> bool:
         if line is None or not line.strip():
             break
         try:
-            params = sim.operation.parse_args(line.split() if not line.lstrip().startswith("{") else [line])
+            params = parse_args(sim.operation, line.split() if not line.lstrip().startswith("{") else [line])
         except UsageError as exc:
             print(f"✗ {exc}")
             continue
@@ -274,11 +434,9 @@ async def interactive(sim: Simulator) -> bool:
     return all_ok
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    spec = yaml.safe_load((ROOT / "tools.yaml").read_text(encoding="utf-8"))
+async def main_async(args: argparse.Namespace, operation: bot.Operation) -> int:
     try:
-        operation = Operation.from_tools_yaml(spec, args.path)
-        params = operation.parse_args(args.params)
+        params = parse_args(operation, args.params)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -297,14 +455,34 @@ async def main_async(args: argparse.Namespace) -> int:
 def main() -> int:
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="replace")  # type: ignore[union-attr]  # consoles that cannot show 中文
-    parser = argparse.ArgumentParser(prog="python -m tests.simulate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.simulate",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("params", nargs="*", help="parameter values in tools.yaml order, key=value pairs, or JSON")
+    parser.add_argument("--list", action="store_true", help="list the operations of tools.yaml and exit")
     parser.add_argument("-i", "--interactive", action="store_true", help="keep the bot running; one call per line")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the frames on the wire and bot logs")
-    parser.add_argument("--path", help="the tools.yaml path to call (when it declares several)")
+    parser.add_argument("--path", help="the tools.yaml path to call (default: the first one)")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the ack (default 15)")
+    args = parser.parse_args()
     try:
-        return asyncio.run(main_async(parser.parse_args()))
+        operations = load_operations()
+    except bot.ConfigError as exc:  # bot.py would refuse to start the same way
+        print(f"✗ {exc}", file=sys.stderr)
+        return 1
+    if args.list:
+        print(describe(operations))
+        return 0
+    try:
+        operation = pick_operation(operations, args.path)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(main_async(args, operation))
     except KeyboardInterrupt:  # the bot was already stopped by main_async's cleanup
         return 130
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import socket
@@ -14,6 +15,8 @@ from tests.conftest import healthz, wait_until
 from tests.fake_dingtalk import free_port, graph_request
 
 WEATHER = "/v1/actions/weather"
+RATE = "/v1/actions/exchange-rate"
+ON_CALL = "/v1/actions/on-call"
 PARAMS = {"location": "杭州", "date": "明天"}
 
 
@@ -33,16 +36,68 @@ async def test_happy_path_replies_markdown_card_and_acks_200(fake, remote, start
     assert open_request.body["subscriptions"] == [{"type": "CALLBACK", "topic": "/v1.0/graph/api/invoke"}]
 
 
-async def test_get_style_parameters_come_from_the_query_string(fake, remote, start_bot):
+# ----- the three display modes -----
+
+
+async def test_auto_answers_with_the_actions_data_typed_from_the_query_string(fake, remote, start_bot):
     async with start_bot():
-        request = graph_request(
-            WEATHER, {"location": "北京", "date": "下周三"}, method="GET", session_webhook=fake.webhook_url()
-        )
+        request = graph_request(RATE, {"currency": "USD", "amount": "100"}, method="GET")
         assert "?" in request["requestLine"]["uri"] and request["body"] == "{}"
         result = await remote(fake.invoke(request))
     assert result.status == 200
+    assert result.body == {"currency": "USD", "amount": 100, "cny": 712.0, "rate": 7.12, "demo": True}
+    assert fake.webhook_posts == []  # the assistant's model presents the data: no webhook
+
+
+async def test_markdown_answers_with_content_shown_as_is(fake, remote, start_bot):
+    async with start_bot():
+        result = await remote(fake.invoke(graph_request(ON_CALL, {"team": "运维", "weeks": 2})))
+    assert result.status == 200
+    assert set(result.body) == {"content"} and result.body["content"].startswith("**运维** 值班表")
+    assert result.body["content"].count("\n| ") == 3  # header row and two weeks
+    assert fake.webhook_posts == []
+
+
+async def test_disabled_posts_a_card_of_your_own_template(fake, remote, start_bot, monkeypatch):
+    async def weather_card(location: str) -> bot.Card:
+        return bot.Card("my-template.schema", {"city": location, "temperature": 22})
+
+    monkeypatch.setitem(bot.ACTIONS, WEATHER, weather_card)
+    async with start_bot():
+        result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+    assert (result.status, result.body) == (200, {"success": True})
     [post] = fake.webhook_posts
-    assert "北京" in post.markdown and "下周三" in post.markdown
+    assert post.payload == {
+        "contentType": "ai_card",
+        "content": {"templateId": "my-template.schema", "cardData": {"city": "杭州", "temperature": 22}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "wrong", "expected"),
+    [
+        (RATE, "some markdown", "expects data: a dict or list"),
+        (RATE, {"when": datetime.date(2026, 1, 1)}, "expects data: a dict or list"),  # not JSON
+        (ON_CALL, {"content": "a dict"}, "expects a str of markdown"),
+        (WEATHER, ["a", "list"], "expects a str of markdown or a Card"),
+    ],
+    ids=["auto-got-str", "auto-got-non-json", "markdown-got-dict", "disabled-got-list"],
+)
+async def test_an_answer_of_the_wrong_kind_for_the_mode_is_a_500_saying_why(
+    fake, remote, start_bot, monkeypatch, caplog, path, wrong, expected
+):
+    async def action(**params: object) -> object:
+        return wrong
+
+    monkeypatch.setitem(bot.ACTIONS, path, action)
+    params = {"currency": "USD"} if path == RATE else {"team": "运维"} if path == ON_CALL else PARAMS
+    async with start_bot():
+        webhook = fake.webhook_url() if path == WEATHER else None
+        request = graph_request(path, params, method="GET" if path == RATE else "POST", session_webhook=webhook)
+        result = await remote(fake.invoke(request))
+    assert (result.status, result.body["error"]) == (500, "internal error in action")
+    assert f"action action returned {type(wrong).__name__}, but" in caplog.text and expected in caplog.text
+    assert fake.webhook_posts == []
 
 
 async def test_ping_is_acked_with_its_opaque(fake, remote, start_bot):
@@ -65,14 +120,17 @@ def _bad(request: dict, **changes) -> dict:
             "body is not a JSON object",
         ),
         (lambda f: graph_request(WEATHER, PARAMS), 400, "missing sessionWebhook"),
-        (lambda f: graph_request(WEATHER, {**PARAMS, "sessionWebhook": 12}), 400, "missing sessionWebhook"),
+        (lambda f: graph_request(WEATHER, {**PARAMS, "sessionWebhook": 12}), 400, "sessionWebhook must be a string"),
         (lambda f: graph_request(WEATHER, PARAMS, session_webhook="not a url"), 400, "not a valid http(s) URL"),
         (lambda f: graph_request(WEATHER, {"date": "明天"}, session_webhook=f.webhook_url()), 400, "location"),
         (
             lambda f: graph_request("/v1/actions/nope", PARAMS, session_webhook=f.webhook_url()),
             404,
-            "no action for path /v1/actions/nope",
+            "no action for POST /v1/actions/nope",
         ),
+        (lambda f: graph_request(RATE, {"currency": "GBP"}, method="GET"), 400, "currency must be one of USD"),
+        (lambda f: graph_request(ON_CALL, {"team": "运维", "weeks": "two"}), 400, "weeks must be an integer"),
+        (lambda f: graph_request(RATE, {"currency": "USD"}), 404, "no action for POST /v1/actions/exchange-rate"),
     ],
     ids=[
         "data-not-object",
@@ -82,6 +140,9 @@ def _bad(request: dict, **changes) -> dict:
         "webhook-not-url",
         "missing-parameter",
         "unknown-path",
+        "not-in-enum",
+        "wrong-type",
+        "wrong-method",
     ],
 )
 async def test_bad_callbacks_get_4xx_and_the_bot_keeps_serving(fake, remote, start_bot, make_request, status, reason):

@@ -21,18 +21,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import bot
 from tests.conftest import ROOT, FakeThread
 from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, bot_env, graph_request
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 DOCUMENTED_STATUSES = {200, 400, 404, 500, 502}
 WEATHER = "/v1/actions/weather"
+RATE = "/v1/actions/exchange-rate"
+ON_CALL = "/v1/actions/on-call"
 
 
 class RunningBot:
     def __init__(self, remote: FakeThread, workdir: Path) -> None:
         self.remote, self.fake = remote, remote.fake
-        shutil.copy(ROOT / "bot.py", workdir / "bot.py")
+        for name in ("bot.py", "tools.yaml"):
+            shutil.copy(ROOT / name, workdir / name)
         env = bot_env(self.fake, WEBHOOK_TIMEOUT_SECONDS="2", LOG_LEVEL="WARNING")
         self.proc = subprocess.Popen(
             [sys.executable, "bot.py"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -77,9 +81,10 @@ def json_values() -> st.SearchStrategy[Any]:
 
 
 def graph_callbacks(fake: FakeDingTalk) -> st.SearchStrategy[Any]:
-    paths = st.sampled_from([WEATHER, "/v1/actions/nope", "/", ""]) | st.text(max_size=40)
+    paths = st.sampled_from([WEATHER, RATE, ON_CALL, "/v1/actions/nope", "/", ""]) | st.text(max_size=40)
+    declared = ("location", "date", "currency", "amount", "team", "weeks")
     params = st.fixed_dictionaries(
-        {}, optional={"location": json_values(), "date": json_values(), "sessionWebhook": webhooks(fake)}
+        {}, optional={**dict.fromkeys(declared, json_values()), "sessionWebhook": webhooks(fake)}
     )
     methods = st.sampled_from(["POST", "GET", "post", "PUT"]) | json_values()
 
@@ -126,3 +131,42 @@ def test_random_callbacks_keep_the_invariants(running_bot: RunningBot) -> None:
     request = graph_request(WEATHER, {"location": "杭州"}, session_webhook=fake.webhook_url())
     assert remote.sync(fake.invoke(request)).status == 200
     assert len(fake.webhook_posts) == posts + 1
+
+
+# ----- the parameter checks alone: any value for a declared parameter is accepted or a 400, never a crash -----
+
+OPERATIONS = list(bot.load_operations().values())
+
+
+def query_text() -> st.SearchStrategy[str]:
+    numeric = st.from_regex(r"[+-]?[0-9]{0,60}(\.[0-9]*)?([eE][+-]?[0-9]{1,4})?", fullmatch=True)
+    words = st.sampled_from(["true", "FALSE", "nan", "inf", "-Infinity", "1_000", " 3", "3 ", "", "USD", "usd"])
+    return numeric | words | st.text(max_size=50)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None)
+@given(operation=st.sampled_from(OPERATIONS), data=st.data())
+def test_parameter_checks_never_crash_and_never_answer_5xx(operation: bot.Operation, data: st.DataObject) -> None:
+    params = {
+        p.name: data.draw(query_text() if p.location == "query" else json_values(), label=p.name)
+        for p in operation.parameters
+        if data.draw(st.booleans(), label=f"give {p.name}")
+    }
+    try:
+        checked = bot.check_parameters(operation, params)
+    except bot.GraphError as err:
+        assert err.status == 400 and err.reason
+        return
+    for param in operation.parameters:  # what passes is what tools.yaml declares
+        value = checked.get(param.name)
+        if value is None:
+            assert not param.required
+        elif param.type in ("integer", "number"):
+            assert isinstance(value, int | float) and not isinstance(value, bool)
+            assert param.minimum is None or value >= param.minimum
+            assert param.maximum is None or value <= param.maximum
+        elif param.type == "string":
+            assert isinstance(value, str)
+        if value is not None and param.enum is not None:
+            assert value in param.enum
+    json.dumps(checked)  # and it can be handed on as JSON

@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.fake_dingtalk import bot_env, graph_request
 
 WEATHER = "/v1/actions/weather"
@@ -30,6 +31,23 @@ async def test_bad_setting_exits_2_naming_it(fake, bot_process):
     assert await process.wait(10) == 2
     assert process.lines == ["error: INSTANCES='zero' is not a valid int"]
     assert fake.open_requests == []
+
+
+async def test_tools_yaml_path_without_action_exits_2_naming_it_before_any_network_call(fake, bot_process):
+    tools = (ROOT / "tools.yaml").read_text(encoding="utf-8")
+    extra = "  /v1/actions/stock:\n    post:\n      operationId: GetStock\n      x-dingtalk-display-result: auto\n"
+    process = await bot_process(bot_env(fake), tools=tools.replace("paths:\n", f"paths:\n{extra}"))
+    assert await process.wait(10) == 2
+    assert process.lines == ["error: tools.yaml declares /v1/actions/stock, but ACTIONS in bot.py has no action for it"]
+    assert fake.open_attempts == 0
+
+
+async def test_missing_tools_yaml_exits_2_naming_the_file(fake, bot_process):
+    process = await bot_process(bot_env(fake), tools="")
+    assert await process.wait(10) == 2
+    [line] = process.lines
+    assert line.startswith("error: tools.yaml: cannot read ") and "No such file or directory" in line
+    assert fake.open_attempts == 0
 
 
 async def test_dotenv_file_is_read_and_real_environment_wins(fake, remote, bot_process, tmp_path):

@@ -339,11 +339,12 @@ def test_opens_per_minute_are_bounded_whatever_the_gateway_does():
 async def test_gateway_that_disconnects_every_connection_gets_backoff_not_a_storm(fake, remote, start_bot):
     fake.disconnect_at_once = True
     async with start_bot(connected=0):
-        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 4, 15))
-        opens = [r.received_at for r in fake.open_requests[:4]]
-        assert all(r.status == 200 for r in fake.open_requests[:4])  # each one connected, and was retired at once
+        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 3, 15))
+        opens = [r.received_at for r in fake.open_requests[:3]]
+        assert all(r.status == 200 for r in fake.open_requests[:3])  # each one connected, and was retired at once
+        assert len(fake.connections) == 3
     gaps = [b - a for a, b in itertools.pairwise(opens)]
-    assert gaps[0] >= 0.9 and gaps[1] >= 1.9 and gaps[2] >= 3.9, gaps  # 1, 2, 4 s (+ jitter): no tight loop
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps  # 1, 2 s (+ jitter) and on: no tight loop
 
 
 # ----- DingTalk's routine disconnect with callbacks in flight -----

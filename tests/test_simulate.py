@@ -1,31 +1,133 @@
-"""`python -m tests.simulate` as a user runs it: the demo reply, a failure, interactive mode."""
+"""`python -m tests.simulate` as a user runs it: --list, one call per display mode, failures, interactive mode;
+and the simulator's own checks of what the bot did against the operation's x-dingtalk-display-result."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
+import time
 
+import pytest
+
+import bot
+from tests import simulate as sim
 from tests.conftest import ROOT
-from tests.fake_dingtalk import bot_env
+from tests.fake_dingtalk import GraphResult, WebhookPost, bot_env
+
+WEATHER, RATE, ON_CALL = "/v1/actions/weather", "/v1/actions/exchange-rate", "/v1/actions/on-call"
 
 
-def simulate(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def simulate(*args: str, path: str | None = WEATHER, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    where = ["--path", path] if path else []
     return subprocess.run(
-        [sys.executable, "-m", "tests.simulate", "--path", "/v1/actions/weather", *args],
+        [sys.executable, "-m", "tests.simulate", *where, *args],
         cwd=ROOT, env=bot_env(), input=stdin, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
 
-def test_simulator_prints_the_markdown_reply_and_status_200():
+def section(out: str, heading: str) -> str:
+    """The lines under a `── heading ──` of the simulator's output, up to the next blank line."""
+    assert heading in out, out
+    return out.split(heading, 1)[1].lstrip("\n").split("\n\n", 1)[0]
+
+
+# ----- --list -----
+
+
+def test_list_shows_each_operation_with_its_mode_without_starting_the_bot():
+    started = time.monotonic()
+    result = simulate("--list", path=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 10  # imports bot.py only; starting it and connecting would show below
+    out = result.stdout
+    assert "bot.py connected" not in out and "bot|" not in out and "▶" not in out
+    blocks = {block.split("\n", 1)[0]: block for block in out.split("\n\n")}
+    assert set(blocks) >= {f"{op.method} {op.path}" for op in sim.load_operations().values()}
+
+    weather = blocks[f"POST {WEATHER}"]
+    assert "display: disabled — reply through sessionWebhook" in weather
+    assert re.search(r"location +string, required\n", weather)
+    assert re.search(r"date +string, optional\n", weather)
+    context = weather.split("filled in by DingTalk:\n", 1)[1]
+    assert re.search(r"sessionWebhook +currentConversation\.sessionWebhook", context)
+    assert re.search(r"userId +currentUser\.userId", context) and "location" not in context
+
+    rate = blocks[f"GET {RATE}"]
+    assert "display: auto — data for the assistant's model" in rate
+    assert "parameters (query string):" in rate
+    assert re.search(r"currency +string, required, one of USD, EUR, JPY, HKD\n", rate)
+    assert re.search(r"amount +number, optional, ≥ 0$", rate)
+    assert "filled in by DingTalk" not in rate
+
+    on_call = blocks[f"POST {ON_CALL}"]
+    assert "display: markdown — markdown shown as is" in on_call
+    assert re.search(r"team +string, required\n", on_call)
+    assert re.search(r"weeks +integer, optional, 1–8$", on_call)
+    assert "filled in by DingTalk" not in on_call
+
+
+# ----- one call per display mode -----
+
+
+def test_disabled_mode_shows_the_card_posted_to_the_session_webhook():
     result = simulate("杭州", "明天")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "bot.py connected to the local DingTalk simulator" in out
-    assert "▶ POST /v1/actions/weather" in out
-    assert "杭州 · 明天" in out and "• 天气 / Weather: 晴 Sunny" in out and "│ 演示数据" in out
+    assert f'▶ POST {WEATHER}  body {{"location": "杭州", "date": "明天"}}' in out
+    assert "+ filled in by DingTalk: userId," in out and out.count("sessionWebhook") >= 2
+    card = section(out, "── reply in the chat (markdown card via sessionWebhook) ──")
+    assert "杭州 · 明天" in card and "• 天气 / Weather: 晴 Sunny" in card
+    assert "│ 演示数据" in out
     assert 'status 200  body {"success": true}' in out
     assert "round trip" in out
+    assert "── result card" not in out and "── data for" not in out and "✗" not in out
+
+
+def test_auto_mode_shows_the_data_for_the_assistants_model_and_calls_no_webhook():
+    result = simulate("USD", "100", path=RATE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert f"▶ GET {RATE}  query currency=USD&amount=100" in out  # query values stay text; the bot converts them
+    data_section = section(out, "── data for the assistant's model (x-dingtalk-display-result: auto) ──")
+    data_json, note = data_section.rsplit("\n", 1)
+    data = json.loads(data_json)
+    assert data["currency"] == "USD" and data["amount"] == 100
+    assert data["cny"] == round(100 * bot.DEMO_RATES["USD"], 2)
+    assert "the assistant's model turns this data into its answer" in note and "no sessionWebhook call" in note
+    graph = section(out, "── Graph response (in the ack) ──")
+    assert graph.startswith("    status 200  body {") and json.loads(graph.split("body ", 1)[1].split("\n")[0]) == data
+    assert "── reply in the chat" not in out and "filled in by DingTalk" not in out and "✗" not in out
+
+
+def test_markdown_mode_shows_the_markdown_result_card_and_calls_no_webhook():
+    result = simulate("运维", "2", path=ON_CALL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert f'▶ POST {ON_CALL}  body {{"team": "运维", "weeks": 2}}' in out  # weeks converted to a JSON integer
+    card = out.split("── result card (markdown shown as is) ──\n", 1)[1].split("\n── Graph response", 1)[0]
+    assert "运维 值班表" in card and "**" not in card
+    table = [line.strip() for line in card.splitlines() if "│" in line]
+    assert re.fullmatch(r"周 Week +│ 值班 On call", table[0])
+    assert [row.split("│")[0].strip() for row in table[1:]] == ["1", "2"]  # one row per week, columns aligned
+    assert len({sim.display_width(line.split("│")[0]) for line in card.splitlines() if "│" in line}) == 1
+    assert "(no sessionWebhook call: DingTalk shows this markdown in the assistant's result card)" in card
+    assert '"content": "**运维** 值班表' in section(out, "── Graph response (in the ack) ──")
+    assert "── reply in the chat" not in out and "✗" not in out
+
+
+# ----- failures -----
+
+
+def test_unknown_path_is_a_usage_error_naming_the_known_paths():
+    result = simulate("x", path="/v1/actions/nope")
+    assert result.returncode == 2
+    assert "/v1/actions/nope is not in tools.yaml" in result.stderr
+    assert f"known paths: {WEATHER}, {RATE}, {ON_CALL}" in result.stderr
+    assert "bot.py connected" not in result.stdout
 
 
 def test_simulator_exits_1_when_the_bot_answers_non_200():
@@ -34,6 +136,14 @@ def test_simulator_exits_1_when_the_bot_answers_non_200():
     assert "status 400" in result.stdout
     assert "✗ the bot answered Graph status 400" in result.stdout
     assert "missing parameter(s): location" in result.stdout
+
+
+def test_a_value_outside_the_declared_enum_is_left_to_the_bot_to_refuse():
+    result = simulate("GBP", path=RATE)
+    assert result.returncode == 1
+    assert "parameter currency must be one of USD, EUR, JPY, HKD" in result.stdout
+    assert "✗ the bot answered Graph status 400" in result.stdout
+    assert "── data for the assistant's model" not in result.stdout  # an error is not data for the model
 
 
 def test_simulator_rejects_bad_arguments_with_exit_2():
@@ -71,3 +181,74 @@ def test_ctrl_c_in_interactive_mode_stops_the_bot_and_exits_130():
         assert "Traceback" not in proc.stdout.read()
     finally:
         proc.kill()
+
+
+# ----- in process: argument conversion and the checks against the display mode -----
+
+
+def operation(path: str) -> bot.Operation:
+    return sim.pick_operation(sim.load_operations(), path)
+
+
+def test_typed_values_become_json_types_in_a_body_and_stay_text_in_a_query():
+    assert sim.parse_args(operation(ON_CALL), ["运维", "2"]) == {"team": "运维", "weeks": 2}
+    assert sim.parse_args(operation(ON_CALL), ["weeks=3", "team=前端"]) == {"weeks": 3, "team": "前端"}
+    assert sim.parse_args(operation(RATE), ["EUR", "2.5"]) == {"currency": "EUR", "amount": "2.5"}
+    assert sim.parse_args(operation(RATE), ['{"currency": "JPY", "amount": 7}']) == {"currency": "JPY", "amount": 7}
+    with pytest.raises(sim.UsageError, match="weeks: 'two' is not an integer"):
+        sim.parse_args(operation(ON_CALL), ["运维", "two"])
+    with pytest.raises(sim.UsageError, match="amount: 'lots' is not a number"):
+        sim.parse_args(operation(RATE), ["USD", "lots"])
+    with pytest.raises(sim.UsageError, match=f"too many values: POST {ON_CALL} takes team, weeks"):
+        sim.parse_args(operation(ON_CALL), ["运维", "2", "3"])
+
+
+def test_the_callback_fills_the_context_parameters_and_the_webhook_only_where_declared():
+    weather = sim.build_callback(operation(WEATHER), {"location": "杭州"}, "杭州天气", "http://127.0.0.1:1/agent/send")
+    body = json.loads(weather["body"])
+    assert body["sessionWebhook"] == "http://127.0.0.1:1/agent/send" and body["rawInput"] == "杭州天气"
+    assert body["userId"] == "demo-user-0001" and body["location"] == "杭州"
+    rate = sim.build_callback(operation(RATE), {"currency": "USD"}, "USD", "http://127.0.0.1:1/agent/send")
+    assert rate["requestLine"] == {"method": "GET", "uri": f"{RATE}?currency=USD"}
+
+
+def result(status: int, body: object) -> GraphResult:
+    return GraphResult(ack={}, status=status, headers={}, body=body, elapsed=0.001)
+
+
+def post(payload: object) -> WebhookPost:
+    return WebhookPost(session="aswh_sim_test", host="127.0.0.1", payload=payload, received_at=0.0)
+
+
+def test_a_webhook_post_from_an_auto_or_markdown_operation_is_a_failure(capsys: pytest.CaptureFixture[str]):
+    markdown_card = post({"contentType": "ai_card", "content": {"templateId": bot.MARKDOWN_CARD_TEMPLATE_ID,
+                                                                 "cardData": {"content": "hi"}}})  # fmt: skip
+    auto = sim.Simulator(operation(RATE), verbose=False, timeout=1.0)
+    problems = auto.show_result(result(200, {"cny": 1}), [markdown_card])
+    assert problems == [
+        "x-dingtalk-display-result is auto, but the bot also posted 1 message(s) to the sessionWebhook: "
+        "the user would see the answer twice"
+    ]
+    assert "no sessionWebhook call" not in capsys.readouterr().out
+    markdown = sim.Simulator(operation(ON_CALL), verbose=False, timeout=1.0)
+    assert len(markdown.show_result(result(200, {"content": "x"}), [markdown_card])) == 1
+    assert markdown.show_result(result(200, {"success": True}), []) == [
+        'x-dingtalk-display-result is markdown, but the body is not {"content": "<markdown>"}'
+    ]
+
+
+def test_no_webhook_post_from_a_disabled_operation_is_a_failure():
+    disabled = sim.Simulator(operation(WEATHER), verbose=False, timeout=1.0)
+    assert disabled.show_result(result(200, {"success": True}), []) == [
+        "x-dingtalk-display-result is disabled, but the bot posted nothing to the sessionWebhook"
+    ]
+    assert disabled.show_result(result(400, {"success": False}), []) == []  # an error posts nothing, rightly
+
+
+def test_a_custom_ai_card_is_shown_with_its_template_id_and_card_data(capsys: pytest.CaptureFixture[str]):
+    card = post({"contentType": "ai_card", "content": {"templateId": "tpl-123.schema", "cardData": {"城市": "杭州"}}})
+    disabled = sim.Simulator(operation(WEATHER), verbose=False, timeout=1.0)
+    assert disabled.show_result(result(200, {"success": True}), [card]) == []
+    out = capsys.readouterr().out
+    assert "── reply in the chat (AI card tpl-123.schema via sessionWebhook) ──" in out
+    assert json.loads(out.split("──\n", 1)[1]) == {"城市": "杭州"}

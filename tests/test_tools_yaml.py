@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import yaml
@@ -36,22 +35,25 @@ def test_paths_equal_the_registered_actions():
     assert set(SPEC["paths"]) == set(bot.ACTIONS)
 
 
-def test_every_operation_gets_a_session_webhook_and_declares_its_action_parameters():
+def test_every_operation_says_how_its_answer_is_shown_and_disabled_ones_get_a_session_webhook():
+    modes = set()
     for path, method, operation in _operations():
         assert method in ("get", "post")
+        mode = operation["x-dingtalk-display-result"]  # explicit, though DingTalk defaults to auto
+        modes.add(mode)
         if method == "post":
             schema = _resolve(operation["requestBody"]["content"]["application/json"]["schema"])
-            properties, required = schema["properties"], set(schema.get("required", []))
+            properties = schema["properties"]
         else:
             params = operation.get("parameters", [])
             properties = {p["name"]: p["schema"] | {k: v for k, v in p.items() if k.startswith("x-")} for p in params}
-            required = {p["name"] for p in params if p.get("required")}
         contexts = {
             name: prop["x-dingtalk-context"] for name, prop in properties.items() if "x-dingtalk-context" in prop
         }
-        assert contexts["sessionWebhook"] == {"property": "currentConversation", "format": "sessionWebhook"}
-        # a parameter the action requires must be declared (and required) in tools.yaml
-        action = bot.ACTIONS[path]
-        for name, param in inspect.signature(action).parameters.items():
-            if param.default is param.empty and param.kind is not param.VAR_KEYWORD:
-                assert name in properties and name in required, f"{path}: {name}"
+        webhook = {"property": "currentConversation", "format": "sessionWebhook"}
+        assert (contexts.get("sessionWebhook") == webhook) == (mode == "disabled"), path
+    assert modes == {"auto", "markdown", "disabled"}  # an example of each
+
+
+def test_bot_reads_it_without_complaint():
+    assert {op.path for op in bot.load_operations().values()} == set(bot.ACTIONS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,22 @@ async def test_get_weather_echoes_place_and_day_as_demo_data():
 
 async def test_get_weather_defaults_to_today():
     assert "今天" in await bot.get_weather(location="北京")
+
+
+async def test_get_exchange_rate_returns_data_for_the_assistant():
+    data = await bot.get_exchange_rate(currency="USD", amount=100)
+    assert data == {"currency": "USD", "amount": 100, "cny": 712.0, "rate": 7.12, "demo": True}
+
+
+async def test_get_exchange_rate_of_an_unknown_currency_fails_loudly():
+    with pytest.raises(KeyError):  # tools.yaml's enum keeps other currencies out: reaching here is a bug
+        await bot.get_exchange_rate(currency="GBP")
+
+
+async def test_get_on_call_is_a_markdown_table_with_one_row_a_week():
+    markdown = await bot.get_on_call(team="运维", weeks=3)
+    assert markdown.startswith("**运维**") and "演示数据 / demo data" in markdown
+    assert [line.split("|")[1].strip() for line in markdown.splitlines()[-3:]] == ["1", "2", "3"]
 
 
 async def test_run_action_passes_only_declared_parameters():
@@ -70,16 +87,6 @@ async def test_timeout_inside_the_action_is_its_failure_not_ours(caplog):
     assert "action slow_dependency failed" in caplog.text and "database did not answer" in caplog.text
 
 
-async def test_run_action_returning_non_markdown_is_500(caplog):
-    async def wrong(location: str) -> str:
-        return {"not": "markdown"}  # type: ignore[return-value]
-
-    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
-        await bot.run_action(wrong, {"location": "杭州"}, 1)
-    assert err.value.status == 500
-    assert "returned dict, expected str" in caplog.text
-
-
 async def test_run_action_that_hangs_times_out_with_504(caplog):
     async def hangs(location: str) -> str:
         await asyncio.Event().wait()
@@ -125,6 +132,112 @@ def test_parse_rejects_malformed_requests_with_400(data, reason):
         bot.parse_graph_request(data)
     assert err.value.status == 400
     assert reason in err.value.reason
+
+
+# ----- parameters checked and typed from tools.yaml -----
+
+OPERATIONS = bot.load_operations()
+RATE = OPERATIONS["GET /v1/actions/exchange-rate"]
+ON_CALL = OPERATIONS["POST /v1/actions/on-call"]
+
+
+def test_query_strings_are_converted_to_the_declared_types():
+    assert bot.check_parameters(RATE, {"currency": "USD", "amount": "100"}) == {"currency": "USD", "amount": 100}
+    assert bot.check_parameters(RATE, {"currency": "EUR", "amount": "2.5"})["amount"] == 2.5
+
+
+def test_body_values_keep_their_json_types_and_null_means_not_given():
+    assert bot.check_parameters(ON_CALL, {"team": "运维", "weeks": 2}) == {"team": "运维", "weeks": 2}
+    assert bot.check_parameters(ON_CALL, {"team": "运维", "weeks": 2.0})["weeks"] == 2  # the JSON number 2.0
+    assert bot.check_parameters(ON_CALL, {"team": "运维", "weeks": None}) == {"team": "运维"}
+
+
+@pytest.mark.parametrize(
+    ("operation", "params", "reason"),
+    [
+        (RATE, {}, "missing parameter(s): currency"),
+        (RATE, {"currency": "GBP"}, "parameter currency must be one of USD, EUR, JPY, HKD, got 'GBP'"),
+        (RATE, {"currency": "USD", "amount": "abc"}, "parameter amount must be a number, got 'abc'"),
+        (RATE, {"currency": "USD", "amount": "-1"}, "parameter amount must be at least 0, got -1"),
+        (ON_CALL, {"weeks": 1}, "missing parameter(s): team"),
+        (ON_CALL, {"team": "运维", "weeks": "2"}, "parameter weeks must be an integer, got '2'"),  # body: no conversion
+        (ON_CALL, {"team": "运维", "weeks": True}, "parameter weeks must be an integer, got true"),
+        (ON_CALL, {"team": "运维", "weeks": 9}, "parameter weeks must be at least 1 and at most 8, got 9"),
+        (ON_CALL, {"team": ["运维"]}, 'parameter team must be a string, got ["运维"]'),
+    ],
+)
+def test_parameters_that_do_not_fit_are_400_naming_the_parameter(operation, params, reason):
+    with pytest.raises(bot.GraphError) as err:
+        bot.check_parameters(operation, params)
+    assert (err.value.status, err.value.reason) == (400, reason)
+
+
+# ----- tools.yaml read at start -----
+
+TOOLS = (Path(__file__).resolve().parent.parent / "tools.yaml").read_text(encoding="utf-8")
+
+
+def load(tmp_path: Path, text: str, actions: dict | None = None) -> dict:
+    path = tmp_path / "tools.yaml"
+    path.write_text(text, encoding="utf-8")
+    return bot.load_operations(path, bot.ACTIONS if actions is None else actions)
+
+
+def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
+    modes = {key: op.display for key, op in OPERATIONS.items()}
+    assert modes == {
+        "POST /v1/actions/weather": "disabled",
+        "GET /v1/actions/exchange-rate": "auto",
+        "POST /v1/actions/on-call": "markdown",
+    }
+    weather = OPERATIONS["POST /v1/actions/weather"]
+    assert weather.webhook == "sessionWebhook"
+    assert [(p.name, p.required) for p in weather.parameters if p.context is None] == [
+        ("location", True),
+        ("date", False),
+    ]  # the body schema behind its $ref
+    assert [(p.name, p.location, p.type, p.enum) for p in RATE.parameters] == [
+        ("currency", "query", "string", ("USD", "EUR", "JPY", "HKD")),
+        ("amount", "query", "number", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.replace("  /v1/actions/on-call:", "  /v1/actions/new:"), "tools.yaml declares /v1/actions/new, "),
+        (lambda t: t.replace("x-dingtalk-display-result: markdown", "x-dingtalk-display-result: card"), "must be one"),
+        (
+            lambda t: t.replace("    get:\n      operationId: GetExchangeRate", "    put:\n      operationId: X"),
+            "only GET",
+        ),
+        (lambda t: t.replace("openapi: 3.0.1", "swagger: '2.0'"), "tools.yaml is not an OpenAPI 3 description"),
+        (lambda t: t + "\n  bad: [unclosed\n", "tools.yaml is not valid YAML"),
+        (lambda t: t.replace("#/components/schemas/WeatherRequest", "#/components/schemas/Nothing"), "names nothing"),
+        (
+            lambda t: t.replace("format: sessionWebhook", "format: runId"),
+            "declares no parameter with x-dingtalk-context",
+        ),
+        (lambda t: t.replace("required: [location]", "required: []").replace("location:\n", "place:\n"), "'location'"),
+    ],
+    ids=["path-without-action", "bad-mode", "put", "swagger-2", "not-yaml", "dangling-ref", "no-webhook", "undeclared"],
+)
+def test_tools_yaml_mismatch_is_a_one_line_config_error(tmp_path, change, message):
+    with pytest.raises(bot.ConfigError) as err:
+        load(tmp_path, change(TOOLS))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_action_without_an_operation_is_a_config_error(tmp_path):
+    with pytest.raises(bot.ConfigError) as err:
+        load(tmp_path, TOOLS, {**bot.ACTIONS, "/v1/actions/extra": bot.get_weather})
+    assert str(err.value) == "ACTIONS in bot.py has /v1/actions/extra, but tools.yaml does not declare it"
+
+
+def test_a_missing_tools_yaml_is_a_config_error_naming_the_file(tmp_path):
+    with pytest.raises(bot.ConfigError) as err:
+        bot.load_operations(tmp_path / "tools.yaml")
+    assert str(err.value).startswith(f"tools.yaml: cannot read {tmp_path / 'tools.yaml'}")
 
 
 # ----- webhook host policy -----
