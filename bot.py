@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote_plus, urlsplit
+from urllib.parse import parse_qsl, quote_plus, unquote, urlsplit
 
 import aiohttp
 import dingtalk_stream
@@ -105,15 +105,14 @@ def read_proxies(env: Mapping[str, str]) -> Proxies:
             return None
         key, value = found
         url = value if "://" in value else f"http://{value}"  # "proxy:3128" means http, as in curl
-        try:
-            parts = urlsplit(url)
-            usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-        except ValueError:
-            usable = False
-        if not usable:
+        if urlsplit(url).scheme.lower().startswith("socks"):
             raise ConfigError(
-                f"{key}={redact_userinfo(value)!r} is not an http:// proxy (SOCKS is not supported): "
-                "set HTTPS_PROXY=http://host:port, or unset it"
+                f"{key}={without_password(value)!r} is a SOCKS proxy, which the bot does not support: "
+                "use an HTTP proxy (HTTPS_PROXY=http://host:port) or unset it"
+            )
+        if not usable_proxy(url):
+            raise ConfigError(
+                f"{key}={without_password(value)!r} is not a proxy URL like http://[user:password@]host:port"
             )
         return url
 
@@ -121,9 +120,31 @@ def read_proxies(env: Mapping[str, str]) -> Proxies:
     return Proxies(proxy("HTTPS_PROXY"), proxy("HTTP_PROXY"), no_proxy[1] if no_proxy else "")
 
 
-def redact_userinfo(url: str) -> str:
-    """A proxy URL without its password, for messages."""
-    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", url)
+def usable_proxy(url: str) -> bool:
+    """An http(s)://[user:password@]host[:port][/] URL, as aiohttp and websockets both accept it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # e.g. a port that is not a number
+        return False
+    return (
+        parts.scheme.lower() in ("http", "https")
+        and bool(parts.hostname)
+        and port != 0
+        and parts.path in ("", "/")
+        and not (parts.query or parts.fragment)
+        and (parts.username is None) == (parts.password is None)
+    )
+
+
+def without_password(url: str) -> str:
+    """A proxy URL with its user info hidden, for messages."""
+    return re.sub(r"^([^/]*//)?.*@", lambda m: f"{m.group(1) or ''}***@", url)
+
+
+def proxy_passwords(proxies: Proxies) -> tuple[str, ...]:
+    """The passwords in the proxy URLs, for the log filter."""
+    return tuple(unquote(p) for url in (proxies.https, proxies.http) if url and (p := urlsplit(url).password))
 
 
 @dataclass(frozen=True)
@@ -343,6 +364,10 @@ def check_operation(file: str, operation: Operation, action: Action) -> None:
 def allowed_host(entry: str) -> str:
     """A WEBHOOK_ALLOWED_HOSTS entry as check_webhook compares it: "host" or "host:port", IPv6 in brackets."""
     entry = entry.strip().lower()
+    if any(c in entry for c in "/*@") or entry.endswith("."):
+        raise ConfigError(
+            f"WEBHOOK_ALLOWED_HOSTS entry {entry!r} is not a host or host:port (no scheme, path or wildcard)"
+        )
     if entry.count(":") > 1 and not entry.startswith("["):  # a bare IPv6 address, any port
         return host_key(entry, None)
     try:
@@ -906,14 +931,15 @@ class StreamLink:
         """Stay connected until stopping. Credentials refused before any connection ever succeeded
         are a configuration error: CredentialsRejected is raised instead of retrying."""
         self.client.pre_start()
-        try:
-            while not self.stopping.is_set():
-                await self.connect_and_serve()
-        finally:
-            for task in self.retiring:
-                task.cancel()
-            for conn in list(self.connections):
-                await conn.close()
+        while not self.stopping.is_set():
+            await self.connect_and_serve()
+
+    async def close(self) -> None:
+        """After the drain: close every connection, retired ones included."""
+        for task in self.retiring:
+            task.cancel()
+        for conn in list(self.connections):
+            await conn.close()
 
     async def connect_and_serve(self) -> None:
         """One connection from open to its end (or retirement), then the pause before the next."""
@@ -1164,6 +1190,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks, timeout=10)
+            await asyncio.gather(*(link.close() for link in links))
             for task in tasks:  # retrieve every outcome, so none is reported as "never retrieved"
                 if task.done() and not task.cancelled():
                     task.exception()
@@ -1210,7 +1237,7 @@ class RedactingFilter(logging.Filter):
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter((settings.client_secret,)))
+    handler.addFilter(RedactingFilter((settings.client_secret, *proxy_passwords(settings.proxies))))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # Per-frame websocket debug output drowns everything else; keep it at INFO or above.
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
@@ -1234,19 +1261,21 @@ async def run(settings: Settings) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         except NotImplementedError:  # Windows: no loop signal handlers
             signal.signal(signum, lambda s, _f: loop.call_soon_threadsafe(on_signal, s))
-    # Our own pool for asyncio.to_thread: asyncio.run would wait for its threads without limit (3.11)
-    # or for 300 s (3.12+) after the grace period; we wait a second, then leave them.
+    # After the grace period, threads still running (an action's asyncio.to_thread, or any other) must
+    # not hold the exit: asyncio.run and the interpreter would wait for them without limit (3.11) or
+    # 300 s (3.12+). Our own default pool, so its idle workers can be let go; then a second for the rest.
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)
     exit_code = await serve(settings, stop)
     threads.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + 1.0
-    busy = [t for t in threading.enumerate() if t.name.startswith("bot-thread")]
+    busy = [t for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
     while busy and time.monotonic() < deadline:  # a thread offers nothing to await: poll
         await asyncio.sleep(0.05)
         busy = [t for t in busy if t.is_alive()]
     if busy:
-        log.warning("exiting with %d thread(s) still running (e.g. an action in asyncio.to_thread)", len(busy))
+        log.warning("exiting with %d thread(s) still running (e.g. an action in asyncio.to_thread): %s",
+                    len(busy), ", ".join(t.name for t in busy))  # fmt: skip
         logging.shutdown()
         sys.stdout.flush()
         os._exit(exit_code)

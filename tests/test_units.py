@@ -397,8 +397,39 @@ def test_lower_case_proxy_names_win_and_all_proxy_is_the_fallback():
 def test_socks_proxy_is_a_config_error_naming_the_variable(key):
     with pytest.raises(bot.ConfigError) as err:
         bot.load_settings({**CREDENTIALS, key: "socks5://user:pw@127.0.0.1:1080"})
-    assert str(err.value).startswith(f"{key}='socks5://user:***@127.0.0.1:1080' is not an http:// proxy")
+    assert str(err.value).startswith(f"{key}='socks5://***@127.0.0.1:1080' is a SOCKS proxy")
     assert "pw" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://alice:S3c/retPW@proxy:3128/corp",  # a path: websockets refuses it
+        "http://proxy:3128/?x=1",
+        "http://proxy:3128/#frag",
+        "http://alice@proxy:3128",  # a user without a password
+        "alice:S3cretPW@proxy:abc",  # not a port
+        "http://:0",
+        "wss://proxy:443",
+    ],
+)
+def test_unusable_proxy_urls_are_a_config_error_without_the_password(value):
+    with pytest.raises(bot.ConfigError) as err:
+        bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": value})
+    assert "is not a proxy URL like http://[user:password@]host:port" in str(err.value)
+    assert "S3c" not in str(err.value)
+
+
+def test_proxy_passwords_are_kept_out_of_the_log():
+    proxies = bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": "http://alice:p%40ss@proxy:3128"}).proxies
+    assert bot.proxy_passwords(proxies) == ("p@ss",)
+
+
+@pytest.mark.parametrize("entry", ["https://hooks.example.com", "*.example.com", "hooks.example.com.", "a/b"])
+def test_allowed_hosts_that_are_not_hosts_are_a_config_error(entry):
+    with pytest.raises(bot.ConfigError) as err:
+        bot.load_settings({**CREDENTIALS, "WEBHOOK_ALLOWED_HOSTS": entry})
+    assert str(err.value).startswith(f"WEBHOOK_ALLOWED_HOSTS entry {entry!r} is not a host or host:port")
 
 
 def test_allowed_hosts_match_the_default_port_and_ipv6():
