@@ -1,13 +1,12 @@
-"""DingTalk AI assistant (钉钉 AI 助理) action served over Stream mode.
+"""DingTalk AI assistant (钉钉 AI 助理) skills served over Stream mode, in one asyncio file.
 
-DingTalk pushes each call of an action declared in tools.yaml over a websocket
-("Stream mode", no public URL needed). This bot runs the matching async function
-in ACTIONS and replies with its markdown through the conversation's sessionWebhook.
+Your part comes first: one async function per operation of tools.yaml, registered in ACTIONS.
+Below the fence is the engine, which you should not need to edit.
 
-Run:   python bot.py          (CLIENT_ID / CLIENT_SECRET from the environment or .env)
-Stop:  Ctrl+C or SIGTERM      (in-flight replies finish first, up to SHUTDOWN_GRACE_SECONDS)
-
-运行：python bot.py（从环境变量或 .env 读取 CLIENT_ID / CLIENT_SECRET）；按 Ctrl+C 停止。
+Run:   python bot.py         (CLIENT_ID / CLIENT_SECRET from the environment or .env)
+Try:   python -m tests.simulate 杭州 明天   (offline, no credentials)
+Stop:  Ctrl+C or SIGTERM     (callbacks in hand finish first, up to SHUTDOWN_GRACE_SECONDS)
+运行 python bot.py；离线试用 python -m tests.simulate；Ctrl+C 停止。你的代码写在 ACTIONS 一节。
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import time
 import urllib.request
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -46,36 +45,116 @@ from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
 from dotenv import load_dotenv
 from websockets.protocol import State as WebSocketState
 
+# ----- Your actions / 你的动作 --------------------------------------------------------------------
+# One async function per path in tools.yaml; it gets the parameters it names, checked and typed from
+# tools.yaml. Return what the operation's x-dingtalk-display-result asks for:
+#   auto: data (dict or list)   markdown: a str   disabled: a str of markdown, or Card(...) of your own
+
+
+async def get_weather(location: str, date: str = "今天") -> str:
+    """disabled: the bot posts this markdown to the chat through sessionWebhook (made-up weather)."""
+    return (
+        f"### {location} · {date}\n- 天气 / Weather: 晴 Sunny\n- 温度 / Temperature: 22°C\n\n"
+        "> 演示数据，非真实天气 / Demo data, not a real forecast"
+    )
+
+
+async def get_exchange_rate(currency: str, amount: float = 1) -> dict[str, Any]:
+    """auto: the assistant's model turns this data into its answer (made-up rates)."""
+    rate = DEMO_RATES[currency]  # tools.yaml's enum lets only these through
+    return {"currency": currency, "amount": amount, "cny": round(amount * rate, 2), "rate": rate, "demo": True}
+
+
+async def get_on_call(team: str, weeks: int = 1) -> str:
+    """markdown: the assistant shows this as is (made-up roster)."""
+    rows = "".join(f"\n| {week + 1} | {DEMO_PEOPLE[(len(team) + week) % 3]} |" for week in range(weeks))
+    return f"**{team}** 值班表 / on-call (演示数据 / demo data)\n\n| 周 Week | 值班 On call |\n|---|---|{rows}"
+
+
+ACTIONS: dict[str, Action] = {
+    "/v1/actions/weather": get_weather,
+    "/v1/actions/exchange-rate": get_exchange_rate,
+    "/v1/actions/on-call": get_on_call,
+}
+
+DEMO_RATES = {"USD": 7.12, "EUR": 7.71, "JPY": 0.047, "HKD": 0.91}  # CNY per unit
+DEMO_PEOPLE = ("张伟 Zhang Wei", "李娜 Li Na", "王芳 Wang Fang")
+
+
+@dataclass(frozen=True)
+class Card:
+    """For a `disabled` operation: a card of your own AI card template (README, "Three ways to answer")."""
+
+    template_id: str  # from DingTalk's card platform, ends in .schema
+    data: dict[str, Any]  # the template's variables
+
+
+# ===== The engine: you should not need to edit below. It reads in the order a callback travels: =====
+# settings -> callback (parse, route, check, run, answer) -> reply -> connection -> lifecycle and main.
+# README "Reliability" explains what it does and why.
+
+Action = Callable[..., Awaitable[Any]]
 log = logging.getLogger("bot")
 
-# ---------------------------------------------------------------------------------------------
-# Config / 配置
-# ---------------------------------------------------------------------------------------------
+
+# ----- Settings / 配置 ------------------------------------------------------------------------------
 
 GRAPH_TOPIC = dingtalk_stream.GraphMessage.TOPIC  # "/v1.0/graph/api/invoke"
-MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID
-# AI assistant webhooks live on api.dingtalk.com, chatbot ones on oapi.dingtalk.com: accept both.
-DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
-DEFAULT_PORTS = {"http": 80, "https": 443}
+TOOLS_FILE = Path(__file__).with_name("tools.yaml")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-RECONNECT_MAX_DELAY_SECONDS = 60.0
-HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the backoff
-OPENS_PER_MINUTE = 10  # per stream instance, whatever the gateway does
-RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
-# Results kept by messageId, to answer redeliveries without replying twice: for 5 minutes (redeliveries
-# are reported 16-60 s after a late ack), at most this many finished ones.
-REMEMBER_SECONDS = 300.0
-REMEMBERED_CALLBACKS = 100_000
-MAX_FRAMES_IN_FLIGHT = 500  # per connection; past it, reading pauses until one finishes
 
 
 class ConfigError(Exception):
-    """A setting is missing or invalid; the message names the key and the fix."""
+    """A setting or tools.yaml is wrong; the message is one line naming what and where."""
+
+
+def setting(default: Any, meaning: str, low: float | None = None, high: float | None = None,
+            parse: Callable[[str], Any] | None = None) -> Any:  # fmt: skip
+    """One row of the settings table: default, allowed range, one-line meaning, and how to read the text."""
+    return field(default=default, metadata={"meaning": meaning, "low": low, "high": high, "parse": parse})
+
+
+def log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def endpoint(text: str) -> str:
+    if urlsplit(text).scheme not in ("http", "https"):
+        raise ValueError("must start with https:// (or http://)")
+    return text.rstrip("/")
+
+
+def allowed_hosts(text: str) -> frozenset[str]:
+    """WEBHOOK_ALLOWED_HOSTS: "host" (any port) or "host:port", IPv6 as [::1]:8080, comma-separated."""
+    return frozenset(allowed_host(entry) for entry in text.split(",") if entry.strip())
+
+
+def allowed_host(entry: str) -> str:
+    entry = entry.strip().lower()
+    if any(c in entry for c in "/*@") or entry.endswith("."):
+        raise ValueError(f"has an entry that is not a host or host:port (no scheme, path or wildcard): {entry!r}")
+    if entry.count(":") > 1 and not entry.startswith("["):  # a bare IPv6 address, any port
+        return host_key(entry, None)
+    try:
+        parts = urlsplit(f"//{entry}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host:
+        raise ValueError(f"has an entry that is not a host or host:port: {entry!r}")
+    return host_key(host, port)
+
+
+def host_key(host: str, port: int | None) -> str:
+    bracketed = f"[{host}]" if ":" in host else host
+    return bracketed if port is None else f"{bracketed}:{port}"
 
 
 @dataclass(frozen=True)
 class Proxies:
-    """One proxy per destination, used alike for the connection open, the websocket and the webhook."""
+    """One proxy per destination, the same for the connection open, the websocket and the webhook."""
 
     https: str | None = None  # for https:// and wss://
     http: str | None = None  # for http:// and ws://
@@ -88,10 +167,76 @@ class Proxies:
             return None
         return proxy
 
+    def passwords(self) -> tuple[str, ...]:
+        """For the log filter."""
+        return tuple(unquote(p) for url in (self.https, self.http) if url and (p := urlsplit(url).password))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, each declared once here: read from the environment variable of the field's name in upper
+    case (or .env). load_settings() parses them from this table; a test keeps .env.example and the README's
+    table in step with it."""
+
+    client_id: str = setting("", "Your app's Client ID (required)")
+    client_secret: str = setting("", "Your app's Client Secret (required; never logged)")
+    instances: int = setting(1, "Stream connections in this process", 1, 32)
+    health_port: int | None = setting(None, "Serve GET /healthz on this port (unset: no HTTP server)", 1, 65535, int)
+    health_host: str = setting("127.0.0.1", "Address of the health endpoint; 0.0.0.0 in a container")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", parse=log_level)
+    webhook_timeout_seconds: float = setting(5.0, "Give up on a sessionWebhook reply after this long (502)", 0.1, 300)
+    # action + reply should stay under ~16 s, the earliest redelivery of an unacked callback reported
+    action_timeout_seconds: float = setting(10.0, "Give up on an action after this long (504)", 0.1, 3600)
+    shutdown_grace_seconds: float = setting(20.0, "On Ctrl+C / SIGTERM, wait this long for callbacks in hand", 0, 3600)
+    connect_timeout_seconds: float = setting(
+        10.0, "Give up opening a connection (HTTP + handshake) after this", 0.1, 300
+    )
+    # ping every 3 s, pong within 3 s: a dead connection is noticed within 6 s, replaced within about 10
+    keepalive_seconds: float = setting(3.0, "Websocket ping interval and pong timeout", 0.1, 300)
+    webhook_allowed_hosts: frozenset[str] = setting(
+        frozenset(), "Extra webhook hosts for local testing, http allowed: host or host:port", parse=allowed_hosts
+    )
+    dingtalk_openapi_endpoint: str = setting(
+        "https://api.dingtalk.com", "DingTalk's OpenAPI base URL (the simulator points it at a fake)", parse=endpoint
+    )
+    # not from variables of their own: the usual proxy variables, and tools.yaml
+    proxies: Proxies = Proxies()
+    operations: Mapping[str, Operation] = field(default_factory=dict)  # "POST /path" -> Operation
+
+
+def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
+    """Settings from the environment, and the operations of tools.yaml; ConfigError names what is wrong."""
+    values: dict[str, Any] = {}
+    for row in fields(Settings):
+        if "meaning" not in row.metadata:
+            continue
+        key, text = row.name.upper(), env.get(row.name.upper(), "").strip()
+        if not text and key in ("CLIENT_ID", "CLIENT_SECRET"):
+            raise ConfigError(
+                f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
+                " (or try the bot offline first: python -m tests.simulate)"
+            )
+        if text:
+            values[row.name] = setting_value(key, text, row.metadata, type(row.default))
+    return Settings(**values, proxies=read_proxies(env), operations=load_operations())
+
+
+def setting_value(key: str, text: str, row: Mapping[str, Any], kind: type) -> Any:
+    parse = row["parse"] or kind
+    try:
+        value = parse(text)
+    except ValueError as exc:
+        problem = str(exc) if row["parse"] else f"is not a valid {parse.__name__}"
+        raise ConfigError(f"{key}={text!r} {problem}") from None
+    low, high = row["low"], row["high"]
+    if low is not None and not low <= value <= high:
+        raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
+    return value
+
 
 def read_proxies(env: Mapping[str, str]) -> Proxies:
     """HTTPS_PROXY / HTTP_PROXY, else ALL_PROXY, and NO_PROXY; lower-case names win, as in curl.
-    HTTP(S) proxies only: a SOCKS one is a ConfigError naming the variable."""
+    HTTP(S) proxies only: anything else is a ConfigError naming the variable (never its password)."""
 
     def variable(name: str) -> tuple[str, str] | None:
         for key in (name.lower(), name):
@@ -100,20 +245,18 @@ def read_proxies(env: Mapping[str, str]) -> Proxies:
         return None
 
     def proxy(name: str) -> str | None:
-        found = variable(name) or variable("ALL_PROXY")
-        if found is None:
+        if (found := variable(name) or variable("ALL_PROXY")) is None:
             return None
         key, value = found
         url = value if "://" in value else f"http://{value}"  # "proxy:3128" means http, as in curl
+        shown = re.sub(r"^([^/]*//)?.*@", lambda m: f"{m.group(1) or ''}***@", value)  # without user info
         if urlsplit(url).scheme.lower().startswith("socks"):
             raise ConfigError(
-                f"{key}={without_password(value)!r} is a SOCKS proxy, which the bot does not support: "
+                f"{key}={shown!r} is a SOCKS proxy, which the bot does not support: "
                 "use an HTTP proxy (HTTPS_PROXY=http://host:port) or unset it"
             )
         if not usable_proxy(url):
-            raise ConfigError(
-                f"{key}={without_password(value)!r} is not a proxy URL like http://[user:password@]host:port"
-            )
+            raise ConfigError(f"{key}={shown!r} is not a proxy URL like http://[user:password@]host:port")
         return url
 
     no_proxy = variable("NO_PROXY")
@@ -121,7 +264,7 @@ def read_proxies(env: Mapping[str, str]) -> Proxies:
 
 
 def usable_proxy(url: str) -> bool:
-    """An http(s)://[user:password@]host[:port][/] URL, as aiohttp and websockets both accept it."""
+    """http(s)://[user:password@]host[:port][/], which aiohttp and websockets both accept."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -137,89 +280,8 @@ def usable_proxy(url: str) -> bool:
     )
 
 
-def without_password(url: str) -> str:
-    """A proxy URL with its user info hidden, for messages."""
-    return re.sub(r"^([^/]*//)?.*@", lambda m: f"{m.group(1) or ''}***@", url)
+# tools.yaml: the operations DingTalk calls, read once at start and matched with ACTIONS.
 
-
-def proxy_passwords(proxies: Proxies) -> tuple[str, ...]:
-    """The passwords in the proxy URLs, for the log filter."""
-    return tuple(unquote(p) for url in (proxies.https, proxies.http) if url and (p := urlsplit(url).password))
-
-
-@dataclass(frozen=True)
-class Settings:
-    client_id: str
-    client_secret: str
-    instances: int = 1
-    health_host: str = "127.0.0.1"
-    health_port: int | None = None
-    log_level: str = "INFO"
-    # Action + webhook stay under ~16 s, the earliest redelivery of an unacked callback reported.
-    webhook_timeout_seconds: float = 5.0
-    action_timeout_seconds: float = 10.0
-    shutdown_grace_seconds: float = 20.0
-    webhook_allowed_hosts: frozenset[str] = frozenset()
-    connect_timeout_seconds: float = 10.0
-    keepalive_seconds: float = 15.0
-    openapi_endpoint: str = "https://api.dingtalk.com"
-    proxies: Proxies = Proxies()
-    operations: Mapping[str, Operation] = field(default_factory=dict)  # from tools.yaml: "POST /path" -> ...
-
-
-def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
-    """Build Settings from environment variables; raise ConfigError naming the bad key."""
-
-    def get(key: str) -> str | None:
-        value = env.get(key, "").strip()
-        return value or None
-
-    def number(key: str, default: float, kind: type, low: float, high: float) -> Any:
-        raw = get(key)
-        if raw is None:
-            return default
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise ConfigError(f"{key}={raw!r} is not a valid {kind.__name__}") from None
-        if not low <= value <= high:
-            raise ConfigError(f"{key}={raw!r} must be between {low} and {high}")
-        return value
-
-    for key in ("CLIENT_ID", "CLIENT_SECRET"):
-        if get(key) is None:
-            raise ConfigError(
-                f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
-                " (or try the bot offline first: python -m tests.simulate)"
-            )
-    log_level = (get("LOG_LEVEL") or "INFO").upper()
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
-    allowed = frozenset(allowed_host(h) for h in (get("WEBHOOK_ALLOWED_HOSTS") or "").split(",") if h.strip())
-    endpoint = get("DINGTALK_OPENAPI_ENDPOINT") or Settings.openapi_endpoint
-    if urlsplit(endpoint).scheme not in ("http", "https"):
-        raise ConfigError(f"DINGTALK_OPENAPI_ENDPOINT={endpoint!r} must start with https:// (or http://)")
-    defaults = Settings  # the dataclass's field defaults
-    return Settings(
-        client_id=get("CLIENT_ID") or "",
-        client_secret=get("CLIENT_SECRET") or "",
-        instances=number("INSTANCES", defaults.instances, int, 1, 32),
-        health_host=get("HEALTH_HOST") or defaults.health_host,
-        health_port=number("HEALTH_PORT", None, int, 1, 65535),
-        log_level=log_level,
-        webhook_timeout_seconds=number("WEBHOOK_TIMEOUT_SECONDS", defaults.webhook_timeout_seconds, float, 0.1, 300),
-        action_timeout_seconds=number("ACTION_TIMEOUT_SECONDS", defaults.action_timeout_seconds, float, 0.1, 3600),
-        shutdown_grace_seconds=number("SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds, float, 0, 3600),
-        webhook_allowed_hosts=allowed,
-        connect_timeout_seconds=number("CONNECT_TIMEOUT_SECONDS", defaults.connect_timeout_seconds, float, 0.1, 300),
-        keepalive_seconds=number("KEEPALIVE_SECONDS", defaults.keepalive_seconds, float, 0.1, 300),
-        openapi_endpoint=endpoint,
-        proxies=read_proxies(env),
-        operations=load_operations(),
-    )
-
-
-TOOLS_FILE = Path(__file__).with_name("tools.yaml")
 DISPLAY_MODES = ("auto", "markdown", "disabled")
 WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
 
@@ -229,7 +291,7 @@ class Parameter:
     """One parameter of an operation, as tools.yaml declares it."""
 
     name: str
-    location: str  # "query" (a string, converted to `type`) or "body" (JSON, checked against `type`)
+    location: str  # "query" (text, converted to `type`) or "body" (JSON, checked against `type`)
     type: str | None = None  # integer, number, boolean, string, array, object; None: anything
     required: bool = False
     enum: tuple[Any, ...] | None = None
@@ -254,8 +316,8 @@ class Operation:
 
 
 def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Operation]:
-    """Read tools.yaml into "METHOD /path" -> Operation, each path matched with an action in `actions`
-    (default ACTIONS). Any mismatch or malformed part is a ConfigError naming the file and the path."""
+    """tools.yaml as "METHOD /path" -> Operation, each path matched with an action of `actions` (default
+    ACTIONS) and the other way round. Anything amiss is a one-line ConfigError naming the file and the path."""
     actions = ACTIONS if actions is None else actions
     name = path.name
     try:
@@ -270,14 +332,14 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
         raise ConfigError(f"{name}: paths must be a mapping of path -> operations")
     operations: dict[str, Operation] = {}
     for route, item in spec["paths"].items():
-        for method, op in (item or {}).items() if isinstance(item, dict) else ():
-            if method in ("parameters", "summary", "description") or method.startswith("x-"):
+        for method, op in item.items() if isinstance(item, dict) else ():
+            if method in ("parameters", "summary", "description") or str(method).startswith("x-"):
                 continue
             if method not in ("get", "post"):
-                raise ConfigError(f"{name}: {method.upper()} {route}: DingTalk calls only GET and POST operations")
-            operation = read_operation(spec, route, method, op, item.get("parameters", []))
+                raise ConfigError(f"{name}: {str(method).upper()} {route}: DingTalk calls only GET and POST operations")
+            operation = read_operation(spec, route, method, op, item.get("parameters"))
             operations[f"{operation.method} {route}"] = operation
-        if not any(key.endswith(f" {route}") for key in operations):
+        if not any(op.path == route for op in operations.values()):
             raise ConfigError(f"{name}: {route} has no get or post operation")
     declared = {op.path for op in operations.values()}
     for route in declared - actions.keys():
@@ -285,7 +347,7 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     for route in actions.keys() - declared:
         raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it")
     for operation in operations.values():
-        check_operation(name, operation, actions[operation.path])
+        check_operation(f"{name}: {operation.method} {operation.path}", operation, actions[operation.path])
     return operations
 
 
@@ -302,26 +364,23 @@ def read_operation(spec: dict, route: str, method: str, op: Any, shared: Any) ->
         if entry.get("in") == "query" and isinstance(entry.get("name"), str):
             schema = resolve(spec, entry.get("schema") or {}, where)
             parameters[entry["name"]] = parameter(entry["name"], "query", {**schema, **entry}, entry.get("required"))
-    body = op.get("requestBody")
-    if body is not None:
+    if (body := op.get("requestBody")) is not None:
         try:
             schema = resolve(spec, body["content"]["application/json"]["schema"], where)
         except (KeyError, TypeError):
             raise ConfigError(f"{where}: requestBody needs content: application/json: schema") from None
         required = schema.get("required") or []
         for prop_name, prop in (schema.get("properties") or {}).items():
-            prop = resolve(spec, prop, where)
-            parameters[prop_name] = parameter(prop_name, "body", prop, prop_name in required)
+            parameters[prop_name] = parameter(prop_name, "body", resolve(spec, prop, where), prop_name in required)
     return Operation(method.upper(), route, display, tuple(parameters.values()))
 
 
 def resolve(spec: dict, node: Any, where: str) -> dict:
-    """Follow local $refs ("#/components/schemas/X") to the node they name."""
-    for _ in range(32):  # a cycle of $refs is an error, not a hang
+    """Follow local $refs ("#/components/schemas/X") to the mapping they name."""
+    for _ in range(32):  # a circle of $refs is an error, not a hang
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: expected a mapping, found {node!r:.60}")
-        ref = node.get("$ref")
-        if ref is None:
+        if (ref := node.get("$ref")) is None:
             return node
         if not (isinstance(ref, str) and ref.startswith("#/")):
             raise ConfigError(f"{where}: only local $refs (#/...) are supported, not {ref!r}")
@@ -334,7 +393,7 @@ def resolve(spec: dict, node: Any, where: str) -> dict:
 
 
 def parameter(name: str, location: str, schema: dict, required: Any) -> Parameter:
-    enum = schema.get("enum")
+    enum, context = schema.get("enum"), schema.get("x-dingtalk-context")
     return Parameter(
         name,
         location,
@@ -343,13 +402,12 @@ def parameter(name: str, location: str, schema: dict, required: Any) -> Paramete
         tuple(enum) if isinstance(enum, list) else None,
         schema.get("minimum"),
         schema.get("maximum"),
-        schema.get("x-dingtalk-context") if isinstance(schema.get("x-dingtalk-context"), dict) else None,
+        context if isinstance(context, dict) else None,
     )
 
 
-def check_operation(file: str, operation: Operation, action: Action) -> None:
-    """What tools.yaml says an operation needs, the action and the display mode must provide."""
-    where = f"{file}: {operation.method} {operation.path}"
+def check_operation(where: str, operation: Operation, action: Action) -> None:
+    """What the display mode needs from tools.yaml, and what the action needs, must be declared."""
     if operation.display == "disabled" and operation.webhook is None:
         raise ConfigError(
             f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
@@ -361,87 +419,26 @@ def check_operation(file: str, operation: Operation, action: Action) -> None:
             raise ConfigError(f"{where} does not declare {needed!r}, which {action.__name__}() requires")
 
 
-def allowed_host(entry: str) -> str:
-    """A WEBHOOK_ALLOWED_HOSTS entry as check_webhook compares it: "host" or "host:port", IPv6 in brackets."""
-    entry = entry.strip().lower()
-    if any(c in entry for c in "/*@") or entry.endswith("."):
-        raise ConfigError(
-            f"WEBHOOK_ALLOWED_HOSTS entry {entry!r} is not a host or host:port (no scheme, path or wildcard)"
-        )
-    if entry.count(":") > 1 and not entry.startswith("["):  # a bare IPv6 address, any port
-        return host_key(entry, None)
-    try:
-        parts = urlsplit(f"//{entry}")
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        raise ConfigError(f"WEBHOOK_ALLOWED_HOSTS entry {entry!r} is not a host or host:port") from None
-    if not host:
-        raise ConfigError(f"WEBHOOK_ALLOWED_HOSTS entry {entry!r} is not a host or host:port")
-    return host_key(host, port)
+@dataclass(frozen=True)
+class ActionParameters:
+    names: frozenset[str]  # the keyword parameters it takes
+    required: tuple[str, ...]  # those without a default
+    takes_all: bool  # it has **params
 
 
-def host_key(host: str, port: int | None) -> str:
-    bracketed = f"[{host}]" if ":" in host else host
-    return bracketed if port is None else f"{bracketed}:{port}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Actions / 动作：the part you edit. One async function per path declared in tools.yaml.
-# Parameters arrive as keyword arguments named as in tools.yaml, checked and typed from it.
-# What to return depends on the operation's x-dingtalk-display-result in tools.yaml:
-#   auto      data (dict or list): the assistant's model presents it to the user
-#   markdown  a str of markdown: shown as is in the assistant's result card
-#   disabled  a str of markdown (sent as a card through sessionWebhook), or Card(...) of your own template
-# ---------------------------------------------------------------------------------------------
-
-
-async def get_weather(location: str, date: str = "今天") -> str:
-    """disabled: reply through sessionWebhook with made-up weather for the place and day asked."""
-    return (
-        f"### {location} · {date}\n"
-        "- 天气 / Weather: 晴 Sunny\n"
-        "- 温度 / Temperature: 22°C\n\n"
-        "> 演示数据，非真实天气 / Demo data, not a real forecast"
+@functools.cache
+def action_parameters(action: Action) -> ActionParameters:
+    """What `action` takes, read from its signature once."""
+    params = inspect.signature(action).parameters.values()
+    keyword = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return ActionParameters(
+        frozenset(p.name for p in keyword),
+        tuple(p.name for p in keyword if p.default is p.empty),
+        any(p.kind is p.VAR_KEYWORD for p in params),
     )
 
 
-DEMO_RATES = {"USD": 7.12, "EUR": 7.71, "JPY": 0.047, "HKD": 0.91}  # CNY per unit; made up
-
-
-async def get_exchange_rate(currency: str, amount: float = 1) -> dict[str, Any]:
-    """auto: return data; the assistant's model turns it into an answer."""
-    rate = DEMO_RATES[currency]  # tools.yaml's enum lets only these through
-    return {"currency": currency, "amount": amount, "cny": round(amount * rate, 2), "rate": rate, "demo": True}
-
-
-async def get_on_call(team: str, weeks: int = 1) -> str:
-    """markdown: return markdown; the assistant shows it as is."""
-    people = ["张伟 Zhang Wei", "李娜 Li Na", "王芳 Wang Fang"]
-    rows = "\n".join(f"| {week + 1} | {people[(len(team) + week) % len(people)]} |" for week in range(weeks))
-    return f"**{team}** 值班表 / on-call (演示数据 / demo data)\n\n| 周 Week | 值班 On call |\n|---|---|\n{rows}"
-
-
-Action = Callable[..., Awaitable[Any]]
-
-ACTIONS: dict[str, Action] = {
-    "/v1/actions/weather": get_weather,
-    "/v1/actions/exchange-rate": get_exchange_rate,
-    "/v1/actions/on-call": get_on_call,
-}
-
-
-@dataclass(frozen=True)
-class Card:
-    """A card of your own AI card template, for a `disabled` operation: create the template in DingTalk's
-    card platform (消息卡片, AI 卡片 scene), then return Card("<template id>", {"<variable>": value, ...})."""
-
-    template_id: str
-    data: dict[str, Any]
-
-
-# ---------------------------------------------------------------------------------------------
-# Handler / 回调处理：Graph callback -> action -> webhook reply -> Graph response in the ack
-# ---------------------------------------------------------------------------------------------
+# ----- Callback / 回调：parse -> route -> check parameters -> run the action -> answer ------------------
 
 
 class GraphError(Exception):
@@ -488,52 +485,9 @@ def parse_graph_request(data: Any) -> GraphCall:
     return GraphCall(method.upper(), url.path, {**dict(parse_qsl(url.query, keep_blank_values=True)), **body})
 
 
-@dataclass(frozen=True)
-class ActionParameters:
-    names: frozenset[str]  # the keyword parameters it takes
-    required: tuple[str, ...]  # those without a default
-    takes_all: bool  # it has **params
-
-
-@functools.cache
-def action_parameters(action: Action) -> ActionParameters:
-    """What `action` takes, read from its signature once."""
-    params = inspect.signature(action).parameters.values()
-    keyword = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return ActionParameters(
-        frozenset(p.name for p in keyword),
-        tuple(p.name for p in keyword if p.default is p.empty),
-        any(p.kind is p.VAR_KEYWORD for p in params),
-    )
-
-
-async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
-    """Call `action` with the parameters its signature names; a missing one is the caller's error."""
-    takes = action_parameters(action)
-    missing = [name for name in takes.required if name not in params]
-    if missing:
-        raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
-    kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
-    try:
-        async with asyncio.timeout(time_limit) as deadline:
-            result = await action(**kwargs)
-    except asyncio.CancelledError:
-        if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
-            raise
-        log.exception("action %s failed: something it awaited was cancelled", action.__name__)
-        raise GraphError(500, "internal error in action") from None
-    except Exception as exc:
-        if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
-            log.error("action %s timed out after %.3g s", action.__name__, time_limit)
-            raise GraphError(504, "action timed out") from None
-        log.exception("action %s failed", action.__name__)
-        raise GraphError(500, "internal error in action") from None
-    return result
-
-
 def check_parameters(operation: Operation, params: dict[str, Any]) -> dict[str, Any]:
-    """`params` checked against the operation's declared parameters: required ones present, values of
-    the declared type (query strings converted to it); GraphError(400) naming the parameter if not."""
+    """`params` checked against the operation's declared parameters: required ones present, values of the
+    declared type (query strings converted to it); GraphError(400) naming the parameter if not."""
     checked = {k: v for k, v in params.items() if v is not None}  # null means "not given"
     missing = [p.name for p in operation.parameters if p.required and p.name not in checked]
     if missing:
@@ -569,15 +523,11 @@ def typed_value(param: Parameter, value: Any) -> Any:
         "object": isinstance(value, dict),
     }.get(kind or "", True)  # no type, or one we do not know: anything goes
     if not fits:
-        raise GraphError(
-            400, f"parameter {param.name} must be {'an' if kind == 'integer' else 'a'} {kind}, got {shown(value)}"
-        )
-    if param.enum is not None and not any(
-        value == e and isinstance(value, bool) == isinstance(e, bool) for e in param.enum
-    ):
-        raise GraphError(
-            400, f"parameter {param.name} must be one of {', '.join(map(str, param.enum))}, got {shown(value)}"
-        )
+        article = "an" if kind == "integer" else "a"
+        raise GraphError(400, f"parameter {param.name} must be {article} {kind}, got {shown(value)}")
+    if param.enum is not None and not any(same(value, e) for e in param.enum):
+        choices = ", ".join(map(str, param.enum))
+        raise GraphError(400, f"parameter {param.name} must be one of {choices}, got {shown(value)}")
     low, high = param.minimum, param.maximum
     if numeric and ((low is not None and value < low) or (high is not None and value > high)):
         limits = [f"at least {low}" if low is not None else "", f"at most {high}" if high is not None else ""]
@@ -585,63 +535,36 @@ def typed_value(param: Parameter, value: Any) -> Any:
     return value
 
 
+def same(value: Any, choice: Any) -> bool:
+    return value == choice and isinstance(value, bool) == isinstance(choice, bool)  # True is not 1 here
+
+
 def shown(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def graph_response(status: int, payload: Any) -> dict[str, Any]:
-    """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
-    response = dingtalk_stream.GraphResponse()
-    response.status_line.code = status
-    response.status_line.reason_phrase = HTTPStatus(status).phrase
-    response.headers["Content-Type"] = "application/json"
-    response.body = json.dumps(payload, ensure_ascii=False)
-    return response.to_dict()
-
-
-class CallbackLedger:
-    """Results by messageId, shared by all connections of this process: a redelivered callback is
-    answered from memory, so the user never gets a second reply. A callback in flight is never
-    forgotten; a finished one is kept for `ttl` seconds, at most `capacity` of them (oldest go first).
-    (Another process does not see them: keep actions idempotent.)"""
-
-    def __init__(self, ttl: float = REMEMBER_SECONDS, capacity: int = REMEMBERED_CALLBACKS,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> future (status, payload)
-        self.finished: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()  # by finishing time
-        self.ttl, self.capacity, self.clock = ttl, capacity, clock
-
-    def claim(self, message_id: str) -> tuple[bool, asyncio.Future]:
-        """(True, new entry) for a first delivery, (False, the first one's result) for a redelivery."""
-        self.expire()
-        if (earlier := self.in_flight.get(message_id)) is not None:
-            return False, earlier
-        if (done := self.finished.get(message_id)) is not None:
-            return False, done[1]
-        result = self.in_flight[message_id] = asyncio.get_running_loop().create_future()
-        return True, result
-
-    def settle(self, message_id: str, status: int, payload: dict[str, Any]) -> None:
-        """The first delivery has its result: remember it for redeliveries."""
-        result = self.in_flight.pop(message_id)
-        result.set_result((status, payload))
-        self.finished[message_id] = (self.clock(), result)
-        self.expire()
-
-    def forget(self, message_id: str) -> None:
-        """The first delivery was cancelled before it had a result: let a redelivery start afresh."""
-        result = self.in_flight.pop(message_id, None)
-        if result is not None and not result.done():
-            result.cancel()
-
-    def expire(self) -> None:
-        too_old = self.clock() - self.ttl
-        while self.finished:
-            message_id, (finished_at, _) = next(iter(self.finished.items()))
-            if finished_at > too_old and len(self.finished) <= self.capacity:
-                break
-            del self.finished[message_id]
+async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
+    """Call `action` with the parameters its signature names, within `time_limit` seconds."""
+    takes = action_parameters(action)
+    missing = [name for name in takes.required if name not in params]
+    if missing:
+        raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
+    kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
+    try:
+        async with asyncio.timeout(time_limit) as deadline:
+            return await action(**kwargs)
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
+            raise
+        log.exception("action %s failed: something it awaited was cancelled", action.__name__)
+        raise GraphError(500, "internal error in action") from None
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
+            log.error("action %s timed out after %.3g s", action.__name__, time_limit)
+            raise GraphError(504, "action timed out") from None
+        log.exception("action %s failed", action.__name__)
+        raise GraphError(500, "internal error in action") from None
 
 
 EXPECTED_RESULT = {
@@ -659,8 +582,65 @@ def is_json(data: Any) -> bool:
     return True
 
 
+def graph_response(status: int, payload: Any) -> dict[str, Any]:
+    """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
+    response = dingtalk_stream.GraphResponse()
+    response.status_line.code = status
+    response.status_line.reason_phrase = HTTPStatus(status).phrase
+    response.headers["Content-Type"] = "application/json"
+    response.body = json.dumps(payload, ensure_ascii=False)
+    return response.to_dict()
+
+
+REMEMBER_SECONDS = 300.0  # redeliveries are reported 16-60 s after a late ack
+REMEMBERED_CALLBACKS = 100_000
+
+
+class CallbackLedger:
+    """Results by messageId, shared by all connections of this process: a redelivered callback is answered
+    from memory, so the user never gets a second reply. A callback in flight is never forgotten; a finished
+    one is kept `ttl` seconds, at most `capacity` of them. (Other processes do not see it: keep actions
+    idempotent.)"""
+
+    def __init__(self, ttl: float = REMEMBER_SECONDS, capacity: int = REMEMBERED_CALLBACKS,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> future (status, payload)
+        self.finished: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()  # by finishing time
+        self.ttl, self.capacity, self.clock = ttl, capacity, clock
+
+    def claim(self, message_id: str) -> tuple[bool, asyncio.Future]:
+        """(True, new entry) for a first delivery, (False, the first one's result) for a redelivery."""
+        self.expire()
+        if (earlier := self.in_flight.get(message_id)) is not None:
+            return False, earlier
+        if (done := self.finished.get(message_id)) is not None:
+            return False, done[1]
+        result = self.in_flight[message_id] = asyncio.get_running_loop().create_future()
+        return True, result
+
+    def settle(self, message_id: str, status: int, payload: Any) -> None:
+        """The first delivery has its result: remember it for redeliveries."""
+        result = self.in_flight.pop(message_id)
+        result.set_result((status, payload))
+        self.finished[message_id] = (self.clock(), result)
+
+    def forget(self, message_id: str) -> None:
+        """The first delivery was cancelled before it had a result: let a redelivery start afresh."""
+        result = self.in_flight.pop(message_id, None)
+        if result is not None and not result.done():
+            result.cancel()
+
+    def expire(self) -> None:
+        too_old = self.clock() - self.ttl
+        while self.finished:
+            message_id, (finished_at, _) = next(iter(self.finished.items()))
+            if finished_at > too_old and len(self.finished) <= self.capacity:
+                break
+            del self.finished[message_id]
+
+
 class ActionHandler(dingtalk_stream.GraphHandler):
-    """Serves Graph callbacks: dispatch by path to ACTIONS, reply via sessionWebhook, ack the truth."""
+    """Serves Graph callbacks: route by tools.yaml to ACTIONS, answer as the display mode says, ack the truth."""
 
     def __init__(self, settings: Settings, http: aiohttp.ClientSession, ledger: CallbackLedger) -> None:
         super().__init__()
@@ -718,7 +698,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             return {"content": result}  # shown as is
         if operation.display == "disabled" and isinstance(result, str | Card) and webhook is not None:
             card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
-            await reply_card(self.http, webhook, card, self.settings.webhook_timeout_seconds, self.settings.proxies)
+            await reply_card(self.http, webhook, card, self.settings)
             return {"success": True}
         log.error(
             "action %s returned %s, but %s %s is x-dingtalk-display-result: %s, which expects %s",
@@ -728,10 +708,12 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         raise GraphError(500, "internal error in action")
 
 
-# ---------------------------------------------------------------------------------------------
-# Reply / 回复：POST an AI card to the sessionWebhook, without blocking the event loop
-# ---------------------------------------------------------------------------------------------
+# ----- Reply / 回复：an AI card to the sessionWebhook, only to DingTalk, without blocking the loop -----------
 
+MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID  # the SDK's reply_markdown card
+# AI assistant webhooks live on api.dingtalk.com, chatbot ones on oapi.dingtalk.com: accept both.
+DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 _SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
 
 
@@ -764,9 +746,8 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
-def post_json(
-    http: aiohttp.ClientSession, url: str, payload: Any, timeout: float, proxies: Proxies, **kwargs: Any
-) -> Any:
+def post_json(http: aiohttp.ClientSession, url: str, payload: Any, timeout: float, proxies: Proxies,
+              **kwargs: Any) -> Any:  # fmt: skip
     """POST JSON with a total timeout, no redirects, through the proxy the settings name for `url`."""
     return http.post(
         url,
@@ -782,14 +763,12 @@ class WebhookError(Exception):
     """The webhook did not accept the reply."""
 
 
-async def reply_card(
-    http: aiohttp.ClientSession, webhook: str, card: Card, time_limit: float, proxies: Proxies
-) -> None:
-    """POST an AI card to the sessionWebhook (markdown goes in the SDK's markdown card template, as its
-    reply_markdown does); raise GraphError(502) unless DingTalk took it."""
+async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, settings: Settings) -> None:
+    """POST an AI card to the sessionWebhook; raise GraphError(502) unless DingTalk took it."""
     payload = {"contentType": "ai_card", "content": {"templateId": card.template_id, "cardData": card.data}}
+    time_limit = settings.webhook_timeout_seconds
     try:
-        async with post_json(http, webhook, payload, time_limit, proxies) as response:
+        async with post_json(http, webhook, payload, time_limit, settings.proxies) as response:
             status, body = response.status, await response.read()
         if not 200 <= status < 300:
             raise WebhookError(f"HTTP {status}: {body[:200].decode(errors='replace')}")
@@ -808,9 +787,13 @@ async def reply_card(
         raise GraphError(502, "reply webhook failed") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Lifecycle / 生命周期：clients, health endpoint, signals, graceful shutdown
-# ---------------------------------------------------------------------------------------------
+# ----- Connection / 连接：open, keep alive, answer every frame, reconnect --------------------------------
+
+RECONNECT_MAX_DELAY_SECONDS = 60.0
+HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the backoff
+OPENS_PER_MINUTE = 10  # per client, whatever the gateway does
+RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
+MAX_FRAMES_IN_FLIGHT = 500  # per connection; past it, reading pauses until one finishes
 
 
 class CredentialsRejected(Exception):
@@ -819,14 +802,6 @@ class CredentialsRejected(Exception):
 
 class OpenFailed(Exception):
     """Connection open failed for another reason; worth retrying."""
-
-
-def build_client(settings: Settings, handler: ActionHandler) -> dingtalk_stream.DingTalkStreamClient:
-    """The SDK client, holding our handler for the Graph topic (and the SDK's own for SYSTEM frames)."""
-    credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
-    client = dingtalk_stream.DingTalkStreamClient(credential, logger=logging.getLogger("dingtalk_stream.client"))
-    client.register_callback_handler(GRAPH_TOPIC, handler)
-    return client
 
 
 async def open_connection(http: aiohttp.ClientSession, settings: Settings, topics: list[str]) -> str:
@@ -842,14 +817,13 @@ async def open_connection(http: aiohttp.ClientSession, settings: Settings, topic
         "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union",
         "localIp": "",
     }
-    url = settings.openapi_endpoint.rstrip("/") + "/v1.0/gateway/connections/open"
-    timeout = settings.connect_timeout_seconds
+    url = settings.dingtalk_openapi_endpoint + "/v1.0/gateway/connections/open"
+    timeout, accept = settings.connect_timeout_seconds, {"Accept": "application/json"}
     try:
-        accept = {"Accept": "application/json"}
         async with post_json(http, url, body, timeout, settings.proxies, headers=accept) as response:
             status, text = response.status, (await response.read()).decode("utf-8", "replace")
     except TimeoutError:
-        raise OpenFailed(f"connection open: no answer within {settings.connect_timeout_seconds:.0f} s") from None
+        raise OpenFailed(f"connection open: no answer within {timeout:.0f} s") from None
     except aiohttp.ClientError as exc:
         raise OpenFailed(f"connection open: {exc or type(exc).__name__}") from None
     try:
@@ -866,14 +840,14 @@ async def open_connection(http: aiohttp.ClientSession, settings: Settings, topic
 
 
 def reconnect_delay(failures: int) -> float:
-    """0-1 s after a healthy connection ends, then about 1, 2, 4 … 60 s, for ever; the jitter keeps
-    bots (and the instances of one bot) out of step."""
+    """0-1 s after a healthy connection ends, then about 1, 2, 4 … 60 s, for ever; the jitter keeps bots
+    (and the clients of one bot) out of step."""
     backoff = 0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), RECONNECT_MAX_DELAY_SECONDS)
     return backoff + random.uniform(0, 1)
 
 
 class OpenLimiter:
-    """At most `limit` connection opens in any `period` seconds, whatever the gateway does."""
+    """At most `limit` connection opens in any `period` seconds."""
 
     def __init__(self, limit: int = OPENS_PER_MINUTE, period: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
@@ -904,19 +878,23 @@ class Connection:
             await self.websocket.close()
 
 
-class StreamLink:
-    """One Stream connection: open it, answer every frame through the SDK's handlers, reconnect with backoff."""
+class StreamClient(dingtalk_stream.DingTalkStreamClient):
+    """The SDK's client (same credential, same register_callback_handler, same handlers and frame classes)
+    with its own start() and stop(): the connection open is non-blocking with a timeout, a dead connection
+    is noticed by keepalive pings, reconnects back off, DingTalk's routine `disconnect` loses no ack, and
+    stop() finishes the callbacks in hand first. Both behave the same on dingtalk-stream 0.24.3 and 0.24.4b1."""
 
-    def __init__(self, name: str, client: dingtalk_stream.DingTalkStreamClient, http: aiohttp.ClientSession,
-                 settings: Settings, accepted: asyncio.Event, stopping: asyncio.Event) -> None:  # fmt: skip
-        self.name, self.client, self.http, self.settings = name, client, http, settings
-        self.accepted = accepted  # set once DingTalk accepted the credentials on any connection
-        self.stopping = stopping  # set on shutdown: take no new callbacks, open no new connection
+    def __init__(self, credential: dingtalk_stream.Credential, settings: Settings, name: str = "stream-1") -> None:
+        super().__init__(credential, logger=logging.getLogger("dingtalk_stream.client"))
+        self.settings, self.name = settings, name
+        self.stopping = asyncio.Event()  # set by stop(): take no new callbacks, open no new connection
+        self.accepted = False  # DingTalk accepted the credentials once: a later refusal is retried
         self.current: Connection | None = None  # the connection new callbacks arrive on
         self.connections: set[Connection] = set()  # the current one and retired ones finishing their frames
         self.retiring: set[asyncio.Task] = set()
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
         self.limiter = OpenLimiter()
+        self.http: aiohttp.ClientSession | None = None
 
     @property
     def connected(self) -> bool:
@@ -924,22 +902,32 @@ class StreamLink:
 
     @property
     def frame_tasks(self) -> dict[asyncio.Task, str]:
-        """Frames being answered on any of this link's connections; shutdown waits on these."""
+        """Frames being answered on any of this client's connections."""
         return {task: mid for conn in self.connections for task, mid in conn.frame_tasks.items()}
 
-    async def run(self) -> None:
-        """Stay connected until stopping. Credentials refused before any connection ever succeeded
-        are a configuration error: CredentialsRejected is raised instead of retrying."""
-        self.client.pre_start()
-        while not self.stopping.is_set():
-            await self.connect_and_serve()
+    async def start(self) -> None:
+        """Stay connected until stop(). Credentials refused before any connection ever succeeded are a
+        configuration error: CredentialsRejected is raised instead of retrying."""
+        self.pre_start()
+        async with aiohttp.ClientSession() as self.http:
+            while not self.stopping.is_set():
+                await self.connect_and_serve()
 
-    async def close(self) -> None:
-        """After the drain: close every connection, retired ones included."""
+    async def stop(self, grace: float = 0.0) -> None:
+        """Take no new callbacks and open no new connection; give the callbacks in hand up to `grace`
+        seconds (each one still running then is logged and cancelled); close the connections."""
+        self.stopping.set()
+        if in_hand := len(self.frame_tasks):
+            log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, in_hand)
+        await settle(lambda: self.frame_tasks, grace)
+        if pending := self.frame_tasks:
+            for task, message_id in pending.items():
+                log.warning("callback %s abandoned: still running after the %.3g s grace period", message_id, grace)
+                task.cancel()
+            await asyncio.wait(list(pending), timeout=1)
         for task in self.retiring:
             task.cancel()
-        for conn in list(self.connections):
-            await conn.close()
+        await asyncio.gather(*(conn.close() for conn in list(self.connections)))
 
     async def connect_and_serve(self) -> None:
         """One connection from open to its end (or retirement), then the pause before the next."""
@@ -950,7 +938,7 @@ class StreamLink:
                 return
             log_level, problem = logging.INFO, await self.serve(conn)
         except CredentialsRejected as exc:
-            if not self.accepted.is_set():
+            if not self.accepted:
                 raise
             log_level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
         except websockets.exceptions.ConnectionClosed as exc:
@@ -962,8 +950,8 @@ class StreamLink:
             log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
         if self.stopping.is_set():
             return
-        # Only a connection that stayed up a while resets the backoff: a gateway that closes every
-        # new connection at once must not make the bot reconnect in a tight loop.
+        # Only a connection that stayed up a while resets the backoff: a gateway that closes every new
+        # connection at once must not make the bot reconnect in a tight loop.
         lived = time.monotonic() - conn.opened_at if conn else 0.0
         self.failures = 0 if lived >= HEALTHY_AFTER_SECONDS else self.failures + 1
         delay = max(reconnect_delay(self.failures), self.limiter.wait_needed())
@@ -972,7 +960,7 @@ class StreamLink:
             await asyncio.wait_for(self.stopping.wait(), delay)
 
     async def unless_stopping(self, opening: Awaitable[Connection]) -> Connection | None:
-        """Await `opening` unless shutdown begins first: then abandon it (no connection opens while stopping)."""
+        """Await `opening` unless stop() comes first: then abandon it (no connection opens while stopping)."""
         task = asyncio.ensure_future(opening)
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
@@ -992,25 +980,25 @@ class StreamLink:
         return conn
 
     async def connect(self) -> Connection:
-        """Ask DingTalk for an endpoint and open the websocket, both within CONNECT_TIMEOUT_SECONDS."""
+        """Ask DingTalk for an endpoint and open the websocket, each within CONNECT_TIMEOUT_SECONDS."""
+        assert self.http is not None, "start() opens the HTTP session"
         self.limiter.record()
-        url = await open_connection(self.http, self.settings, list(self.client.callback_handler_map))
+        url = await open_connection(self.http, self.settings, list(self.callback_handler_map))
         keepalive = self.settings.keepalive_seconds
         websocket = await websockets.connect(
             url,
             open_timeout=self.settings.connect_timeout_seconds,
             ping_interval=keepalive,  # a silently dead connection is noticed within 2 x keepalive
             ping_timeout=keepalive,
-            close_timeout=5,
+            close_timeout=min(keepalive, 5),
             proxy=self.settings.proxies.for_url(url),  # never websockets' own reading of the environment
         )
         return Connection(websocket)
 
     async def serve(self, conn: Connection) -> str:
         """Read frames until the connection ends or DingTalk retires it; return how it ended."""
-        self.current = conn
+        self.current, self.websocket, self.accepted = conn, conn.websocket, True
         self.connections.add(conn)
-        self.accepted.set()
         log.info("%s: connected", self.name)
         reader = asyncio.create_task(self.read(conn))
         retired = asyncio.create_task(conn.retired.wait())
@@ -1021,13 +1009,13 @@ class StreamLink:
             raise
         finally:
             retired.cancel()
-            self.current = None
+            self.current = self.websocket = None
         if reader.done():
             self.connections.discard(conn)
             reader.result()  # raises how it was lost
             return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
-        # DingTalk keeps a retired connection open a while: answer what it has in hand there, new frames come
-        # on the replacement, opened now.
+        # DingTalk keeps a retired connection open a while: the frames in hand are answered on it,
+        # new ones come on the replacement, opened now.
         task = asyncio.create_task(self.retire(conn, reader))
         self.retiring.add(task)
         task.add_done_callback(self.retiring.discard)
@@ -1062,8 +1050,7 @@ class StreamLink:
             log.warning("%s: skipped a frame that is not a JSON object: %s", self.name, redact(repr(raw)[:200]))
             return
         headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
-        message_id = str(headers.get("messageId") or "-")
-        kind = frame.get("type")
+        message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
         if kind == dingtalk_stream.CallbackMessage.TYPE and (self.stopping.is_set() or conn.retired.is_set()):
             # left unacked, so DingTalk delivers it again to a live connection
             why = "stopping" if self.stopping.is_set() else "connection retired"
@@ -1077,21 +1064,20 @@ class StreamLink:
 
     async def answer_frame(self, frame: dict[str, Any], message_id: str, websocket: Any) -> None:
         """Parse the frame with the SDK, run its handler and send the ack on the socket it came on."""
-        kind, message = frame.get("type"), None
+        kind = frame.get("type")
         try:
             if kind == dingtalk_stream.SystemMessage.TYPE:  # ping, disconnect
                 message: Any = dingtalk_stream.SystemMessage.from_dict(frame)
-                handler: Any = self.client.system_handler
+                handler: Any = self.system_handler
             elif kind == dingtalk_stream.CallbackMessage.TYPE:
                 message = dingtalk_stream.CallbackMessage.from_dict(frame)
-                handler = self.client.callback_handler_map.get(message.headers.topic)
+                handler = self.callback_handler_map.get(message.headers.topic)
             else:  # EVENT frames come only to event subscribers, which this bot is not
                 log.warning("%s: ignored a %r frame", self.name, kind)
                 return
         except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # e.g. `data` not JSON
             log.warning("%s: frame %s is malformed (%s): 400", self.name, message_id, exc)
             ack = frame_ack(dingtalk_stream.AckMessage.STATUS_BAD_REQUEST, message_id, f"malformed frame: {exc}")
-            message = None
         else:
             if handler is None:
                 log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
@@ -1126,82 +1112,78 @@ async def settle(tasks: Callable[[], Mapping[asyncio.Task, str]], within: float)
         await asyncio.wait(list(pending), timeout=remaining)
 
 
-async def drain(links: list[StreamLink], grace: float) -> None:
-    """Wait up to `grace` seconds for every frame in hand (reply and ack); log each one still running after."""
-    in_hand = len([task for link in links for task in link.frame_tasks])
-    if in_hand:
-        log.info("stopping: waiting up to %.3g s for %d callback(s)", grace, in_hand)
-    await settle(lambda: {task: mid for link in links for task, mid in link.frame_tasks.items()}, grace)
-    pending = {task: mid for link in links for task, mid in link.frame_tasks.items()}
-    for task, message_id in pending.items():
-        log.warning("callback %s abandoned: still running after the %.3g s grace period", message_id, grace)
-        task.cancel()
-    if pending:
-        await asyncio.wait(list(pending), timeout=1)
-
-
-async def start_health_server(settings: Settings, links: list[StreamLink], stopping: asyncio.Event) -> web.AppRunner:
-    """GET /healthz: 200 when every instance is connected, 503 otherwise (or while stopping)."""
-
-    async def healthz(_: web.Request) -> web.Response:
-        connected = sum(link.connected for link in links)
-        healthy = connected == len(links) and not stopping.is_set()
-        state = "stopping" if stopping.is_set() else "ok" if healthy else "degraded"
-        body = {"status": state, "instances": len(links), "connected": connected}
-        return web.json_response(body, status=200 if healthy else 503)
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.health_host, settings.health_port).start()
-    log.info("health endpoint on http://%s:%d/healthz", settings.health_host, settings.health_port)
-    return runner
+# ----- Lifecycle / 生命周期：clients, health endpoint, signals, logging, main -----------------------------
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
-    """Run the stream connection(s) (and health endpoint) until `stop` is set; return an exit code."""
-    ledger = CallbackLedger()
-    stopping, accepted = asyncio.Event(), asyncio.Event()
-    async with aiohttp.ClientSession() as http:
-        links = [
-            StreamLink(f"stream-{i + 1}", build_client(settings, ActionHandler(settings, http, ledger)), http,
-                       settings, accepted, stopping)
-            for i in range(settings.instances)
-        ]  # fmt: skip
-        runner = None
-        if settings.health_port:
-            try:
-                runner = await start_health_server(settings, links, stopping)
-            except OSError as exc:
-                log.error("cannot serve HEALTH_PORT=%d: %s", settings.health_port, exc)
-                return 2
-        tasks = [asyncio.create_task(link.run(), name=link.name) for link in links]
-        log.info("serving %d action(s) with %d stream instance(s)", len(ACTIONS), len(links))
-        stop_waiter = asyncio.create_task(stop.wait())
-        exit_code = 0
+    """Run settings.instances clients in this event loop, as the official example does (credential -> client
+    -> register the handler -> start), plus the health endpoint, until `stop` is set. Return an exit code:
+    0, or 2 (credentials refused, HEALTH_PORT busy) or 1 (a bug) when the bot could not go on serving."""
+    credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
+    ledger = CallbackLedger()  # one for all clients: DingTalk may redeliver on another connection
+    async with aiohttp.ClientSession() as http:  # one for every webhook reply
+        clients = []
+        for n in range(1, settings.instances + 1):
+            client = StreamClient(credential, settings, name=f"stream-{n}")
+            client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, http, ledger))
+            clients.append(client)
         try:
-            done, _ = await asyncio.wait([stop_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            exit_code = 0 if stop_waiter in done else exit_code_of(done.pop())
-        finally:
-            stopping.set()  # no new callbacks or connections; /healthz answers 503
-            stop_waiter.cancel()
-            await drain(links, settings.shutdown_grace_seconds)
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks, timeout=10)
-            await asyncio.gather(*(link.close() for link in links))
-            for task in tasks:  # retrieve every outcome, so none is reported as "never retrieved"
-                if task.done() and not task.cancelled():
-                    task.exception()
-            if runner is not None:
-                await runner.cleanup()
+            async with health_endpoint(settings, clients):
+                return await start_until(stop, clients, settings.shutdown_grace_seconds)
+        except OSError as exc:
+            log.error("cannot serve HEALTH_PORT=%s: %s", settings.health_port, exc)
+            return 2
+
+
+async def start_until(stop: asyncio.Event, clients: list[StreamClient], grace: float) -> int:
+    """await client.start() for every client until `stop` is set (or one of them gives up), then stop them all."""
+    started = [asyncio.create_task(client.start(), name=client.name) for client in clients]
+    log.info("serving %d action(s) with %d stream client(s)", len(ACTIONS), len(clients))
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopped, *started], return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 0 if stopped in done else exit_code_of(done.pop())
+    finally:
+        stopped.cancel()
+        await asyncio.gather(*(client.stop(grace) for client in clients))
+        await asyncio.wait(started, timeout=10)
+        for task in started:  # collect every outcome, so none is reported as "never retrieved"
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()
     log.info("stopped")
     return exit_code
 
 
+@contextlib.asynccontextmanager
+async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> Any:
+    """GET /healthz on HEALTH_PORT, if set: 200 when every client is connected, else 503 (and while stopping)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        connected = sum(client.connected for client in clients)
+        stopping = any(client.stopping.is_set() for client in clients)
+        healthy = connected == len(clients) and not stopping
+        state = "stopping" if stopping else "ok" if healthy else "degraded"
+        body = {"status": state, "instances": len(clients), "connected": connected}
+        return web.json_response(body, status=200 if healthy else 503)
+
+    if not settings.health_port:
+        yield
+        return
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.health_host, settings.health_port).start()
+        log.info("health endpoint on http://%s:%d/healthz", settings.health_host, settings.health_port)
+        yield
+    finally:
+        await runner.cleanup()
+
+
 def exit_code_of(ended: asyncio.Task) -> int:
-    """A connection task that ended on its own: wrong credentials (2) or a bug (1)."""
+    """A client that ended on its own: wrong credentials (2) or a bug (1)."""
     error = None if ended.cancelled() else ended.exception()
     if isinstance(error, CredentialsRejected):
         log.error(
@@ -1237,14 +1219,15 @@ class RedactingFilter(logging.Filter):
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter((settings.client_secret, *proxy_passwords(settings.proxies))))
+    handler.addFilter(RedactingFilter((settings.client_secret, *settings.proxies.passwords())))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # Per-frame websocket debug output drowns everything else; keep it at INFO or above.
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
 
 
 async def run(settings: Settings) -> int:
-    """Serve until SIGINT/SIGTERM; a second signal exits at once."""
+    """serve() until SIGINT/SIGTERM; a second signal exits at once. Threads still running after the grace
+    period do not hold the exit."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -1261,9 +1244,9 @@ async def run(settings: Settings) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         except NotImplementedError:  # Windows: no loop signal handlers
             signal.signal(signum, lambda s, _f: loop.call_soon_threadsafe(on_signal, s))
-    # After the grace period, threads still running (an action's asyncio.to_thread, or any other) must
-    # not hold the exit: asyncio.run and the interpreter would wait for them without limit (3.11) or
-    # 300 s (3.12+). Our own default pool, so its idle workers can be let go; then a second for the rest.
+    # asyncio.run, and the interpreter, would wait for threads (an action's asyncio.to_thread, or any
+    # other) without limit (3.11) or 300 s (3.12+). Our own default pool lets its idle workers go at the
+    # end; threads still busy a second later are left behind.
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)
     exit_code = await serve(settings, stop)
@@ -1274,8 +1257,10 @@ async def run(settings: Settings) -> int:
         await asyncio.sleep(0.05)
         busy = [t for t in busy if t.is_alive()]
     if busy:
-        log.warning("exiting with %d thread(s) still running (e.g. an action in asyncio.to_thread): %s",
-                    len(busy), ", ".join(t.name for t in busy))  # fmt: skip
+        names = ", ".join(t.name for t in busy)
+        log.warning(
+            "exiting with %d thread(s) still running (e.g. an action in asyncio.to_thread): %s", len(busy), names
+        )
         logging.shutdown()
         sys.stdout.flush()
         os._exit(exit_code)

@@ -105,7 +105,7 @@ def settings_for(fake: FakeDingTalk, **overrides: Any) -> bot.Settings:
         client_id=fake.client_id,
         client_secret=fake.client_secret,
         webhook_allowed_hosts=frozenset({f"{fake.host}:{fake.port}"}),
-        openapi_endpoint=fake.base_url,
+        dingtalk_openapi_endpoint=fake.base_url,
         webhook_timeout_seconds=2.0,
         shutdown_grace_seconds=5.0,
         operations=operations(),

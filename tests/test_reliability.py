@@ -158,6 +158,19 @@ async def test_lost_connection_is_noticed_reflected_and_replaced(fake, remote, s
         assert (await remote(fake.invoke(weather(fake)))).status == 200
 
 
+async def test_silently_dead_connection_is_replaced_within_10_s_on_default_settings(fake, remote, start_bot, caplog):
+    caplog.set_level(logging.INFO, logger="bot")
+    async with start_bot():  # KEEPALIVE_SECONDS and the backoff as shipped
+        [conn] = fake.live_connections()
+        conn.frozen = True  # a NAT or a laptop lid: no pongs, no acks, no close
+        frozen_at = time.monotonic()
+        replacement = await remote(fake.wait_for(lambda: fake.connections[1:] and fake.connections[1], 10))
+        replaced_in = time.monotonic() - frozen_at
+        assert (await remote(fake.invoke(weather(fake), conn=replacement))).status == 200
+    assert "keepalive ping timeout" in caplog.text
+    print(f"dead connection replaced in {replaced_in:.1f} s")  # shown with -s; the bound is the 10 s wait above
+
+
 # ----- odd frames: every one is answered or skipped, none stops the bot -----
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,51 @@ def test_parse_rejects_malformed_requests_with_400(data, reason):
         bot.parse_graph_request(data)
     assert err.value.status == 400
     assert reason in err.value.reason
+
+
+# ----- one table of settings: .env.example and the README list exactly the declared ones -----
+
+ROOT = Path(__file__).resolve().parent.parent
+DECLARED = {f.name.upper(): f for f in dataclasses.fields(bot.Settings) if "meaning" in f.metadata}
+
+
+def documented_default(key: str, text: str) -> object:
+    """A default as the docs write it, read the way load_settings() reads the variable."""
+    text = text.strip().strip("`")
+    if key in ("CLIENT_ID", "CLIENT_SECRET"):
+        return "required" if text in ("", "— (required)") else text
+    if text in ("", "unset", "empty"):
+        return bot.Settings.__dataclass_fields__[key.lower()].default
+    row = DECLARED[key]
+    return bot.setting_value(key, text, row.metadata, type(row.default))
+
+
+def declared_defaults() -> dict[str, object]:
+    return {key: "required" if key in ("CLIENT_ID", "CLIENT_SECRET") else f.default for key, f in DECLARED.items()}
+
+
+def test_env_example_lists_exactly_the_declared_settings_with_their_defaults():
+    lines = (ROOT / ".env.example").read_text(encoding="utf-8").splitlines()
+    found = dict(
+        re.fullmatch(r"#? ?([A-Z][A-Z_]+)=(.*)", line).groups()
+        for line in lines
+        if re.fullmatch(r"#? ?[A-Z][A-Z_]+=.*", line)
+    )
+    assert {key: documented_default(key, text) for key, text in found.items()} == declared_defaults()
+
+
+def test_readme_configuration_table_lists_exactly_the_declared_settings_with_their_defaults():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## 8. 配置 / Configuration")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `([A-Z][A-Z_]+)` \| ([^|]*) \|", section, flags=re.MULTILINE)
+    assert {key: documented_default(key, text) for key, text in rows} == declared_defaults()
+    assert len(rows) == len(DECLARED)  # each once
+
+
+def test_every_setting_is_read_from_its_variable():
+    env = {**CREDENTIALS, "KEEPALIVE_SECONDS": "7.5", "DINGTALK_OPENAPI_ENDPOINT": "http://127.0.0.1:1/"}
+    settings = bot.load_settings(env)
+    assert (settings.keepalive_seconds, settings.dingtalk_openapi_endpoint) == (7.5, "http://127.0.0.1:1")
 
 
 # ----- parameters checked and typed from tools.yaml -----
@@ -422,14 +469,14 @@ def test_unusable_proxy_urls_are_a_config_error_without_the_password(value):
 
 def test_proxy_passwords_are_kept_out_of_the_log():
     proxies = bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": "http://alice:p%40ss@proxy:3128"}).proxies
-    assert bot.proxy_passwords(proxies) == ("p@ss",)
+    assert proxies.passwords() == ("p@ss",)
 
 
 @pytest.mark.parametrize("entry", ["https://hooks.example.com", "*.example.com", "hooks.example.com.", "a/b"])
 def test_allowed_hosts_that_are_not_hosts_are_a_config_error(entry):
     with pytest.raises(bot.ConfigError) as err:
         bot.load_settings({**CREDENTIALS, "WEBHOOK_ALLOWED_HOSTS": entry})
-    assert str(err.value).startswith(f"WEBHOOK_ALLOWED_HOSTS entry {entry!r} is not a host or host:port")
+    assert str(err.value).startswith(f"WEBHOOK_ALLOWED_HOSTS={entry!r} has an entry that is not a host or host:port")
 
 
 def test_allowed_hosts_match_the_default_port_and_ipv6():
