@@ -502,36 +502,40 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
+_FITS: dict[str | None, Callable[[Any], bool]] = {
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v)),
+    "boolean": lambda v: isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
 def typed_value(param: Parameter, value: Any) -> Any:
     kind = param.type
     if param.location == "query" and isinstance(value, str) and len(value) < 40:  # query strings carry text
         if kind == "integer" and _INTEGER.fullmatch(value):
             value = int(value)
-        elif kind == "number" and _NUMBER.fullmatch(value):
+        elif kind == "number" and _NUMBER.fullmatch(value) and math.isfinite(float(value)):
             value = int(value) if _INTEGER.fullmatch(value) else float(value)
         elif kind == "boolean" and value.lower() in ("true", "false"):
             value = value.lower() == "true"
     if kind == "integer" and isinstance(value, float) and value.is_integer():
         value = int(value)  # 3.0 in JSON is the integer 3
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    fits = {
-        "integer": numeric and isinstance(value, int),
-        "number": numeric and math.isfinite(value),
-        "boolean": isinstance(value, bool),
-        "string": isinstance(value, str),
-        "array": isinstance(value, list),
-        "object": isinstance(value, dict),
-    }.get(kind or "", True)  # no type, or one we do not know: anything goes
-    if not fits:
+    fits = _FITS.get(kind)  # None: no type, or one we do not know; anything goes
+    if fits is not None and not fits(value):
         article = "an" if kind == "integer" else "a"
         raise GraphError(400, f"parameter {param.name} must be {article} {kind}, got {shown(value)}")
     if param.enum is not None and not any(same(value, e) for e in param.enum):
         choices = ", ".join(map(str, param.enum))
         raise GraphError(400, f"parameter {param.name} must be one of {choices}, got {shown(value)}")
     low, high = param.minimum, param.maximum
-    if numeric and ((low is not None and value < low) or (high is not None and value > high)):
-        limits = [f"at least {low}" if low is not None else "", f"at most {high}" if high is not None else ""]
-        raise GraphError(400, f"parameter {param.name} must be {' and '.join(filter(None, limits))}, got {value}")
+    if (low is not None or high is not None) and _FITS["number"](value):
+        if (low is not None and value < low) or (high is not None and value > high):
+            limits = [f"at least {low}" if low is not None else "", f"at most {high}" if high is not None else ""]
+            limits_text = " and ".join(filter(None, limits))
+            raise GraphError(400, f"parameter {param.name} must be {limits_text}, got {shown(value)}")
     return value
 
 

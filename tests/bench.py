@@ -581,7 +581,8 @@ async def run_benchmark(plan: Plan) -> Measurements:
     m = Measurements()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
-        shutil.copy(ROOT / "bot.py", workdir / "bot.py")
+        for name in ("bot.py", "tools.yaml"):
+            shutil.copy(ROOT / name, workdir / name)
         for scenario in (scenario_concurrency, scenario_responsiveness, scenario_throughput, scenario_official):
             try:
                 await scenario(m, plan, workdir)
