@@ -59,7 +59,7 @@ def test_list_shows_each_operation_with_its_mode_without_starting_the_bot():
     assert "display: auto — data for the assistant's model" in rate
     assert "parameters (query string):" in rate
     assert re.search(r"currency +string, required, one of USD, EUR, JPY, HKD\n", rate)
-    assert re.search(r"amount +number, optional, ≥ 0$", rate)
+    assert re.search(r"amount +number, optional, 0–1000000000$", rate)
     assert "filled in by DingTalk" not in rate
 
     on_call = blocks[f"POST {ON_CALL}"]
