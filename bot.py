@@ -99,7 +99,6 @@ log = logging.getLogger("bot")
 
 # ----- Settings / 配置 ------------------------------------------------------------------------------
 
-GRAPH_TOPIC = dingtalk_stream.GraphMessage.TOPIC  # "/v1.0/graph/api/invoke"
 TOOLS_FILE = Path(__file__).with_name("tools.yaml")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
