@@ -46,9 +46,13 @@ from dotenv import load_dotenv
 from websockets.protocol import State as WebSocketState
 
 # ----- Your actions / 你的动作 --------------------------------------------------------------------
-# One async function per path in tools.yaml; it gets the parameters it names, checked and typed from
-# tools.yaml. Return what the operation's x-dingtalk-display-result asks for:
+# One `async def` per path in tools.yaml, written above ACTIONS and registered in it. It gets the parameters
+# it names (context ones such as userId too), checked and typed from tools.yaml. Return what the operation's
+# x-dingtalk-display-result asks for:
 #   auto: data (dict or list)   markdown: a str   disabled: a str of markdown, or Card(...) of your own
+
+DEMO_RATES = {"USD": 7.12, "EUR": 7.71, "JPY": 0.047, "HKD": 0.91}  # CNY per unit
+DEMO_PEOPLE = ("张伟 Zhang Wei", "李娜 Li Na", "王芳 Wang Fang")
 
 
 async def get_weather(location: str, date: str = "今天") -> str:
@@ -76,9 +80,6 @@ ACTIONS: dict[str, Action] = {
     "/v1/actions/exchange-rate": get_exchange_rate,
     "/v1/actions/on-call": get_on_call,
 }
-
-DEMO_RATES = {"USD": 7.12, "EUR": 7.71, "JPY": 0.047, "HKD": 0.91}  # CNY per unit
-DEMO_PEOPLE = ("张伟 Zhang Wei", "李娜 Li Na", "王芳 Wang Fang")
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def setting_value(key: str, text: str, row: Mapping[str, Any], kind: type) -> An
     try:
         value = parse(text)
     except ValueError as exc:
-        problem = str(exc) if row["parse"] else f"is not a valid {parse.__name__}"
+        problem = f"is not a valid {parse.__name__}" if parse in (int, float) else str(exc)
         raise ConfigError(f"{key}={text!r} {problem}") from None
     low, high = row["low"], row["high"]
     if low is not None and not low <= value <= high:
@@ -297,6 +298,7 @@ class Parameter:
     minimum: float | None = None
     maximum: float | None = None
     context: dict[str, Any] | None = None  # x-dingtalk-context: DingTalk fills it in, not the model
+    example: Any = None  # what the simulator sends when given no value
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,7 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     actions = ACTIONS if actions is None else actions
     name = path.name
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = yaml.load(path.read_text(encoding="utf-8"), UniqueKeyLoader)  # a SafeLoader: safe_load, stricter
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -348,6 +350,20 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     for operation in operations.values():
         check_operation(f"{name}: {operation.method} {operation.path}", operation, actions[operation.path])
     return operations
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice is an error: a second `paths:` pasted at the end of the file
+    would otherwise silently replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        for key, (key_node, _) in zip(keys, node.value, strict=True):
+            if keys.count(key) > 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice in one mapping", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_operation(spec: dict, route: str, method: str, op: Any, shared: Any) -> Operation:
@@ -402,6 +418,7 @@ def parameter(name: str, location: str, schema: dict, required: Any) -> Paramete
         schema.get("minimum"),
         schema.get("maximum"),
         context if isinstance(context, dict) else None,
+        schema.get("example"),
     )
 
 
@@ -412,6 +429,8 @@ def check_operation(where: str, operation: Operation, action: Action) -> None:
             f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
             "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
         )
+    if not inspect.iscoroutinefunction(action):
+        raise ConfigError(f"{where}: its action {action.__name__}() must be an async def (it is awaited)")
     declared = {p.name for p in operation.parameters}
     for needed in action_parameters(action).required:
         if needed not in declared:
@@ -958,6 +977,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         lived = time.monotonic() - conn.opened_at if conn else 0.0
         self.failures = 0 if lived >= HEALTHY_AFTER_SECONDS else self.failures + 1
         delay = max(reconnect_delay(self.failures), self.limiter.wait_needed())
+        if not self.accepted and log_level == logging.WARNING:  # never reached DingTalk yet
+            problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)"
         log.log(log_level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), delay)

@@ -110,6 +110,8 @@ def parse_args(operation: bot.Operation, words: list[str]) -> dict[str, Any]:
             raise UsageError("the JSON argument must be an object")
         return value
     declared = {p.name: p for p in user_parameters(operation)}
+    if not words:  # nothing typed: the examples tools.yaml gives, so a bare `python -m tests.simulate` works
+        return {p.name: convert(p, str(p.example)) for p in declared.values() if p.example is not None}
     params: dict[str, Any] = {}
     positional = iter(declared.values())
     for word in words:

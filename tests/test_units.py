@@ -266,6 +266,7 @@ def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
         ),
         (lambda t: t.replace("openapi: 3.0.1", "swagger: '2.0'"), "tools.yaml is not an OpenAPI 3 description"),
         (lambda t: t + "\n  bad: [unclosed\n", "tools.yaml is not valid YAML"),
+        (lambda t: t + "\npaths:\n  /v1/actions/stock:\n    post: {}\n", "'paths' appears twice in one mapping"),
         (lambda t: t.replace("#/components/schemas/WeatherRequest", "#/components/schemas/Nothing"), "names nothing"),
         (
             lambda t: t.replace("format: sessionWebhook", "format: runId"),
@@ -273,7 +274,17 @@ def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
         ),
         (lambda t: t.replace("required: [location]", "required: []").replace("location:\n", "place:\n"), "'location'"),
     ],
-    ids=["path-without-action", "bad-mode", "put", "swagger-2", "not-yaml", "dangling-ref", "no-webhook", "undeclared"],
+    ids=[
+        "path-without-action",
+        "bad-mode",
+        "put",
+        "swagger-2",
+        "not-yaml",
+        "second-paths",
+        "dangling-ref",
+        "no-webhook",
+        "undeclared",
+    ],
 )
 def test_tools_yaml_mismatch_is_a_one_line_config_error(tmp_path, change, message):
     with pytest.raises(bot.ConfigError) as err:
@@ -285,6 +296,15 @@ def test_an_action_without_an_operation_is_a_config_error(tmp_path):
     with pytest.raises(bot.ConfigError) as err:
         load(tmp_path, TOOLS, {**bot.ACTIONS, "/v1/actions/extra": bot.get_weather})
     assert str(err.value) == "ACTIONS in bot.py has /v1/actions/extra, but tools.yaml does not declare it"
+
+
+def test_an_action_that_is_not_async_is_a_config_error(tmp_path):
+    def get_weather(location: str) -> str:
+        return location
+
+    with pytest.raises(bot.ConfigError) as err:
+        load(tmp_path, TOOLS, {**bot.ACTIONS, "/v1/actions/weather": get_weather})
+    assert "its action get_weather() must be an async def" in str(err.value)
 
 
 def test_a_missing_tools_yaml_is_a_config_error_naming_the_file(tmp_path):
