@@ -24,6 +24,7 @@ import pytest
 
 import bot
 from tests.fake_dingtalk import FakeDingTalk, unproxied_loopback
+from tests.samples import PRELUDE, SAMPLE_ACTIONS, SAMPLE_TOOLS
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -85,14 +86,11 @@ def fake(remote: FakeThread) -> FakeDingTalk:
     return remote.fake
 
 
-TOOLS_ACTIONS = dict(bot.ACTIONS)  # the actions tools.yaml declares, before any test adds its own
-
-
 def operations() -> dict[str, bot.Operation]:
-    """tools.yaml's operations, plus a `disabled` POST one for each action a test registered beside them."""
-    ops = bot.load_operations(actions=TOOLS_ACTIONS)
+    """The sample skills' operations, plus a `disabled` POST one for each action a test registered beside them."""
+    ops = bot.load_operations(SAMPLE_TOOLS, SAMPLE_ACTIONS)
     for path, action in bot.ACTIONS.items():
-        if path not in TOOLS_ACTIONS:
+        if path not in SAMPLE_ACTIONS:
             required = bot.action_parameters(action).required
             params = [bot.Parameter(name, "body", "string", required=True) for name in required]
             params.append(bot.Parameter("sessionWebhook", "body", "string", context=bot.WEBHOOK_CONTEXT))
@@ -120,8 +118,12 @@ class InProcessBot:
 
 
 @pytest.fixture
-def start_bot(remote: FakeThread) -> Callable[..., contextlib.AbstractAsyncContextManager[InProcessBot]]:
-    """`async with start_bot(**settings) as running:` serves the bot in this loop until the block ends."""
+def start_bot(
+    remote: FakeThread, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., contextlib.AbstractAsyncContextManager[InProcessBot]]:
+    """`async with start_bot(**settings) as running:` serves the bot, with the sample skills, in this loop until
+    the block ends. (A test may add actions to bot.ACTIONS before starting it.)"""
+    monkeypatch.setattr(bot, "ACTIONS", dict(SAMPLE_ACTIONS))
 
     @contextlib.asynccontextmanager
     async def run(connected: int | None = None, **overrides: Any) -> AsyncIterator[InProcessBot]:
@@ -142,8 +144,9 @@ def start_bot(remote: FakeThread) -> Callable[..., contextlib.AbstractAsyncConte
 
 
 class BotProcess:
-    """`python bot.py` as a user runs it, from a copy in a directory of its own (so no developer's
-    .env next to the real bot.py is read). Its output (stdout+stderr) is collected as it comes."""
+    """`python bot.py` as a user runs it, from a copy in a directory of its own (so no developer's .env next to
+    the real bot.py is read), serving the sample skills: run_bot.py runs PRELUDE (and a test's own `prelude`),
+    then bot.main(). Its output (stdout+stderr) is collected as it comes."""
 
     def __init__(self, env: dict[str, str], workdir: Path, prelude: str = "", tools: str | None = None) -> None:
         self.env, self.workdir, self.prelude, self.tools = env, workdir, prelude, tools
@@ -152,16 +155,12 @@ class BotProcess:
         self._reader: asyncio.Task | None = None
 
     async def start(self) -> BotProcess:
-        for name in ("bot.py", "tools.yaml"):
-            shutil.copy(ROOT / name, self.workdir / name)
-        if self.tools is not None:  # a test's own tools.yaml ("" for none at all)
-            (self.workdir / "tools.yaml").unlink()
-            if self.tools:
-                (self.workdir / "tools.yaml").write_text(self.tools, encoding="utf-8")
-        script = "bot.py"
-        if self.prelude:  # e.g. a test's own action, registered before main() runs
-            script = "run_bot.py"
-            (self.workdir / script).write_text(f"{self.prelude}\nraise SystemExit(bot.main())\n")
+        shutil.copy(ROOT / "bot.py", self.workdir / "bot.py")
+        tools = SAMPLE_TOOLS.read_text(encoding="utf-8") if self.tools is None else self.tools
+        if tools:  # "" for no tools.yaml at all
+            (self.workdir / "tools.yaml").write_text(tools, encoding="utf-8")
+        script = "run_bot.py"
+        (self.workdir / script).write_text(f"{PRELUDE}\n{self.prelude}\nraise SystemExit(bot.main())\n")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             script,

@@ -24,22 +24,21 @@ from hypothesis import strategies as st
 import bot
 from tests.conftest import ROOT, FakeThread
 from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, bot_env, graph_request
+from tests.samples import ON_CALL, PRELUDE, RATE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 DOCUMENTED_STATUSES = {200, 400, 404, 500, 502}
-WEATHER = "/v1/actions/weather"
-RATE = "/v1/actions/exchange-rate"
-ON_CALL = "/v1/actions/on-call"
 
 
 class RunningBot:
     def __init__(self, remote: FakeThread, workdir: Path) -> None:
         self.remote, self.fake = remote, remote.fake
-        for name in ("bot.py", "tools.yaml"):
-            shutil.copy(ROOT / name, workdir / name)
+        shutil.copy(ROOT / "bot.py", workdir / "bot.py")
+        shutil.copy(SAMPLE_TOOLS, workdir / "tools.yaml")
+        (workdir / "run_bot.py").write_text(f"{PRELUDE}\nraise SystemExit(bot.main())\n")
         env = bot_env(self.fake, WEBHOOK_TIMEOUT_SECONDS="2", LOG_LEVEL="WARNING")
         self.proc = subprocess.Popen(
-            [sys.executable, "bot.py"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [sys.executable, "run_bot.py"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         # keep reading so a chatty log can never fill the pipe and stall the bot
         self.output = bytearray()
@@ -135,7 +134,7 @@ def test_random_callbacks_keep_the_invariants(running_bot: RunningBot) -> None:
 
 # ----- the parameter checks alone: any value for a declared parameter is accepted or a 400, never a crash -----
 
-OPERATIONS = list(bot.load_operations().values())
+OPERATIONS = list(bot.load_operations(SAMPLE_TOOLS, SAMPLE_ACTIONS).values())
 
 
 def query_text() -> st.SearchStrategy[str]:

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.fake_dingtalk import bot_env, graph_request
+from tests.samples import SAMPLE_TOOLS
 
 WEATHER = "/v1/actions/weather"
 PARAMS = {"location": "杭州", "date": "明天"}
@@ -34,11 +34,15 @@ async def test_bad_setting_exits_2_naming_it(fake, bot_process):
 
 
 async def test_tools_yaml_path_without_action_exits_2_naming_it_before_any_network_call(fake, bot_process):
-    tools = (ROOT / "tools.yaml").read_text(encoding="utf-8")
-    extra = "  /v1/actions/stock:\n    post:\n      operationId: GetStock\n      x-dingtalk-display-result: auto\n"
+    tools = SAMPLE_TOOLS.read_text(encoding="utf-8")
+    extra = (
+        "  /v1/actions/no-such-action:\n    post:\n      operationId: Nothing\n      x-dingtalk-display-result: auto\n"
+    )
     process = await bot_process(bot_env(fake), tools=tools.replace("paths:\n", f"paths:\n{extra}"))
     assert await process.wait(10) == 2
-    assert process.lines == ["error: tools.yaml declares /v1/actions/stock, but ACTIONS in bot.py has no action for it"]
+    assert process.lines == [
+        "error: tools.yaml declares /v1/actions/no-such-action, but ACTIONS in bot.py has no action for it"
+    ]
     assert fake.open_attempts == 0
 
 

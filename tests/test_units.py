@@ -11,34 +11,10 @@ from pathlib import Path
 import pytest
 
 import bot
+from tests import samples
+from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS
 
-# ----- actions -----
-
-
-async def test_get_weather_echoes_place_and_day_as_demo_data():
-    markdown = await bot.get_weather(location="杭州", date="明天")
-    assert "杭州" in markdown and "明天" in markdown
-    assert "演示数据" in markdown and "Demo data" in markdown
-
-
-async def test_get_weather_defaults_to_today():
-    assert "今天" in await bot.get_weather(location="北京")
-
-
-async def test_get_exchange_rate_returns_data_for_the_assistant():
-    data = await bot.get_exchange_rate(currency="USD", amount=100)
-    assert data == {"currency": "USD", "amount": 100, "cny": 712.0, "rate": 7.12, "demo": True}
-
-
-async def test_get_exchange_rate_of_an_unknown_currency_fails_loudly():
-    with pytest.raises(KeyError):  # tools.yaml's enum keeps other currencies out: reaching here is a bug
-        await bot.get_exchange_rate(currency="GBP")
-
-
-async def test_get_on_call_is_a_markdown_table_with_one_row_a_week():
-    markdown = await bot.get_on_call(team="运维", weeks=3)
-    assert markdown.startswith("**运维**") and "演示数据 / demo data" in markdown
-    assert [line.split("|")[1].strip() for line in markdown.splitlines()[-3:]] == ["1", "2", "3"]
+# ----- running an action -----
 
 
 async def test_run_action_passes_only_declared_parameters():
@@ -61,7 +37,7 @@ async def test_run_action_with_kwargs_gets_every_parameter():
 
 async def test_run_action_missing_parameter_is_400_without_calling_it():
     with pytest.raises(bot.GraphError) as err:
-        await bot.run_action(bot.get_weather, {"date": "明天"}, 1)
+        await bot.run_action(samples.get_weather, {"date": "明天"}, 1)
     assert err.value.status == 400
     assert "location" in err.value.reason
 
@@ -183,7 +159,7 @@ def test_every_setting_is_read_from_its_variable():
 
 # ----- parameters checked and typed from tools.yaml -----
 
-OPERATIONS = bot.load_operations()
+OPERATIONS = bot.load_operations(SAMPLE_TOOLS, SAMPLE_ACTIONS)
 RATE = OPERATIONS["GET /v1/actions/exchange-rate"]
 ON_CALL = OPERATIONS["POST /v1/actions/on-call"]
 
@@ -227,13 +203,13 @@ def test_parameters_that_do_not_fit_are_400_naming_the_parameter(operation, para
 
 # ----- tools.yaml read at start -----
 
-TOOLS = (Path(__file__).resolve().parent.parent / "tools.yaml").read_text(encoding="utf-8")
+TOOLS = SAMPLE_TOOLS.read_text(encoding="utf-8")
 
 
 def load(tmp_path: Path, text: str, actions: dict | None = None) -> dict:
     path = tmp_path / "tools.yaml"
     path.write_text(text, encoding="utf-8")
-    return bot.load_operations(path, bot.ACTIONS if actions is None else actions)
+    return bot.load_operations(path, SAMPLE_ACTIONS if actions is None else actions)
 
 
 def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
@@ -294,7 +270,7 @@ def test_tools_yaml_mismatch_is_a_one_line_config_error(tmp_path, change, messag
 
 def test_an_action_without_an_operation_is_a_config_error(tmp_path):
     with pytest.raises(bot.ConfigError) as err:
-        load(tmp_path, TOOLS, {**bot.ACTIONS, "/v1/actions/extra": bot.get_weather})
+        load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, "/v1/actions/extra": samples.get_weather})
     assert str(err.value) == "ACTIONS in bot.py has /v1/actions/extra, but tools.yaml does not declare it"
 
 
@@ -303,7 +279,7 @@ def test_an_action_that_is_not_async_is_a_config_error(tmp_path):
         return location
 
     with pytest.raises(bot.ConfigError) as err:
-        load(tmp_path, TOOLS, {**bot.ACTIONS, "/v1/actions/weather": get_weather})
+        load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, "/v1/actions/weather": get_weather})
     assert "its action get_weather() must be an async def" in str(err.value)
 
 
