@@ -327,6 +327,8 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
         raise ConfigError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{name} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{name} is nested too deeply to read") from None
     if not (isinstance(spec, dict) and str(spec.get("openapi", "")).startswith("3.") and spec.get("paths")):
         raise ConfigError(f"{name} is not an OpenAPI 3 description with paths (openapi: 3.0.1, paths: ...)")
     if not isinstance(spec["paths"], dict):
@@ -374,20 +376,35 @@ def read_operation(spec: dict, route: str, method: str, op: Any, shared: Any) ->
     if display not in DISPLAY_MODES:
         raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(DISPLAY_MODES)}")
     parameters: dict[str, Parameter] = {}
-    for entry in [*(shared or []), *(op.get("parameters") or [])]:
+    for entry in [*listed(shared, "parameters", where), *listed(op.get("parameters"), "parameters", where)]:
         entry = resolve(spec, entry, where)
         if entry.get("in") == "query" and isinstance(entry.get("name"), str):
             schema = resolve(spec, entry.get("schema") or {}, where)
-            parameters[entry["name"]] = parameter(entry["name"], "query", {**schema, **entry}, entry.get("required"))
+            parameters[entry["name"]] = parameter(
+                entry["name"], "query", {**schema, **entry}, entry.get("required"), where
+            )
     if (body := op.get("requestBody")) is not None:
         try:
             schema = resolve(spec, body["content"]["application/json"]["schema"], where)
         except (KeyError, TypeError):
             raise ConfigError(f"{where}: requestBody needs content: application/json: schema") from None
-        required = schema.get("required") or []
-        for prop_name, prop in (schema.get("properties") or {}).items():
-            parameters[prop_name] = parameter(prop_name, "body", resolve(spec, prop, where), prop_name in required)
+        required = listed(schema.get("required"), "the body schema's required (names, e.g. [location])", where)
+        properties = schema.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise ConfigError(f"{where}: the body schema's properties must be a mapping of name -> schema")
+        for prop_name, prop in properties.items():
+            parameters[prop_name] = parameter(
+                prop_name, "body", resolve(spec, prop, where), prop_name in required, where
+            )
     return Operation(method.upper(), route, display, tuple(parameters.values()))
+
+
+def listed(value: Any, what: str, where: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: {what} must be a list")
+    return value
 
 
 def resolve(spec: dict, node: Any, where: str) -> dict:
@@ -407,14 +424,18 @@ def resolve(spec: dict, node: Any, where: str) -> dict:
     raise ConfigError(f"{where}: $refs go round in a circle")
 
 
-def parameter(name: str, location: str, schema: dict, required: Any) -> Parameter:
+def parameter(name: str, location: str, schema: dict, required: Any, where: str) -> Parameter:
     enum, context = schema.get("enum"), schema.get("x-dingtalk-context")
+    for bound in ("minimum", "maximum"):
+        limit = schema.get(bound)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float)):
+            raise ConfigError(f"{where}: {name}'s {bound} must be a number, not {limit!r}")
     return Parameter(
         name,
         location,
         schema.get("type") if isinstance(schema.get("type"), str) else None,
         required is True,
-        tuple(enum) if isinstance(enum, list) else None,
+        tuple(listed(enum, f"{name}'s enum", where)) if enum is not None else None,
         schema.get("minimum"),
         schema.get("maximum"),
         context if isinstance(context, dict) else None,
@@ -488,14 +509,17 @@ def parse_graph_request(data: Any) -> GraphCall:
         raise GraphError(400, f"unsupported method {method!r}")
     if not isinstance(uri, str):
         raise GraphError(400, "requestLine.uri is not a string")
-    url = urlsplit(uri)
+    try:
+        url = urlsplit(uri)
+    except ValueError:
+        raise GraphError(400, "requestLine.uri is not a valid URI") from None
     body: Any = request.body
     if body in (None, ""):
         body = {}
     elif isinstance(body, str):
         try:
             body = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             body = None
     if not isinstance(body, dict):
         raise GraphError(400, "body is not a JSON object")
@@ -562,7 +586,10 @@ def same(value: Any, choice: Any) -> bool:
 
 
 def shown(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    try:
+        text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    except RecursionError:
+        text = f"a deeply nested {type(value).__name__}"
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
@@ -599,7 +626,7 @@ EXPECTED_RESULT = {
 def is_json(data: Any) -> bool:
     try:
         json.dumps(data)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
     return True
 
@@ -815,7 +842,8 @@ RECONNECT_MAX_DELAY_SECONDS = 60.0
 HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the backoff
 OPENS_PER_MINUTE = 10  # per client, whatever the gateway does
 RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
-MAX_FRAMES_IN_FLIGHT = 500  # per connection; past it, reading pauses until one finishes
+RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
+MAX_FRAMES_IN_FLIGHT = 500  # per connection; past it, new callbacks are left for DingTalk to redeliver
 
 
 class CredentialsRejected(Exception):
@@ -861,10 +889,10 @@ async def open_connection(http: aiohttp.ClientSession, settings: Settings, topic
     return f"{endpoint}?ticket={quote_plus(ticket)}"
 
 
-def reconnect_delay(failures: int) -> float:
-    """0-1 s after a healthy connection ends, then about 1, 2, 4 … 60 s, for ever; the jitter keeps bots
-    (and the clients of one bot) out of step."""
-    backoff = 0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), RECONNECT_MAX_DELAY_SECONDS)
+def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS) -> float:
+    """0-1 s after a healthy connection ends, then about 1, 2, 4 … `longest` s, for ever; the jitter keeps
+    bots (and the clients of one bot) out of step."""
+    backoff = 0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)
     return backoff + random.uniform(0, 1)
 
 
@@ -917,23 +945,27 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
         self.limiter = OpenLimiter()
         self.http: aiohttp.ClientSession | None = None
+        # Frames being answered, on any connection, lost ones included: stop() waits for these.
+        self.frame_tasks: dict[asyncio.Task, str] = {}
 
     @property
     def connected(self) -> bool:
         return self.current is not None and self.current.websocket.state is WebSocketState.OPEN
-
-    @property
-    def frame_tasks(self) -> dict[asyncio.Task, str]:
-        """Frames being answered on any of this client's connections."""
-        return {task: mid for conn in self.connections for task, mid in conn.frame_tasks.items()}
 
     async def start(self) -> None:
         """Stay connected until stop(). Credentials refused before any connection ever succeeded are a
         configuration error: CredentialsRejected is raised instead of retrying."""
         self.pre_start()
         async with aiohttp.ClientSession() as self.http:
-            while not self.stopping.is_set():
-                await self.connect_and_serve()
+            try:
+                while not self.stopping.is_set():
+                    await self.connect_and_serve()
+            finally:
+                if not self.stopping.is_set():  # cancelled, or failed, rather than stopped: let nothing dangle
+                    self.stopping.set()
+                    for task in [*self.frame_tasks, *self.retiring]:
+                        task.cancel()
+                    await asyncio.gather(*(conn.close() for conn in list(self.connections)))
 
     async def stop(self, grace: float = 0.0) -> None:
         """Take no new callbacks and open no new connection; give the callbacks in hand up to `grace`
@@ -976,7 +1008,9 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         # connection at once must not make the bot reconnect in a tight loop.
         lived = time.monotonic() - conn.opened_at if conn else 0.0
         self.failures = 0 if lived >= HEALTHY_AFTER_SECONDS else self.failures + 1
-        delay = max(reconnect_delay(self.failures), self.limiter.wait_needed())
+        # A routine `disconnect` is no outage: its replacement waits at most ~5 s even after failures.
+        longest = RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else RECONNECT_MAX_DELAY_SECONDS
+        delay = max(reconnect_delay(self.failures, longest), self.limiter.wait_needed())
         if not self.accepted and log_level == logging.WARNING:  # never reached DingTalk yet
             problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)"
         log.log(log_level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
@@ -1047,8 +1081,6 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
 
     async def read(self, conn: Connection) -> None:
         async for raw in conn.websocket:
-            if len(conn.frame_tasks) >= MAX_FRAMES_IN_FLIGHT:  # back-pressure: read on when one ends
-                await asyncio.wait(list(conn.frame_tasks), return_when=asyncio.FIRST_COMPLETED)
             self.handle_frame(raw, conn)
 
     async def retire(self, conn: Connection, reader: asyncio.Task) -> None:
@@ -1075,16 +1107,21 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             return
         headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
         message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
-        if kind == dingtalk_stream.CallbackMessage.TYPE and (self.stopping.is_set() or conn.retired.is_set()):
-            # left unacked, so DingTalk delivers it again to a live connection
-            why = "stopping" if self.stopping.is_set() else "connection retired"
-            log.info("%s: callback %s left for another connection: %s", self.name, message_id, why)
-            return
+        if kind == dingtalk_stream.CallbackMessage.TYPE:
+            # Left unacked, DingTalk delivers it again to a live connection. (Reading never pauses: the
+            # websocket must go on reading pongs, or keepalive takes the connection down.)
+            why = ("stopping" if self.stopping.is_set() else "connection retired" if conn.retired.is_set()
+                   else f"{MAX_FRAMES_IN_FLIGHT} callbacks in hand" if len(conn.frame_tasks) >= MAX_FRAMES_IN_FLIGHT
+                   else None)  # fmt: skip
+            if why is not None:
+                log.log(logging.WARNING if why[0].isdigit() else logging.INFO,
+                        "%s: callback %s left for another connection: %s", self.name, message_id, why)  # fmt: skip
+                return
         if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
             conn.retired.set()
         task = asyncio.create_task(self.answer_frame(frame, message_id, conn.websocket))
-        conn.frame_tasks[task] = message_id
-        task.add_done_callback(lambda t: conn.frame_tasks.pop(t, None))
+        conn.frame_tasks[task] = self.frame_tasks[task] = message_id
+        task.add_done_callback(lambda t: (conn.frame_tasks.pop(t, None), self.frame_tasks.pop(t, None)))
 
     async def answer_frame(self, frame: dict[str, Any], message_id: str, websocket: Any) -> None:
         """Parse the frame with the SDK, run its handler and send the ack on the socket it came on."""

@@ -131,6 +131,14 @@ def _bad(request: dict, **changes) -> dict:
         (lambda f: graph_request(RATE, {"currency": "GBP"}, method="GET"), 400, "currency must be one of USD"),
         (lambda f: graph_request(ON_CALL, {"team": "运维", "weeks": "two"}), 400, "weeks must be an integer"),
         (lambda f: graph_request(RATE, {"currency": "USD"}), 404, "no action for POST /v1/actions/exchange-rate"),
+        (lambda f: {"requestLine": {"method": "GET", "uri": "http://[::1/x"}, "body": "{}"}, 400, "not a valid URI"),
+        (
+            lambda f: _bad(
+                graph_request(ON_CALL, {"team": "x"}), body='{"team": ' + "[" * 100_000 + "]" * 100_000 + "}"
+            ),
+            400,
+            "body is not a JSON object",
+        ),
     ],
     ids=[
         "data-not-object",
@@ -143,6 +151,8 @@ def _bad(request: dict, **changes) -> dict:
         "not-in-enum",
         "wrong-type",
         "wrong-method",
+        "bad-uri",
+        "body-nested-too-deeply",
     ],
 )
 async def test_bad_callbacks_get_4xx_and_the_bot_keeps_serving(fake, remote, start_bot, make_request, status, reason):

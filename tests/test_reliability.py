@@ -9,10 +9,11 @@ import logging
 import signal
 import time
 
+import dingtalk_stream
 import pytest
 
 import bot
-from tests.conftest import healthz, wait_health, wait_until
+from tests.conftest import healthz, settings_for, wait_health, wait_until
 from tests.fake_dingtalk import GRAPH_TOPIC, ForwardProxy, GraphResult, bot_env, free_port, graph_request
 
 WEATHER = "/v1/actions/weather"
@@ -26,7 +27,7 @@ def weather(fake, session: str | None = None) -> dict:
 @pytest.fixture
 def fast_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retry every 0.2 s, for tests about noticing a fault rather than about the backoff itself."""
-    monkeypatch.setattr(bot, "reconnect_delay", lambda failures: 0.2)
+    monkeypatch.setattr(bot, "reconnect_delay", lambda failures, longest=60.0: 0.2)
 
 
 # ----- 1. wrong credentials at start -----
@@ -170,6 +171,60 @@ async def test_silently_dead_connection_is_replaced_within_10_s_on_default_setti
         assert (await remote(fake.invoke(weather(fake), conn=replacement))).status == 200
     assert "keepalive ping timeout" in caplog.text
     print(f"dead connection replaced in {replaced_in:.1f} s")  # shown with -s; the bound is the 10 s wait above
+
+
+async def test_a_callback_on_a_lost_connection_still_finishes_before_shutdown(fake, remote, start_bot, caplog):
+    caplog.set_level(logging.INFO, logger="bot")
+    fake.webhook_latency = 1.0
+    async with start_bot() as running:
+        [conn] = fake.live_connections()
+        message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=conn))
+        await remote(fake.wait_for(lambda: fake.webhook_posts, 5))  # the reply is in flight ...
+        await remote(fake.drop(conn))  # ... when its connection is lost
+        await wait_until(lambda: "connection lost" in caplog.text)  # and the bot has noticed
+        running.stop.set()
+        assert await asyncio.wait_for(asyncio.shield(running.task), 10) == 0
+    assert f"callback {message_id} POST /v1/actions/weather -> 200" in caplog.text  # replied, in full
+    assert f"ack for {message_id} not sent: the connection closed" in caplog.text
+    assert "abandoned" not in caplog.text and "Session is closed" not in caplog.text
+
+
+async def test_past_the_in_flight_limit_callbacks_are_left_unacked_and_the_connection_lives(
+    fake, remote, start_bot, monkeypatch, caplog
+):
+    monkeypatch.setattr(bot, "MAX_FRAMES_IN_FLIGHT", 3)
+    fake.webhook_latency = 1.5  # longer than the keepalive below: reading must not pause meanwhile
+    async with start_bot(keepalive_seconds=0.5):
+        [conn] = fake.live_connections()
+        ids = [await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=conn)) for _ in range(5)]
+        for message_id in ids[:3]:
+            await remote(fake.wait_ack(message_id, timeout=5))
+        assert fake.live_connections() == [conn]  # still the first connection
+    assert [m for m in ids if m in fake.acks] == ids[:3]  # the two past the limit wait for a redelivery
+    assert f"callback {ids[3]} left for another connection: 3 callbacks in hand" in caplog.text
+
+
+async def test_a_routine_disconnect_soon_after_an_outage_is_replaced_within_seconds(fake, remote, start_bot):
+    fake.open_status = 500  # an outage: three failed opens, 1 + 2 s of backoff
+    async with start_bot(connected=0):
+        await remote(fake.wait_for(lambda: fake.open_attempts >= 3, 10))
+        fake.open_status = None
+        [conn] = await remote(fake.wait_connected(1, 10))
+        await remote(fake.disconnect(conn))  # a disconnect, not a failure: no 8 s backoff
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 6))
+
+
+async def test_a_cancelled_client_start_closes_its_connection(fake, remote):
+    settings = settings_for(fake)
+    credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
+    client = bot.StreamClient(credential, settings)
+    client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, dingtalk_stream.GraphHandler())
+    started = asyncio.create_task(client.start())
+    [conn] = await remote(fake.wait_connected(1))
+    started.cancel()  # as a TaskGroup or the SDK's start_forever() would, instead of stop()
+    with pytest.raises(asyncio.CancelledError):
+        await started
+    await remote(fake.wait_for(lambda: conn.closed.is_set(), 5))
 
 
 # ----- odd frames: every one is answered or skipped, none stops the bot -----

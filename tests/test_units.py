@@ -243,6 +243,20 @@ def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
         (lambda t: t.replace("openapi: 3.0.1", "swagger: '2.0'"), "tools.yaml is not an OpenAPI 3 description"),
         (lambda t: t + "\n  bad: [unclosed\n", "tools.yaml is not valid YAML"),
         (lambda t: t + "\npaths:\n  /v1/actions/stock:\n    post: {}\n", "'paths' appears twice in one mapping"),
+        (
+            lambda t: t.replace(
+                "      parameters:\n        - name: currency",
+                "      parameters: 5\n      x-p:\n        - name: currency",
+            ),
+            "parameters must be a list",
+        ),
+        (
+            lambda t: t.replace("required: [location]", "required: true"),
+            "the body schema's required (names, e.g. [location]) must be a list",
+        ),
+        (lambda t: t.replace("minimum: 1\n", "minimum: '1'\n"), "weeks's minimum must be a number, not '1'"),
+        (lambda t: t.replace("enum: [USD, EUR, JPY, HKD]", "enum: USD"), "currency's enum must be a list"),
+        (lambda t: t.replace("openapi: 3.0.1", "openapi: 3.0.1\nx-deep: " + "[" * 5000 + "]" * 5000), "tools.yaml is"),
         (lambda t: t.replace("#/components/schemas/WeatherRequest", "#/components/schemas/Nothing"), "names nothing"),
         (
             lambda t: t.replace("format: sessionWebhook", "format: runId"),
@@ -257,6 +271,11 @@ def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
         "swagger-2",
         "not-yaml",
         "second-paths",
+        "parameters-not-a-list",
+        "required-true",
+        "minimum-quoted",
+        "enum-scalar",
+        "nested-too-deeply",
         "dangling-ref",
         "no-webhook",
         "undeclared",
