@@ -109,9 +109,10 @@ class ConfigError(Exception):
 
 
 def setting(default: Any, meaning: str, low: float | None = None, high: float | None = None,
-            parse: Callable[[str], Any] | None = None) -> Any:  # fmt: skip
+            parse: Callable[[str], Any] | None = None, required: bool = False) -> Any:  # fmt: skip
     """One row of the settings table: default, allowed range, one-line meaning, and how to read the text."""
-    return field(default=default, metadata={"meaning": meaning, "low": low, "high": high, "parse": parse})
+    metadata = {"meaning": meaning, "low": low, "high": high, "parse": parse, "required": required}
+    return field(default=default, metadata=metadata)
 
 
 def log_level(text: str) -> str:
@@ -178,8 +179,8 @@ class Settings:
     case (or .env). load_settings() parses them from this table; a test keeps .env.example and the README's
     table in step with it."""
 
-    client_id: str = setting("", "Your app's Client ID (required)")
-    client_secret: str = setting("", "Your app's Client Secret (required; never logged)")
+    client_id: str = setting("", "Your app's Client ID", required=True)
+    client_secret: str = setting("", "Your app's Client Secret (never logged)", required=True)
     instances: int = setting(1, "Stream connections in this process", 1, 32)
     health_port: int | None = setting(None, "Serve GET /healthz on this port (unset: no HTTP server)", 1, 65535, int)
     health_host: str = setting("127.0.0.1", "Address of the health endpoint; 0.0.0.0 in a container")
@@ -211,7 +212,7 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         if "meaning" not in row.metadata:
             continue
         key, text = row.name.upper(), env.get(row.name.upper(), "").strip()
-        if not text and key in ("CLIENT_ID", "CLIENT_SECRET"):
+        if not text and row.metadata["required"]:
             raise ConfigError(
                 f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
                 " (or try the bot offline first: python -m tests.simulate)"
@@ -310,7 +311,7 @@ class Operation:
     display: str  # x-dingtalk-display-result: auto, markdown or disabled
     parameters: tuple[Parameter, ...]
 
-    @property
+    @functools.cached_property  # read on every callback of a `disabled` operation
     def webhook(self) -> str | None:
         """The parameter that carries the sessionWebhook, if any."""
         return next((p.name for p in self.parameters if p.context == WEBHOOK_CONTEXT), None)
@@ -963,9 +964,9 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             finally:
                 if not self.stopping.is_set():  # cancelled, or failed, rather than stopped: let nothing dangle
                     self.stopping.set()
-                    for task in [*self.frame_tasks, *self.retiring]:
+                    for task in self.frame_tasks:
                         task.cancel()
-                    await asyncio.gather(*(conn.close() for conn in list(self.connections)))
+                    await self.close_connections()
 
     async def stop(self, grace: float = 0.0) -> None:
         """Take no new callbacks and open no new connection; give the callbacks in hand up to `grace`
@@ -979,6 +980,10 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                 log.warning("callback %s abandoned: still running after the %.3g s grace period", message_id, grace)
                 task.cancel()
             await asyncio.wait(list(pending), timeout=1)
+        await self.close_connections()
+
+    async def close_connections(self) -> None:
+        """Close every connection, retired ones included (their retirement ends with it)."""
         for task in self.retiring:
             task.cancel()
         await asyncio.gather(*(conn.close() for conn in list(self.connections)))

@@ -121,7 +121,7 @@ DECLARED = {f.name.upper(): f for f in dataclasses.fields(bot.Settings) if "mean
 def documented_default(key: str, text: str) -> object:
     """A default as the docs write it, read the way load_settings() reads the variable."""
     text = text.strip().strip("`")
-    if key in ("CLIENT_ID", "CLIENT_SECRET"):
+    if DECLARED[key].metadata["required"]:
         return "required" if text in ("", "— (required)") else text
     if text in ("", "unset", "empty"):
         return bot.Settings.__dataclass_fields__[key.lower()].default
@@ -130,7 +130,7 @@ def documented_default(key: str, text: str) -> object:
 
 
 def declared_defaults() -> dict[str, object]:
-    return {key: "required" if key in ("CLIENT_ID", "CLIENT_SECRET") else f.default for key, f in DECLARED.items()}
+    return {key: "required" if f.metadata["required"] else f.default for key, f in DECLARED.items()}
 
 
 def test_env_example_lists_exactly_the_declared_settings_with_their_defaults():
