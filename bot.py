@@ -26,17 +26,17 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, quote_plus, unquote, urlsplit
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import dingtalk_stream
+import fastjsonschema
 import websockets
 import websockets.exceptions  # websockets>=15 loads submodules lazily; bind it before use
 import yaml
@@ -91,7 +91,7 @@ class Card:
 
 
 # ===== The engine: you should not need to edit below. It reads in the order a callback travels: =====
-# settings -> callback (parse, route, check, run, answer) -> reply -> connection -> lifecycle and main.
+# settings -> operations (tools.yaml) -> callback -> reply -> connection -> lifecycle and main.
 # README "Reliability" explains what it does and why.
 
 Action = Callable[..., Awaitable[Any]]
@@ -100,19 +100,76 @@ log = logging.getLogger("bot")
 
 # ----- Settings / 配置 ------------------------------------------------------------------------------
 
-TOOLS_FILE = Path(__file__).with_name("tools.yaml")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
 
 class ConfigError(Exception):
     """A setting or tools.yaml is wrong; the message is one line naming what and where."""
 
 
-def setting(default: Any, meaning: str, low: float | None = None, high: float | None = None,
-            parse: Callable[[str], Any] | None = None, required: bool = False) -> Any:  # fmt: skip
-    """One row of the settings table: default, allowed range, one-line meaning, and how to read the text."""
-    metadata = {"meaning": meaning, "low": low, "high": high, "parse": parse, "required": required}
-    return field(default=default, metadata=metadata)
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, read from the environment variable of its name in upper case (or .env). Fields without a
+    default are required; .env.example and the README table list the same ones (a test keeps them in step)."""
+
+    client_id: str
+    client_secret: str  # never logged
+    instances: int = 1
+    health_port: int | None = None  # unset: no HTTP server
+    health_host: str = "127.0.0.1"
+    log_level: str = "INFO"
+    webhook_timeout_seconds: float = 5.0
+    # action + reply should stay under ~16 s, the earliest redelivery of an unacked callback reported
+    action_timeout_seconds: float = 10.0
+    shutdown_grace_seconds: float = 20.0
+    connect_timeout_seconds: float = 10.0
+    # ping every 3 s, pong within 3 s: a dead connection is noticed within 6 s, replaced within about 10
+    keepalive_seconds: float = 3.0
+    webhook_allowed_hosts: frozenset[str] = frozenset()
+    dingtalk_openapi_endpoint: str = "https://api.dingtalk.com"
+
+
+SETTING_RANGES = {
+    "instances": (1, 32),
+    "health_port": (1, 65535),
+    "webhook_timeout_seconds": (0.1, 300),
+    "action_timeout_seconds": (0.1, 3600),
+    "shutdown_grace_seconds": (0, 3600),
+    "connect_timeout_seconds": (0.1, 300),
+    "keepalive_seconds": (0.1, 300),
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TYPE_READERS: dict[str, Callable[[str], Any]] = {"int": int, "int | None": int, "float": float, "str": str}
+
+
+def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
+    """Settings from `env`; ConfigError names the variable that is missing or wrong."""
+    values: dict[str, Any] = {}
+    for row in fields(Settings):
+        key, text = row.name.upper(), env.get(row.name.upper(), "").strip()
+        if text:
+            values[row.name] = setting_value(key, text)
+        elif row.default is MISSING:
+            raise ConfigError(
+                f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
+                " (or try the bot offline first: python -m tests.simulate)"
+            )
+    check_proxies(env)
+    return Settings(**values)
+
+
+def setting_value(key: str, text: str) -> Any:
+    """The value of setting `key` written as `text`, or ConfigError."""
+    name = key.lower()
+    kind = Settings.__dataclass_fields__[name].type  # e.g. "int | None"
+    read = SETTING_READERS.get(name) or TYPE_READERS[kind]
+    try:
+        value = read(text)
+    except ValueError as exc:
+        problem = f"is not a valid {read.__name__}" if read in (int, float) else str(exc)
+        raise ConfigError(f"{key}={text!r} {problem}") from None
+    low, high = SETTING_RANGES.get(name, (value, value))
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
+    return value
 
 
 def log_level(text: str) -> str:
@@ -128,11 +185,19 @@ def endpoint(text: str) -> str:
 
 
 def allowed_hosts(text: str) -> frozenset[str]:
-    """WEBHOOK_ALLOWED_HOSTS: "host" (any port) or "host:port", IPv6 as [::1]:8080, comma-separated."""
+    """WEBHOOK_ALLOWED_HOSTS: comma-separated entries."""
     return frozenset(allowed_host(entry) for entry in text.split(",") if entry.strip())
 
 
+SETTING_READERS = {
+    "log_level": log_level,
+    "dingtalk_openapi_endpoint": endpoint,
+    "webhook_allowed_hosts": allowed_hosts,
+}
+
+
 def allowed_host(entry: str) -> str:
+    """One WEBHOOK_ALLOWED_HOSTS entry: "host" (any port) or "host:port", IPv6 as [::1]:8080."""
     entry = entry.strip().lower()
     if any(c in entry for c in "/*@") or entry.endswith("."):
         raise ValueError(f"has an entry that is not a host or host:port (no scheme, path or wildcard): {entry!r}")
@@ -153,205 +218,169 @@ def host_key(host: str, port: int | None) -> str:
     return bracketed if port is None else f"{bracketed}:{port}"
 
 
-@dataclass(frozen=True)
-class Proxies:
-    """One proxy per destination, the same for the connection open, the websocket and the webhook."""
-
-    https: str | None = None  # for https:// and wss://
-    http: str | None = None  # for http:// and ws://
-    no_proxy: str = ""
-
-    def for_url(self, url: str) -> str | None:
-        parts = urlsplit(url)
-        proxy = self.https if parts.scheme in ("https", "wss") else self.http
-        if proxy and urllib.request.proxy_bypass_environment(parts.hostname or "", {"no": self.no_proxy}):
-            return None
-        return proxy
-
-    def passwords(self) -> tuple[str, ...]:
-        """For the log filter."""
-        return tuple(unquote(p) for url in (self.https, self.http) if url and (p := urlsplit(url).password))
+# aiohttp (trust_env) and websockets read these themselves; lower-case names win, as in urllib.
+PROXY_SCHEMES = ("https", "http", "wss", "ws", "socks")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every setting, each declared once here: read from the environment variable of the field's name in upper
-    case (or .env). load_settings() parses them from this table; a test keeps .env.example and the README's
-    table in step with it."""
-
-    client_id: str = setting("", "Your app's Client ID", required=True)
-    client_secret: str = setting("", "Your app's Client Secret (never logged)", required=True)
-    instances: int = setting(1, "Stream connections in this process", 1, 32)
-    health_port: int | None = setting(None, "Serve GET /healthz on this port (unset: no HTTP server)", 1, 65535, int)
-    health_host: str = setting("127.0.0.1", "Address of the health endpoint; 0.0.0.0 in a container")
-    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", parse=log_level)
-    webhook_timeout_seconds: float = setting(5.0, "Give up on a sessionWebhook reply after this long (502)", 0.1, 300)
-    # action + reply should stay under ~16 s, the earliest redelivery of an unacked callback reported
-    action_timeout_seconds: float = setting(10.0, "Give up on an action after this long (504)", 0.1, 3600)
-    shutdown_grace_seconds: float = setting(20.0, "On Ctrl+C / SIGTERM, wait this long for callbacks in hand", 0, 3600)
-    connect_timeout_seconds: float = setting(
-        10.0, "Give up opening a connection (HTTP + handshake) after this", 0.1, 300
-    )
-    # ping every 3 s, pong within 3 s: a dead connection is noticed within 6 s, replaced within about 10
-    keepalive_seconds: float = setting(3.0, "Websocket ping interval and pong timeout", 0.1, 300)
-    webhook_allowed_hosts: frozenset[str] = setting(
-        frozenset(), "Extra webhook hosts for local testing, http allowed: host or host:port", parse=allowed_hosts
-    )
-    dingtalk_openapi_endpoint: str = setting(
-        "https://api.dingtalk.com", "DingTalk's OpenAPI base URL (the simulator points it at a fake)", parse=endpoint
-    )
-    # not from variables of their own: the usual proxy variables, and tools.yaml
-    proxies: Proxies = Proxies()
-    operations: Mapping[str, Operation] = field(default_factory=dict)  # "POST /path" -> Operation
+def proxy_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """The proxy variables aiohttp and websockets will use: name -> value."""
+    found = {}
+    for scheme in PROXY_SCHEMES:
+        key = next((k for k in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY") if env.get(k, "").strip()), None)
+        if key:
+            found[key] = env[key].strip()
+    return found
 
 
-def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
-    """Settings from the environment, and the operations of tools.yaml; ConfigError names what is wrong."""
-    values: dict[str, Any] = {}
-    for row in fields(Settings):
-        if "meaning" not in row.metadata:
-            continue
-        key, text = row.name.upper(), env.get(row.name.upper(), "").strip()
-        if not text and row.metadata["required"]:
-            raise ConfigError(
-                f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
-                " (or try the bot offline first: python -m tests.simulate)"
-            )
-        if text:
-            values[row.name] = setting_value(key, text, row.metadata, type(row.default))
-    return Settings(**values, proxies=read_proxies(env), operations=load_operations())
-
-
-def setting_value(key: str, text: str, row: Mapping[str, Any], kind: type) -> Any:
-    parse = row["parse"] or kind
-    try:
-        value = parse(text)
-    except ValueError as exc:
-        problem = f"is not a valid {parse.__name__}" if parse in (int, float) else str(exc)
-        raise ConfigError(f"{key}={text!r} {problem}") from None
-    low, high = row["low"], row["high"]
-    if low is not None and not low <= value <= high:
-        raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
-    return value
-
-
-def read_proxies(env: Mapping[str, str]) -> Proxies:
-    """HTTPS_PROXY / HTTP_PROXY, else ALL_PROXY, and NO_PROXY; lower-case names win, as in curl.
-    HTTP(S) proxies only: anything else is a ConfigError naming the variable (never its password)."""
-
-    def variable(name: str) -> tuple[str, str] | None:
-        for key in (name.lower(), name):
-            if value := env.get(key, "").strip():
-                return key, value
-        return None
-
-    def proxy(name: str) -> str | None:
-        if (found := variable(name) or variable("ALL_PROXY")) is None:
-            return None
-        key, value = found
-        url = value if "://" in value else f"http://{value}"  # "proxy:3128" means http, as in curl
+def check_proxies(env: Mapping[str, str]) -> None:
+    """Proxies the libraries could not use are a ConfigError at start (naming the variable, never a password)."""
+    for key, value in proxy_variables(env).items():
         shown = re.sub(r"^([^/]*//)?.*@", lambda m: f"{m.group(1) or ''}***@", value)  # without user info
-        if urlsplit(url).scheme.lower().startswith("socks"):
+        if key.lower() == "socks_proxy" or value.lower().startswith("socks"):
             raise ConfigError(
                 f"{key}={shown!r} is a SOCKS proxy, which the bot does not support: "
                 "use an HTTP proxy (HTTPS_PROXY=http://host:port) or unset it"
             )
-        if not usable_proxy(url):
+        try:
+            parts = urlsplit(value)
+            usable = parts.scheme.lower() == "http" and bool(parts.hostname) and parts.port != 0
+        except ValueError:  # e.g. a port that is not a number
+            usable = False
+        if not usable or parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ConfigError(f"{key}={shown!r} is not a proxy URL like http://[user:password@]host:port")
-        return url
-
-    no_proxy = variable("NO_PROXY")
-    return Proxies(proxy("HTTPS_PROXY"), proxy("HTTP_PROXY"), no_proxy[1] if no_proxy else "")
+        if (parts.username is None) != (parts.password is None):
+            raise ConfigError(f"{key}={shown!r} has a user without a password: http://user:password@host:port")
 
 
-def usable_proxy(url: str) -> bool:
-    """http(s)://[user:password@]host[:port][/], which aiohttp and websockets both accept."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:  # e.g. a port that is not a number
-        return False
-    return (
-        parts.scheme.lower() in ("http", "https")
-        and bool(parts.hostname)
-        and port != 0
-        and parts.path in ("", "/")
-        and not (parts.query or parts.fragment)
-        and (parts.username is None) == (parts.password is None)
-    )
+def proxy_passwords(env: Mapping[str, str]) -> tuple[str, ...]:
+    """For the log filter."""
+    passwords = (urlsplit(value).password for value in proxy_variables(env).values())
+    return tuple(unquote(password) for password in passwords if password)
 
 
-# tools.yaml: the operations DingTalk calls, read once at start and matched with ACTIONS.
+# ----- Operations / 操作：tools.yaml, read once at start, matched with the actions ---------------------
 
+TOOLS_FILE = Path(__file__).with_name("tools.yaml")
 DISPLAY_MODES = ("auto", "markdown", "disabled")
 WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One parameter of an operation, as tools.yaml declares it."""
-
-    name: str
-    location: str  # "query" (text, converted to `type`) or "body" (JSON, checked against `type`)
-    type: str | None = None  # integer, number, boolean, string, array, object; None: anything
-    required: bool = False
-    enum: tuple[Any, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    context: dict[str, Any] | None = None  # x-dingtalk-context: DingTalk fills it in, not the model
-    example: Any = None  # what the simulator sends when given no value
+# Keywords of an OpenAPI 3.0 schema: those the validator enforces, and those that describe without a rule.
+CHECKED_KEYWORDS = {
+    *("type", "enum", "const", "format", "nullable", "default", "required", "properties", "additionalProperties"),
+    *("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength"),
+    *("pattern", "items", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties"),
+    *("allOf", "anyOf", "oneOf", "not"),
+}
+DESCRIPTIVE_KEYWORDS = {"title", "description", "example", "deprecated", "readOnly", "writeOnly", "externalDocs"}
+# OpenAPI formats: what the validator checks, what any JSON value already is, and integer ranges.
+CHECKED_FORMATS = {*fastjsonschema.draft07.CodeGeneratorDraft07.FORMAT_REGEXS, "regex"}
+DESCRIPTIVE_FORMATS = {"float", "double", "password"}
+INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
 
 
 @dataclass(frozen=True)
 class Operation:
-    """One operation of tools.yaml: how DingTalk calls it and how its answer is shown."""
+    """One operation of tools.yaml, joined with its action."""
 
     method: str
     path: str
     display: str  # x-dingtalk-display-result: auto, markdown or disabled
-    parameters: tuple[Parameter, ...]
+    action: Action
+    schema: dict[str, Any]  # its parameters (query and body) as one JSON Schema object, draft 7
+    query: frozenset[str]  # the parameters that come as text in the query string
+    webhook: str | None  # the parameter that carries the sessionWebhook
+    validate: Callable[[Any], Any]  # the compiled schema
 
-    @functools.cached_property  # read on every callback of a `disabled` operation
-    def webhook(self) -> str | None:
-        """The parameter that carries the sessionWebhook, if any."""
-        return next((p.name for p in self.parameters if p.context == WEBHOOK_CONTEXT), None)
+    def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """`params` typed (query strings to their declared type) and validated; GraphError(400) names the
+        parameter and the rule it broke."""
+        properties, values = self.schema["properties"], {}
+        for name, value in params.items():
+            kind = properties.get(name, {}).get("type")
+            if value is None and "null" not in kind_list(kind):
+                continue  # null means "not given"
+            values[name] = typed(value, kind, name in self.query)
+        missing = [name for name in self.schema.get("required", ()) if name not in values]
+        if missing:
+            raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
+        try:
+            return self.validate(values)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            where = "parameters" if exc.name == "data" else f"parameter {exc.name.removeprefix('data.')}"
+            rule = exc.message.removeprefix(f"{exc.name} ")
+            raise GraphError(400, f"{where} {rule}, got {shown(exc.value)}") from None
+
+
+def kind_list(kind: Any) -> list:
+    return kind if isinstance(kind, list) else [kind]
+
+
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def typed(value: Any, kind: Any, from_query: bool) -> Any:
+    """A value as its declared type: text from a query string converted, a JSON 3.0 for an integer made 3.
+    A value that does not convert stays as it is, for the validator to refuse."""
+    kinds = kind_list(kind)
+    if from_query and isinstance(value, str):
+        if "integer" in kinds and INTEGER_TEXT.fullmatch(value):
+            return int(value)
+        if "number" in kinds and NUMBER_TEXT.fullmatch(value) and math.isfinite(float(value)):
+            return int(value) if INTEGER_TEXT.fullmatch(value) else float(value)
+        if "boolean" in kinds and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if {"array", "object"} & set(kinds):
+            with contextlib.suppress(ValueError, RecursionError):
+                return json.loads(value)
+    if "integer" in kinds and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def shown(value: Any) -> str:
+    try:
+        text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Operation]:
     """tools.yaml as "METHOD /path" -> Operation, each path matched with an action of `actions` (default
     ACTIONS) and the other way round. Anything amiss is a one-line ConfigError naming the file and the path."""
-    actions = ACTIONS if actions is None else actions
-    name = path.name
     try:
         spec = yaml.load(path.read_text(encoding="utf-8"), UniqueKeyLoader)  # a SafeLoader: safe_load, stricter
     except OSError as exc:
-        raise ConfigError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
+        raise ConfigError(f"{path.name}: cannot read {path} ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{name} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{path.name} is not valid YAML: {' '.join(str(exc).split())}") from None
     except RecursionError:
-        raise ConfigError(f"{name} is nested too deeply to read") from None
+        raise ConfigError(f"{path.name} is nested too deeply to read") from None
+    return operations_of(spec, ACTIONS if actions is None else actions, path.name)
+
+
+def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml") -> dict[str, Operation]:
+    """The operations of an OpenAPI description already read (see load_operations)."""
     if not (isinstance(spec, dict) and str(spec.get("openapi", "")).startswith("3.") and spec.get("paths")):
         raise ConfigError(f"{name} is not an OpenAPI 3 description with paths (openapi: 3.0.1, paths: ...)")
     if not isinstance(spec["paths"], dict):
         raise ConfigError(f"{name}: paths must be a mapping of path -> operations")
+    for route in spec["paths"].keys() - actions.keys():
+        raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it")
+    for route in actions.keys() - spec["paths"].keys():
+        raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it")
     operations: dict[str, Operation] = {}
     for route, item in spec["paths"].items():
         for method, op in item.items() if isinstance(item, dict) else ():
-            if method in ("parameters", "summary", "description") or str(method).startswith("x-"):
+            if method in ("parameters", "summary", "description", "servers") or str(method).startswith("x-"):
                 continue
+            where = f"{name}: {str(method).upper()} {route}"
             if method not in ("get", "post"):
-                raise ConfigError(f"{name}: {str(method).upper()} {route}: DingTalk calls only GET and POST operations")
-            operation = read_operation(spec, route, method, op, item.get("parameters"))
+                raise ConfigError(f"{where}: DingTalk calls only GET and POST operations")
+            operation = read_operation(spec, where, route, method, op, actions[route])
             operations[f"{operation.method} {route}"] = operation
         if not any(op.path == route for op in operations.values()):
             raise ConfigError(f"{name}: {route} has no get or post operation")
-    declared = {op.path for op in operations.values()}
-    for route in declared - actions.keys():
-        raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it")
-    for route in actions.keys() - declared:
-        raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it")
-    for operation in operations.values():
-        check_operation(f"{name}: {operation.method} {operation.path}", operation, actions[operation.path])
     return operations
 
 
@@ -369,35 +398,44 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_operation(spec: dict, route: str, method: str, op: Any, shared: Any) -> Operation:
-    where = f"{TOOLS_FILE.name}: {method.upper()} {route}"
+def read_operation(spec: dict, where: str, route: str, method: str, op: Any, action: Action) -> Operation:
+    """One operation: its display mode, and its query and body parameters as one JSON Schema object."""
     if not isinstance(op, dict):
         raise ConfigError(f"{where} is not a mapping")
     display = op.get("x-dingtalk-display-result", "auto")  # DingTalk's default
     if display not in DISPLAY_MODES:
         raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(DISPLAY_MODES)}")
-    parameters: dict[str, Parameter] = {}
-    for entry in [*listed(shared, "parameters", where), *listed(op.get("parameters"), "parameters", where)]:
-        entry = resolve(spec, entry, where)
-        if entry.get("in") == "query" and isinstance(entry.get("name"), str):
-            schema = resolve(spec, entry.get("schema") or {}, where)
-            parameters[entry["name"]] = parameter(
-                entry["name"], "query", {**schema, **entry}, entry.get("required"), where
-            )
+    schema: dict[str, Any] = {"type": "object", "properties": {}}
     if (body := op.get("requestBody")) is not None:
         try:
-            schema = resolve(spec, body["content"]["application/json"]["schema"], where)
+            body_schema = body["content"]["application/json"]["schema"]
         except (KeyError, TypeError):
             raise ConfigError(f"{where}: requestBody needs content: application/json: schema") from None
-        required = listed(schema.get("required"), "the body schema's required (names, e.g. [location])", where)
-        properties = schema.get("properties") or {}
-        if not isinstance(properties, dict):
-            raise ConfigError(f"{where}: the body schema's properties must be a mapping of name -> schema")
-        for prop_name, prop in properties.items():
-            parameters[prop_name] = parameter(
-                prop_name, "body", resolve(spec, prop, where), prop_name in required, where
-            )
-    return Operation(method.upper(), route, display, tuple(parameters.values()))
+        schema = json_schema(spec, body_schema, f"{where}: the body schema")
+        if schema.get("type") != "object" or not isinstance(schema.get("properties", {}), dict):
+            raise ConfigError(f"{where}: the body schema must be type: object with properties")
+        schema.setdefault("properties", {})
+    query = []
+    shared = spec["paths"][route].get("parameters")
+    for entry in [*listed(shared, "parameters", where), *listed(op.get("parameters"), "parameters", where)]:
+        entry = resolve(spec, entry, where)
+        if entry.get("in") != "query" or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{where}: only query parameters (in: query, with a name) are supported")
+        extras = {k: v for k, v in entry.items() if k == "example" or str(k).startswith("x-")}
+        prop = json_schema(spec, entry.get("schema") or {}, f"{where}: parameter {entry['name']}")
+        schema["properties"][entry["name"]] = prop | extras
+        if entry.get("required") is True:
+            schema["required"] = [*schema.get("required", []), entry["name"]]
+        query.append(entry["name"])
+    webhook = next((n for n, p in schema["properties"].items() if p.get("x-dingtalk-context") == WEBHOOK_CONTEXT), None)
+    if display == "disabled" and webhook is None:
+        raise ConfigError(
+            f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
+            "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
+        )
+    check_action(where, action, schema)
+    validate = compiled(schema, where)
+    return Operation(method.upper(), route, display, action, schema, frozenset(query), webhook, validate)
 
 
 def listed(value: Any, what: str, where: str) -> list:
@@ -425,42 +463,65 @@ def resolve(spec: dict, node: Any, where: str) -> dict:
     raise ConfigError(f"{where}: $refs go round in a circle")
 
 
-def parameter(name: str, location: str, schema: dict, required: Any, where: str) -> Parameter:
-    enum, context = schema.get("enum"), schema.get("x-dingtalk-context")
-    for bound in ("minimum", "maximum"):
-        limit = schema.get(bound)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float)):
-            raise ConfigError(f"{where}: {name}'s {bound} must be a number, not {limit!r}")
-    return Parameter(
-        name,
-        location,
-        schema.get("type") if isinstance(schema.get("type"), str) else None,
-        required is True,
-        tuple(listed(enum, f"{name}'s enum", where)) if enum is not None else None,
-        schema.get("minimum"),
-        schema.get("maximum"),
-        context if isinstance(context, dict) else None,
-        schema.get("example"),
-    )
+def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, Any]:
+    """An OpenAPI 3.0 schema as JSON Schema draft 7: $refs resolved, `nullable` and the boolean exclusive
+    bounds translated, int32/int64 as bounds. A keyword the validator would not enforce is a ConfigError."""
+    if depth > 32:
+        raise ConfigError(f"{where}: the schema is nested too deeply (or its $refs go round in a circle)")
+    node, out = resolve(spec, node, where), {}
+    for key, value in node.items():
+        if key in ("items", "not") or (key == "additionalProperties" and isinstance(value, dict)):
+            out[key] = json_schema(spec, value, where, depth + 1)
+        elif key in ("allOf", "anyOf", "oneOf"):
+            out[key] = [json_schema(spec, v, where, depth + 1) for v in listed(value, key, where)]
+        elif key == "properties" and isinstance(value, dict):
+            out[key] = {name: json_schema(spec, v, f"{where}.{name}", depth + 1) for name, v in value.items()}
+        elif key == "format" and value not in CHECKED_FORMATS | DESCRIPTIVE_FORMATS | INTEGER_FORMATS.keys():
+            raise ConfigError(f"{where}: format {value!r} is not one the bot can check; use pattern instead")
+        elif key in CHECKED_KEYWORDS or key in DESCRIPTIVE_KEYWORDS or str(key).startswith("x-"):
+            out[key] = value
+        else:
+            raise ConfigError(f"{where}: {key!r} is not a schema keyword the bot can check")
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        flag = out.get(exclusive)
+        if isinstance(flag, bool):  # OpenAPI 3.0: a flag on the bound; draft 7: a bound of its own
+            del out[exclusive]
+            if flag and bound in out:
+                out[exclusive] = out.pop(bound)
+    if (limit := INTEGER_FORMATS.get(out.get("format"))) is not None:
+        out.setdefault("minimum", -limit)
+        out.setdefault("maximum", limit - 1)
+    if out.pop("nullable", False) is True:
+        if "type" in out:
+            out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = [*listed(out["enum"], "enum", where), None]
+    return out
 
 
-def check_operation(where: str, operation: Operation, action: Action) -> None:
-    """What the display mode needs from tools.yaml, and what the action needs, must be declared."""
-    if operation.display == "disabled" and operation.webhook is None:
-        raise ConfigError(
-            f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
-            "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
-        )
+def compiled(schema: dict[str, Any], where: str) -> Callable[[Any], Any]:
+    """The schema compiled by fastjsonschema; a rule it cannot compile is a ConfigError naming the parameter."""
+    try:
+        return fastjsonschema.compile(schema)
+    except (fastjsonschema.JsonSchemaDefinitionException, re.error) as exc:
+        for name, prop in schema["properties"].items():  # find which parameter, to name it
+            try:
+                fastjsonschema.compile(prop)
+            except (fastjsonschema.JsonSchemaDefinitionException, re.error) as inner:
+                raise ConfigError(f"{where}: parameter {name}: {inner}") from None
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_action(where: str, action: Action, schema: dict[str, Any]) -> None:
+    """The action must be awaitable and every parameter it requires declared."""
     if not inspect.iscoroutinefunction(action):
         raise ConfigError(f"{where}: its action {action.__name__}() must be an async def (it is awaited)")
-    declared = {p.name for p in operation.parameters}
     for needed in action_parameters(action).required:
-        if needed not in declared:
+        if needed not in schema["properties"]:
             raise ConfigError(f"{where} does not declare {needed!r}, which {action.__name__}() requires")
 
 
-@dataclass(frozen=True)
-class ActionParameters:
+class ActionParameters(NamedTuple):
     names: frozenset[str]  # the keyword parameters it takes
     required: tuple[str, ...]  # those without a default
     takes_all: bool  # it has **params
@@ -490,15 +551,14 @@ class GraphError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class GraphCall:
+class GraphCall(NamedTuple):
     method: str
     path: str
     params: dict[str, Any]
 
 
 def parse_graph_request(data: Any) -> GraphCall:
-    """Turn callback data into method, path and parameters (query string merged with a JSON body)."""
+    """Callback data as method, path and parameters (query string merged with a JSON body)."""
     if not isinstance(data, dict):
         raise GraphError(400, "callback data is not a JSON object")
     try:
@@ -526,72 +586,6 @@ def parse_graph_request(data: Any) -> GraphCall:
         raise GraphError(400, "body is not a JSON object")
     # GET operations carry parameters in the query string, POST ones in the body.
     return GraphCall(method.upper(), url.path, {**dict(parse_qsl(url.query, keep_blank_values=True)), **body})
-
-
-def check_parameters(operation: Operation, params: dict[str, Any]) -> dict[str, Any]:
-    """`params` checked against the operation's declared parameters: required ones present, values of the
-    declared type (query strings converted to it); GraphError(400) naming the parameter if not."""
-    checked = {k: v for k, v in params.items() if v is not None}  # null means "not given"
-    missing = [p.name for p in operation.parameters if p.required and p.name not in checked]
-    if missing:
-        raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
-    for param in operation.parameters:
-        if param.name in checked:
-            checked[param.name] = typed_value(param, checked[param.name])
-    return checked
-
-
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-
-
-_FITS: dict[str | None, Callable[[Any], bool]] = {
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v)),
-    "boolean": lambda v: isinstance(v, bool),
-    "string": lambda v: isinstance(v, str),
-    "array": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-}
-
-
-def typed_value(param: Parameter, value: Any) -> Any:
-    kind = param.type
-    if param.location == "query" and isinstance(value, str) and len(value) < 40:  # query strings carry text
-        if kind == "integer" and _INTEGER.fullmatch(value):
-            value = int(value)
-        elif kind == "number" and _NUMBER.fullmatch(value) and math.isfinite(float(value)):
-            value = int(value) if _INTEGER.fullmatch(value) else float(value)
-        elif kind == "boolean" and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-    if kind == "integer" and isinstance(value, float) and value.is_integer():
-        value = int(value)  # 3.0 in JSON is the integer 3
-    fits = _FITS.get(kind)  # None: no type, or one we do not know; anything goes
-    if fits is not None and not fits(value):
-        article = "an" if kind == "integer" else "a"
-        raise GraphError(400, f"parameter {param.name} must be {article} {kind}, got {shown(value)}")
-    if param.enum is not None and not any(same(value, e) for e in param.enum):
-        choices = ", ".join(map(str, param.enum))
-        raise GraphError(400, f"parameter {param.name} must be one of {choices}, got {shown(value)}")
-    low, high = param.minimum, param.maximum
-    if (low is not None or high is not None) and _FITS["number"](value):
-        if (low is not None and value < low) or (high is not None and value > high):
-            limits = [f"at least {low}" if low is not None else "", f"at most {high}" if high is not None else ""]
-            limits_text = " and ".join(filter(None, limits))
-            raise GraphError(400, f"parameter {param.name} must be {limits_text}, got {shown(value)}")
-    return value
-
-
-def same(value: Any, choice: Any) -> bool:
-    return value == choice and isinstance(value, bool) == isinstance(choice, bool)  # True is not 1 here
-
-
-def shown(value: Any) -> str:
-    try:
-        text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    except RecursionError:
-        text = f"a deeply nested {type(value).__name__}"
-    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
@@ -622,139 +616,129 @@ EXPECTED_RESULT = {
     "markdown": "a str of markdown (shown as is)",
     "disabled": "a str of markdown or a Card (sent through sessionWebhook)",
 }
+REMEMBER_SECONDS = 300.0  # redeliveries are reported 16-60 s after a late ack
+REMEMBERED_CALLBACKS = 100_000
 
 
-def is_json(data: Any) -> bool:
-    try:
-        json.dumps(data)
-    except (TypeError, ValueError, RecursionError):
-        return False
-    return True
-
-
-def graph_response(status: int, payload: Any) -> dict[str, Any]:
+def graph_response(status: int, body: str) -> dict[str, Any]:
     """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
     response = dingtalk_stream.GraphResponse()
     response.status_line.code = status
     response.status_line.reason_phrase = HTTPStatus(status).phrase
     response.headers["Content-Type"] = "application/json"
-    response.body = json.dumps(payload, ensure_ascii=False)
+    response.body = body
     return response.to_dict()
 
 
-REMEMBER_SECONDS = 300.0  # redeliveries are reported 16-60 s after a late ack
-REMEMBERED_CALLBACKS = 100_000
+def failure(reason: str) -> str:
+    return json.dumps({"success": False, "error": reason}, ensure_ascii=False)
 
 
 class CallbackLedger:
-    """Results by messageId, shared by all connections of this process: a redelivered callback is answered
-    from memory, so the user never gets a second reply. A callback in flight is never forgotten; a finished
-    one is kept `ttl` seconds, at most `capacity` of them. (Other processes do not see it: keep actions
+    """The answers of this process's callbacks by messageId, for all its connections: a redelivered callback
+    gets the first answer, so the user never gets a second reply. A callback in flight is never forgotten; a
+    finished one is kept `ttl` seconds, at most `capacity` of them. (Other processes do not see it: keep actions
     idempotent.)"""
 
-    def __init__(self, ttl: float = REMEMBER_SECONDS, capacity: int = REMEMBERED_CALLBACKS,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> future (status, payload)
-        self.finished: OrderedDict[str, tuple[float, asyncio.Future]] = OrderedDict()  # by finishing time
+    def __init__(
+        self,
+        ttl: float = REMEMBER_SECONDS,
+        capacity: int = REMEMBERED_CALLBACKS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl, self.capacity, self.clock = ttl, capacity, clock
+        self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> (status, body) once answered
+        self.finished: dict[str, tuple[float, int, str]] = {}  # messageId -> (finished at, status, body), oldest first
 
-    def claim(self, message_id: str) -> tuple[bool, asyncio.Future]:
-        """(True, new entry) for a first delivery, (False, the first one's result) for a redelivery."""
-        self.expire()
-        if (earlier := self.in_flight.get(message_id)) is not None:
-            return False, earlier
+    async def answer_once(self, message_id: str, answer: Callable[[], Awaitable[tuple[int, str]]]) -> tuple[int, str]:
+        """`answer()` for the first delivery of `message_id`; the first one's answer for a redelivery."""
+        while self.finished and (len(self.finished) > self.capacity or self.oldest() < self.clock() - self.ttl):
+            del self.finished[next(iter(self.finished))]
         if (done := self.finished.get(message_id)) is not None:
-            return False, done[1]
+            log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
+            return done[1], done[2]
+        if (first := self.in_flight.get(message_id)) is not None:
+            log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
+            return await asyncio.shield(first)
         result = self.in_flight[message_id] = asyncio.get_running_loop().create_future()
-        return True, result
-
-    def settle(self, message_id: str, status: int, payload: Any) -> None:
-        """The first delivery has its result: remember it for redeliveries."""
-        result = self.in_flight.pop(message_id)
-        result.set_result((status, payload))
-        self.finished[message_id] = (self.clock(), result)
-
-    def forget(self, message_id: str) -> None:
-        """The first delivery was cancelled before it had a result: let a redelivery start afresh."""
-        result = self.in_flight.pop(message_id, None)
-        if result is not None and not result.done():
+        try:
+            status, body = await answer()
+        except BaseException:  # cancelled before it had an answer: a redelivery starts afresh
             result.cancel()
+            raise
+        finally:
+            del self.in_flight[message_id]
+        result.set_result((status, body))
+        self.finished[message_id] = (self.clock(), status, body)
+        if len(self.finished) > self.capacity:
+            del self.finished[next(iter(self.finished))]
+        return status, body
 
-    def expire(self) -> None:
-        too_old = self.clock() - self.ttl
-        while self.finished:
-            message_id, (finished_at, _) = next(iter(self.finished.items()))
-            if finished_at > too_old and len(self.finished) <= self.capacity:
-                break
-            del self.finished[message_id]
+    def oldest(self) -> float:
+        return next(iter(self.finished.values()))[0]
 
 
 class ActionHandler(dingtalk_stream.GraphHandler):
-    """Serves Graph callbacks: route by tools.yaml to ACTIONS, answer as the display mode says, ack the truth."""
+    """Serves Graph callbacks: route by tools.yaml to the action, answer as the display mode says, ack the truth."""
 
-    def __init__(self, settings: Settings, http: aiohttp.ClientSession, ledger: CallbackLedger) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        operations: Mapping[str, Operation],
+        http: aiohttp.ClientSession,
+        ledger: CallbackLedger,
+    ) -> None:
         super().__init__()
-        self.settings, self.http, self.ledger = settings, http, ledger
+        self.settings, self.operations, self.http, self.ledger = settings, operations, http, ledger
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
         message_id = callback.headers.message_id
-        if not (message_id and isinstance(message_id, str)):  # nothing to recognise a redelivery by
-            status, payload = await self.answer(callback, "-")
-            return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
-        first, result = self.ledger.claim(message_id)
-        if not first:
-            log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
-            status, payload = await asyncio.shield(result)
-        else:
-            try:
-                status, payload = await self.answer(callback, message_id)
-            except asyncio.CancelledError:
-                self.ledger.forget(message_id)
-                raise
-            self.ledger.settle(message_id, status, payload)
-        return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, payload)
+        if isinstance(message_id, str) and message_id:
+            status, body = await self.ledger.answer_once(message_id, lambda: self.answer(callback.data, message_id))
+        else:  # nothing to recognise a redelivery by
+            status, body = await self.answer(callback.data, "-")
+        return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, body)
 
-    async def answer(self, callback: dingtalk_stream.CallbackMessage, message_id: str) -> tuple[int, Any]:
-        started = time.monotonic()
-        call: GraphCall | None = None
+    async def answer(self, data: Any, message_id: str) -> tuple[int, str]:
+        """parse -> route -> check parameters -> run the action -> answer as the display mode says."""
+        started, route = time.monotonic(), "-"
         try:
-            call = parse_graph_request(callback.data)
-            status, payload = 200, await self.serve_call(call)
+            method, path, params = parse_graph_request(data)
+            route = f"{method} {path}"
+            operation = self.operations.get(route)
+            if operation is None:
+                raise GraphError(404, f"no action for {route}")
+            params = operation.check(params)
+            webhook = None
+            if operation.display == "disabled":  # refused before the action runs
+                webhook = check_webhook(params.get(operation.webhook or ""), self.settings.webhook_allowed_hosts)
+            result = await run_action(operation.action, params, self.settings.action_timeout_seconds)
+            status, body = 200, await self.deliver(operation, result, webhook)
         except GraphError as err:
             log.warning("callback %s: %d %s", message_id, err.status, err.reason)
-            status, payload = err.status, {"success": False, "error": err.reason}
+            status, body = err.status, failure(err.reason)
         except Exception:  # a bug here must still produce an ack, or DingTalk waits and redelivers
             log.exception("callback %s: unexpected error", message_id)
-            status, payload = 500, {"success": False, "error": "internal error"}
-        elapsed_ms = (time.monotonic() - started) * 1000
-        path = f"{call.method} {call.path}" if call else "-"
-        log.info("callback %s %s -> %d in %.0f ms", message_id, path, status, elapsed_ms)
-        return status, payload
+            status, body = 500, failure("internal error")
+        log.info("callback %s %s -> %d in %.0f ms", message_id, route, status, (time.monotonic() - started) * 1000)
+        return status, body
 
-    async def serve_call(self, call: GraphCall) -> Any:
-        """Run the action for the call and answer as its operation's display mode says; return the body."""
-        operation = self.settings.operations.get(f"{call.method} {call.path}")
-        if operation is None:
-            raise GraphError(404, f"no action for {call.method} {call.path}")
-        params = check_parameters(operation, call.params)
-        webhook = None
-        if operation.display == "disabled":  # check the webhook before running the action
-            webhook = check_webhook(params.get(operation.webhook or ""), self.settings.webhook_allowed_hosts)
-        action = ACTIONS[call.path]
-        result = await run_action(action, params, self.settings.action_timeout_seconds)
-        if operation.display == "auto" and isinstance(result, dict | list) and is_json(result):
-            return result  # the assistant's model presents the data
-        if operation.display == "markdown" and isinstance(result, str):
-            return {"content": result}  # shown as is
-        if operation.display == "disabled" and isinstance(result, str | Card) and webhook is not None:
+    async def deliver(self, operation: Operation, result: Any, webhook: str | None) -> str:
+        """The action's result as its operation's display mode asks: the Graph response body."""
+        if operation.display == "auto" and isinstance(result, dict | list):
+            with contextlib.suppress(TypeError, ValueError, RecursionError):  # not JSON: said below
+                return json.dumps(result, ensure_ascii=False)
+        elif operation.display == "markdown" and isinstance(result, str):
+            return json.dumps({"content": result}, ensure_ascii=False)
+        elif operation.display == "disabled" and isinstance(result, str | Card) and webhook:
             card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
-            await reply_card(self.http, webhook, card, self.settings)
-            return {"success": True}
+            await reply_card(self.http, webhook, card, self.settings.webhook_timeout_seconds)
+            return '{"success": true}'
         log.error(
             "action %s returned %s, but %s %s is x-dingtalk-display-result: %s, which expects %s",
-            action.__name__, type(result).__name__, call.method, call.path, operation.display,
-            EXPECTED_RESULT[operation.display],
-        )  # fmt: skip
+            *(operation.action.__name__, type(result).__name__, operation.method, operation.path),
+            *(operation.display, EXPECTED_RESULT[operation.display]),
+        )
         raise GraphError(500, "internal error in action")
 
 
@@ -764,14 +748,15 @@ MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID  #
 # AI assistant webhooks live on api.dingtalk.com, chatbot ones on oapi.dingtalk.com: accept both.
 DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-_SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
+MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; DingTalk's are a few hundred bytes
+SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Hide webhook session tokens and the given secret values in a log line."""
     for secret in secrets:
         text = text.replace(secret, "***")
-    return _SESSION_TOKEN.sub(r"\1***", text)
+    return SESSION_TOKEN.sub(r"\1***", text)
 
 
 def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
@@ -780,8 +765,10 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
     Allowed: https on api.dingtalk.com / oapi.dingtalk.com (default port), or http/https on a
     WEBHOOK_ALLOWED_HOSTS entry ("host" = any port, "host:port" = that port only).
     """
-    if not isinstance(url, str) or not url:
+    if not url:
         raise GraphError(400, "missing sessionWebhook")
+    if not isinstance(url, str):
+        raise GraphError(400, "sessionWebhook must be a string")
     try:
         parts = urlsplit(url)
         host, port = (parts.hostname or "").lower(), parts.port
@@ -796,45 +783,49 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
-def post_json(http: aiohttp.ClientSession, url: str, payload: Any, timeout: float, proxies: Proxies,
-              **kwargs: Any) -> Any:  # fmt: skip
-    """POST JSON with a total timeout, no redirects, through the proxy the settings name for `url`."""
-    return http.post(
-        url,
-        json=payload,
-        allow_redirects=False,
-        timeout=aiohttp.ClientTimeout(total=timeout),
-        proxy=proxies.for_url(url),
-        **kwargs,
-    )
+async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
+    """POST JSON, no redirects; the answer's status and body, read whole within `time_limit` seconds and
+    MAX_ANSWER_BYTES. Raises TimeoutError, aiohttp.ClientError, or ValueError for a body past the limit."""
+    async with asyncio.timeout(time_limit):
+        async with http.post(url, json=payload, allow_redirects=False) as response:
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+            return response.status, bytes(body)
 
 
-class WebhookError(Exception):
-    """The webhook did not accept the reply."""
-
-
-async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, settings: Settings) -> None:
+async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, time_limit: float) -> None:
     """POST an AI card to the sessionWebhook; raise GraphError(502) unless DingTalk took it."""
     payload = {"contentType": "ai_card", "content": {"templateId": card.template_id, "cardData": card.data}}
-    time_limit = settings.webhook_timeout_seconds
     try:
-        async with post_json(http, webhook, payload, time_limit, settings.proxies) as response:
-            status, body = response.status, await response.read()
-        if not 200 <= status < 300:
-            raise WebhookError(f"HTTP {status}: {body[:200].decode(errors='replace')}")
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            answer = None
-        # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200 and an errcode.
-        if isinstance(answer, dict) and answer.get("errcode") not in (None, 0, "0"):
-            raise WebhookError(f"errcode {answer.get('errcode')}: {answer.get('errmsg', '')}")
+        status, body = await post_json(http, webhook, payload, time_limit)
     except TimeoutError:
         log.error("webhook %s timed out after %.1f s", redact(webhook), time_limit)
         raise GraphError(502, "reply webhook timed out") from None
-    except (aiohttp.ClientError, WebhookError) as exc:
-        log.error("webhook %s failed: %s", redact(webhook), redact(str(exc)))
-        raise GraphError(502, "reply webhook failed") from None
+    except (aiohttp.ClientError, ValueError) as exc:
+        problem = str(exc) or type(exc).__name__
+    else:
+        answer = json_object(body)
+        # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200 and an errcode.
+        if not 200 <= status < 300:
+            problem = f"HTTP {status}: {body[:200].decode(errors='replace')}"
+        elif answer.get("errcode") not in (None, 0, "0"):
+            problem = f"errcode {answer.get('errcode')}: {answer.get('errmsg', '')}"
+        else:
+            return
+    log.error("webhook %s failed: %s", redact(webhook), redact(problem))
+    raise GraphError(502, "reply webhook failed")
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """`body` parsed, if it is a JSON object; else {}."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 # ----- Connection / 连接：open, keep alive, answer every frame, reconnect --------------------------------
@@ -844,7 +835,7 @@ HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the bac
 OPENS_PER_MINUTE = 10  # per client, whatever the gateway does
 RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
 RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
-MAX_FRAMES_IN_FLIGHT = 500  # per connection; past it, new callbacks are left for DingTalk to redeliver
+MAX_CALLBACKS_IN_HAND = 500  # per client; past it, new callbacks are left for DingTalk to redeliver
 
 
 class CredentialsRejected(Exception):
@@ -853,41 +844,6 @@ class CredentialsRejected(Exception):
 
 class OpenFailed(Exception):
     """Connection open failed for another reason; worth retrying."""
-
-
-async def open_connection(http: aiohttp.ClientSession, settings: Settings, topics: list[str]) -> str:
-    """Ask DingTalk for a Stream endpoint and a one-time ticket; return the websocket URL.
-
-    Done here with aiohttp and a timeout, not by the SDK: 0.24.3 opens with a blocking, timeout-less
-    `requests.post` on the event loop, and neither version tells its caller that credentials were refused.
-    """
-    body = {
-        "clientId": settings.client_id,
-        "clientSecret": settings.client_secret,
-        "subscriptions": [{"type": "CALLBACK", "topic": topic} for topic in topics],
-        "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union",
-        "localIp": "",
-    }
-    url = settings.dingtalk_openapi_endpoint + "/v1.0/gateway/connections/open"
-    timeout, accept = settings.connect_timeout_seconds, {"Accept": "application/json"}
-    try:
-        async with post_json(http, url, body, timeout, settings.proxies, headers=accept) as response:
-            status, text = response.status, (await response.read()).decode("utf-8", "replace")
-    except TimeoutError:
-        raise OpenFailed(f"connection open: no answer within {timeout:.0f} s") from None
-    except aiohttp.ClientError as exc:
-        raise OpenFailed(f"connection open: {exc or type(exc).__name__}") from None
-    try:
-        answer = json.loads(text)
-    except ValueError:
-        answer = None
-    answer = answer if isinstance(answer, dict) else {}
-    if status == 401 or answer.get("code") == "authFailed":
-        raise CredentialsRejected(f"{answer.get('code', status)}: {answer.get('message', text[:200])}")
-    endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
-    if status != 200 or not (isinstance(endpoint, str) and endpoint and isinstance(ticket, str) and ticket):
-        raise OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text[:200]!r}")
-    return f"{endpoint}?ticket={quote_plus(ticket)}"
 
 
 def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS) -> float:
@@ -900,8 +856,9 @@ def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS)
 class OpenLimiter:
     """At most `limit` connection opens in any `period` seconds."""
 
-    def __init__(self, limit: int = OPENS_PER_MINUTE, period: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self, limit: int = OPENS_PER_MINUTE, period: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ):
         self.opens: deque[float] = deque(maxlen=limit)
         self.period, self.clock = period, clock
 
@@ -916,13 +873,12 @@ class OpenLimiter:
 
 
 class Connection:
-    """One websocket and the frames it has in hand."""
+    """One websocket; DingTalk may retire it (`disconnect`): then it takes no new callbacks."""
 
     def __init__(self, websocket: Any) -> None:
         self.websocket = websocket
         self.opened_at = time.monotonic()
-        self.frame_tasks: dict[asyncio.Task, str] = {}  # frame being answered -> messageId
-        self.retired = asyncio.Event()  # DingTalk sent `disconnect`: take no new callbacks here
+        self.retired = asyncio.Event()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # closing is best effort: the peer may be gone already
@@ -933,21 +889,21 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
     """The SDK's client (same credential, same register_callback_handler, same handlers and frame classes)
     with its own start() and stop(): the connection open is non-blocking with a timeout, a dead connection
     is noticed by keepalive pings, reconnects back off, DingTalk's routine `disconnect` loses no ack, and
-    stop() finishes the callbacks in hand first. Both behave the same on dingtalk-stream 0.24.3 and 0.24.4b1."""
+    stop() finishes the callbacks in hand first. Both behave the same on dingtalk-stream 0.24.3 and 0.24.4b1.
+
+    Its state: `current`, the connection new callbacks arrive on, and `in_hand`, every frame being answered
+    with the connection its ack goes back on (a retired or lost connection stays until its frames are done)."""
 
     def __init__(self, credential: dingtalk_stream.Credential, settings: Settings, name: str = "stream-1") -> None:
         super().__init__(credential, logger=logging.getLogger("dingtalk_stream.client"))
         self.settings, self.name = settings, name
+        self.current: Connection | None = None
+        self.in_hand: dict[asyncio.Task, Connection] = {}
         self.stopping = asyncio.Event()  # set by stop(): take no new callbacks, open no new connection
+        self.opening: asyncio.Task | None = None  # an open under way, which stop() abandons
         self.accepted = False  # DingTalk accepted the credentials once: a later refusal is retried
-        self.current: Connection | None = None  # the connection new callbacks arrive on
-        self.connections: set[Connection] = set()  # the current one and retired ones finishing their frames
-        self.retiring: set[asyncio.Task] = set()
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
         self.limiter = OpenLimiter()
-        self.http: aiohttp.ClientSession | None = None
-        # Frames being answered, on any connection, lost ones included: stop() waits for these.
-        self.frame_tasks: dict[asyncio.Task, str] = {}
 
     @property
     def connected(self) -> bool:
@@ -957,56 +913,60 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         """Stay connected until stop(). Credentials refused before any connection ever succeeded are a
         configuration error: CredentialsRejected is raised instead of retrying."""
         self.pre_start()
-        async with aiohttp.ClientSession() as self.http:
-            try:
+        try:
+            async with aiohttp.ClientSession(trust_env=True) as http:
                 while not self.stopping.is_set():
-                    await self.connect_and_serve()
-            finally:
-                if not self.stopping.is_set():  # cancelled, or failed, rather than stopped: let nothing dangle
-                    self.stopping.set()
-                    for task in self.frame_tasks:
-                        task.cancel()
-                    await self.close_connections()
+                    await self.connect_and_serve(http)
+        finally:
+            if not self.stopping.is_set():  # cancelled, or failed, rather than stopped: let nothing dangle
+                self.stopping.set()
+                for task in self.in_hand:
+                    task.cancel()
+                if self.current is not None:
+                    await self.current.close()
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Take no new callbacks and open no new connection; give the callbacks in hand up to `grace`
-        seconds (each one still running then is logged and cancelled); close the connections."""
+        """Take no new callbacks and open no new connection; give the frames in hand up to `grace` seconds
+        (each one still running then is logged and cancelled); close the connection."""
         self.stopping.set()
-        if in_hand := len(self.frame_tasks):
-            log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, in_hand)
-        await settle(lambda: self.frame_tasks, grace)
-        if pending := self.frame_tasks:
-            for task, message_id in pending.items():
-                log.warning("callback %s abandoned: still running after the %.3g s grace period", message_id, grace)
+        if self.opening is not None:
+            self.opening.cancel()
+        if in_hand := list(self.in_hand):
+            log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(in_hand))
+            _, pending = await asyncio.wait(in_hand, timeout=grace)
+            for task in pending:
+                log.warning("%s abandoned: still running after the %.3g s grace period", task.get_name(), grace)
                 task.cancel()
-            await asyncio.wait(list(pending), timeout=1)
-        await self.close_connections()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
+        if self.current is not None:
+            await self.current.close()
 
-    async def close_connections(self) -> None:
-        """Close every connection, retired ones included (their retirement ends with it)."""
-        for task in self.retiring:
-            task.cancel()
-        await asyncio.gather(*(conn.close() for conn in list(self.connections)))
-
-    async def connect_and_serve(self) -> None:
+    async def connect_and_serve(self, http: aiohttp.ClientSession) -> None:
         """One connection from open to its end (or retirement), then the pause before the next."""
         conn: Connection | None = None
         try:
-            conn = await self.unless_stopping(self.connect())
-            if conn is None:
-                return
-            log_level, problem = logging.INFO, await self.serve(conn)
+            self.opening = asyncio.create_task(self.connect(http))
+            try:
+                conn = await self.opening
+            except asyncio.CancelledError:
+                if self.stopping.is_set() and not asyncio.current_task().cancelling():
+                    return  # stop() abandoned the open: no connection opens while stopping
+                raise
+            level, problem = logging.INFO, await self.serve(conn)
         except CredentialsRejected as exc:
             if not self.accepted:
                 raise
-            log_level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
+            level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
         except websockets.exceptions.ConnectionClosed as exc:
-            log_level, problem = logging.WARNING, f"connection lost: {exc}"
+            level, problem = logging.WARNING, f"connection lost: {exc}"
         except TimeoutError:
-            log_level, problem = logging.WARNING, "websocket handshake timed out"
+            level, problem = logging.WARNING, "websocket handshake timed out"
         except (OpenFailed, OSError, ValueError, websockets.exceptions.WebSocketException) as exc:
             # ValueError: an endpoint websockets cannot use, e.g. a port out of range
-            log_level, problem = logging.WARNING, str(exc) or type(exc).__name__
+            level, problem = logging.WARNING, str(exc) or type(exc).__name__
+        finally:
+            self.opening = None
         if self.stopping.is_set():
             return
         # Only a connection that stayed up a while resets the backoff: a gateway that closes every new
@@ -1016,52 +976,51 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         # A routine `disconnect` is no outage: its replacement waits at most ~5 s even after failures.
         longest = RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else RECONNECT_MAX_DELAY_SECONDS
         delay = max(reconnect_delay(self.failures, longest), self.limiter.wait_needed())
-        if not self.accepted and log_level == logging.WARNING:  # never reached DingTalk yet
+        if not self.accepted and level == logging.WARNING:  # never reached DingTalk yet
             problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)"
-        log.log(log_level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
+        log.log(level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), delay)
 
-    async def unless_stopping(self, opening: Awaitable[Connection]) -> Connection | None:
-        """Await `opening` unless stop() comes first: then abandon it (no connection opens while stopping)."""
-        task = asyncio.ensure_future(opening)
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if task.cancelled():
-            return None
-        conn = task.result()
-        if self.stopping.is_set():
-            await conn.close()
-            return None
-        return conn
-
-    async def connect(self) -> Connection:
-        """Ask DingTalk for an endpoint and open the websocket, each within CONNECT_TIMEOUT_SECONDS."""
-        assert self.http is not None, "start() opens the HTTP session"
+    async def connect(self, http: aiohttp.ClientSession) -> Connection:
+        """Ask DingTalk for an endpoint and a one-time ticket, then open the websocket, each within
+        CONNECT_TIMEOUT_SECONDS. Done here with aiohttp, not by the SDK: 0.24.3 opens with a blocking,
+        timeout-less `requests.post` on the event loop, and neither version says that credentials were refused."""
         self.limiter.record()
-        url = await open_connection(self.http, self.settings, list(self.callback_handler_map))
+        body = {
+            "clientId": self.credential.client_id,
+            "clientSecret": self.credential.client_secret,
+            "subscriptions": [{"type": "CALLBACK", "topic": topic} for topic in self.callback_handler_map],
+            "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union",
+            "localIp": "",
+        }
+        url = self.settings.dingtalk_openapi_endpoint + "/v1.0/gateway/connections/open"
+        time_limit = self.settings.connect_timeout_seconds
+        try:
+            status, raw = await post_json(http, url, body, time_limit)
+        except TimeoutError:
+            raise OpenFailed(f"connection open: no answer within {time_limit:.0f} s") from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise OpenFailed(f"connection open: {exc or type(exc).__name__}") from None
+        answer, text = json_object(raw), raw[:200].decode(errors="replace")
+        if status == 401 or answer.get("code") == "authFailed":
+            raise CredentialsRejected(f"{answer.get('code', status)}: {answer.get('message', text)}")
+        endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
+        if status != 200 or not (isinstance(endpoint, str) and endpoint and isinstance(ticket, str) and ticket):
+            raise OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
         keepalive = self.settings.keepalive_seconds
         websocket = await websockets.connect(
-            url,
-            open_timeout=self.settings.connect_timeout_seconds,
+            with_query(endpoint, ticket=ticket),
+            open_timeout=time_limit,
             ping_interval=keepalive,  # a silently dead connection is noticed within 2 x keepalive
             ping_timeout=keepalive,
             close_timeout=min(keepalive, 5),
-            proxy=self.settings.proxies.for_url(url),  # never websockets' own reading of the environment
         )
         return Connection(websocket)
 
     async def serve(self, conn: Connection) -> str:
         """Read frames until the connection ends or DingTalk retires it; return how it ended."""
-        self.current, self.websocket, self.accepted = conn, conn.websocket, True
-        self.connections.add(conn)
+        self.current, self.accepted = conn, True
         log.info("%s: connected", self.name)
         reader = asyncio.create_task(self.read(conn))
         retired = asyncio.create_task(conn.retired.wait())
@@ -1072,36 +1031,17 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             raise
         finally:
             retired.cancel()
-            self.current = self.websocket = None
-        if reader.done():
-            self.connections.discard(conn)
-            reader.result()  # raises how it was lost
-            return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
-        # DingTalk keeps a retired connection open a while: the frames in hand are answered on it,
-        # new ones come on the replacement, opened now.
-        task = asyncio.create_task(self.retire(conn, reader))
-        self.retiring.add(task)
-        task.add_done_callback(self.retiring.discard)
-        return "DingTalk retired the connection (disconnect)"
+            self.current = None
+        if not reader.done():  # DingTalk keeps a retired connection open a while: see retire()
+            return "DingTalk retired the connection (disconnect)"
+        reader.result()  # raises how it was lost
+        return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
 
     async def read(self, conn: Connection) -> None:
         async for raw in conn.websocket:
-            self.handle_frame(raw, conn)
+            self.take_frame(raw, conn)
 
-    async def retire(self, conn: Connection, reader: asyncio.Task) -> None:
-        """Close a retired connection once its frames in hand are answered (within RETIRE_WINDOW_SECONDS)."""
-        try:
-            await settle(lambda: conn.frame_tasks, RETIRE_WINDOW_SECONDS)
-            for message_id in conn.frame_tasks.values():
-                log.warning("%s: callback %s outlived its retired connection: its ack is lost", self.name, message_id)
-            await conn.close()
-            with contextlib.suppress(Exception):
-                await reader
-        finally:
-            reader.cancel()
-            self.connections.discard(conn)
-
-    def handle_frame(self, raw: str | bytes, conn: Connection) -> None:
+    def take_frame(self, raw: str | bytes, conn: Connection) -> None:
         """Answer one frame in a task of its own, so a slow action never holds up the others."""
         try:
             frame = json.loads(raw)
@@ -1115,21 +1055,29 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         if kind == dingtalk_stream.CallbackMessage.TYPE:
             # Left unacked, DingTalk delivers it again to a live connection. (Reading never pauses: the
             # websocket must go on reading pongs, or keepalive takes the connection down.)
-            why = ("stopping" if self.stopping.is_set() else "connection retired" if conn.retired.is_set()
-                   else f"{MAX_FRAMES_IN_FLIGHT} callbacks in hand" if len(conn.frame_tasks) >= MAX_FRAMES_IN_FLIGHT
-                   else None)  # fmt: skip
-            if why is not None:
-                log.log(logging.WARNING if why[0].isdigit() else logging.INFO,
-                        "%s: callback %s left for another connection: %s", self.name, message_id, why)  # fmt: skip
+            if why := self.refusal(conn):
+                level = logging.WARNING if why[0].isdigit() else logging.INFO
+                log.log(level, "%s: callback %s left for another connection: %s", self.name, message_id, why)
                 return
         if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
             conn.retired.set()
-        task = asyncio.create_task(self.answer_frame(frame, message_id, conn.websocket))
-        conn.frame_tasks[task] = self.frame_tasks[task] = message_id
-        task.add_done_callback(lambda t: (conn.frame_tasks.pop(t, None), self.frame_tasks.pop(t, None)))
+        name = f"{'callback' if kind == dingtalk_stream.CallbackMessage.TYPE else 'frame'} {message_id}"
+        task = asyncio.create_task(self.answer_frame(frame, message_id, conn), name=name)
+        self.in_hand[task] = conn
+        task.add_done_callback(self.in_hand.pop)
 
-    async def answer_frame(self, frame: dict[str, Any], message_id: str, websocket: Any) -> None:
-        """Parse the frame with the SDK, run its handler and send the ack on the socket it came on."""
+    def refusal(self, conn: Connection) -> str | None:
+        """Why a new callback is not taken on `conn`, if it is not."""
+        if self.stopping.is_set():
+            return "stopping"
+        if conn.retired.is_set():
+            return "connection retired"
+        if len(self.in_hand) >= MAX_CALLBACKS_IN_HAND:
+            return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand"
+        return None
+
+    async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection) -> None:
+        """Parse the frame with the SDK, run its handler and send the ack on the connection it came on."""
         kind = frame.get("type")
         try:
             if kind == dingtalk_stream.SystemMessage.TYPE:  # ping, disconnect
@@ -1155,70 +1103,93 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                     log.exception("%s: frame %s: unexpected error", self.name, message_id)
                     ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
         try:
-            await websocket.send(json.dumps(ack))
+            await conn.websocket.send(json.dumps(ack))
         except websockets.exceptions.ConnectionClosed:
             log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
+        if conn.retired.is_set() and kind == dingtalk_stream.SystemMessage.TYPE:
+            await self.retire(conn)
+
+    async def retire(self, conn: Connection) -> None:
+        """A retired connection: answer the callbacks it holds (within RETIRE_WINDOW_SECONDS), then close it."""
+        frames = [task for task, held_on in self.in_hand.items() if held_on is conn]
+        frames.remove(asyncio.current_task())
+        try:
+            if frames:
+                _, late = await asyncio.wait(frames, timeout=RETIRE_WINDOW_SECONDS)
+                for task in late:
+                    log.warning("%s: %s outlived its retired connection: its ack is lost", self.name, task.get_name())
+        finally:
+            await conn.close()
+
+
+def with_query(url: str, **params: str) -> str:
+    """`url` with `params` added to whatever query it already has."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def frame_ack(code: int, message_id: str, problem: str) -> dict[str, Any]:
     """An ack for a frame no handler could answer, with a Graph response saying why."""
-    response = graph_response(code, {"success": False, "error": problem[:300]})
     return {
         "code": code,
         "headers": {"messageId": message_id, "contentType": "application/json"},
         "message": problem[:300],
-        "data": json.dumps({"response": response}),
+        "data": json.dumps({"response": graph_response(code, failure(problem[:300]))}),
     }
-
-
-async def settle(tasks: Callable[[], Mapping[asyncio.Task, str]], within: float) -> None:
-    """Wait up to `within` seconds until `tasks()` (re-read as tasks come and go) is empty."""
-    deadline = time.monotonic() + within
-    while (pending := tasks()) and (remaining := deadline - time.monotonic()) > 0:
-        await asyncio.wait(list(pending), timeout=remaining)
 
 
 # ----- Lifecycle / 生命周期：clients, health endpoint, signals, logging, main -----------------------------
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> int:
+async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation] | None = None) -> int:
     """Run settings.instances clients in this event loop, as the official example does (credential -> client
     -> register the handler -> start), plus the health endpoint, until `stop` is set. Return an exit code:
     0, or 2 (credentials refused, HEALTH_PORT busy) or 1 (a bug) when the bot could not go on serving."""
+    operations = load_operations() if operations is None else operations
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     ledger = CallbackLedger()  # one for all clients: DingTalk may redeliver on another connection
-    async with aiohttp.ClientSession() as http:  # one for every webhook reply
+    # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
+    connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances)
+    async with aiohttp.ClientSession(trust_env=True, connector=connector) as http:
         clients = []
         for n in range(1, settings.instances + 1):
             client = StreamClient(credential, settings, name=f"stream-{n}")
-            client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, http, ledger))
+            handler = ActionHandler(settings, operations, http, ledger)
+            client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, handler)
             clients.append(client)
         try:
             async with health_endpoint(settings, clients):
-                return await start_until(stop, clients, settings.shutdown_grace_seconds)
+                started = [asyncio.create_task(client.start(), name=client.name) for client in clients]
+                log.info("serving %d action(s) with %d stream client(s)", len(operations), len(clients))
+                stopped = asyncio.create_task(stop.wait())
+                try:
+                    done, _ = await asyncio.wait([stopped, *started], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopped.cancel()
+                    await asyncio.gather(*(client.stop(settings.shutdown_grace_seconds) for client in clients))
+                    await asyncio.wait(started, timeout=10)
+                    for task in started:  # every outcome collected, so none is reported as "never retrieved"
+                        task.cancel()
+                        if task.done() and not task.cancelled():
+                            task.exception()
         except OSError as exc:
             log.error("cannot serve HEALTH_PORT=%s: %s", settings.health_port, exc)
             return 2
-
-
-async def start_until(stop: asyncio.Event, clients: list[StreamClient], grace: float) -> int:
-    """await client.start() for every client until `stop` is set (or one of them gives up), then stop them all."""
-    started = [asyncio.create_task(client.start(), name=client.name) for client in clients]
-    log.info("serving %d action(s) with %d stream client(s)", len(ACTIONS), len(clients))
-    stopped = asyncio.create_task(stop.wait())
-    try:
-        done, _ = await asyncio.wait([stopped, *started], return_when=asyncio.FIRST_COMPLETED)
-        exit_code = 0 if stopped in done else exit_code_of(done.pop())
-    finally:
-        stopped.cancel()
-        await asyncio.gather(*(client.stop(grace) for client in clients))
-        await asyncio.wait(started, timeout=10)
-        for task in started:  # collect every outcome, so none is reported as "never retrieved"
-            task.cancel()
-            if task.done() and not task.cancelled():
-                task.exception()
     log.info("stopped")
-    return exit_code
+    if stopped in done:
+        return 0
+    ended = done.pop()
+    error = None if ended.cancelled() else ended.exception()
+    if isinstance(error, CredentialsRejected):
+        log.error(
+            "DingTalk rejected CLIENT_ID / CLIENT_SECRET (%s): check both in the developer console, "
+            "your app → 凭证与基础信息 / Credentials & basic info",
+            error,
+        )
+        return 2
+    log.error("%s ended unexpectedly", ended.get_name(), exc_info=error)
+    return 1
 
 
 @contextlib.asynccontextmanager
@@ -1248,20 +1219,6 @@ async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> An
         await runner.cleanup()
 
 
-def exit_code_of(ended: asyncio.Task) -> int:
-    """A client that ended on its own: wrong credentials (2) or a bug (1)."""
-    error = None if ended.cancelled() else ended.exception()
-    if isinstance(error, CredentialsRejected):
-        log.error(
-            "DingTalk rejected CLIENT_ID / CLIENT_SECRET (%s): check both in the developer console, "
-            "your app → 凭证与基础信息 / Credentials & basic info",
-            error,
-        )
-        return 2
-    log.error("%s ended unexpectedly", ended.get_name(), exc_info=error)
-    return 1
-
-
 class RedactingFilter(logging.Filter):
     """Keeps secrets and webhook session tokens out of every log line, whichever library wrote it."""
 
@@ -1285,13 +1242,13 @@ class RedactingFilter(logging.Filter):
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter((settings.client_secret, *settings.proxies.passwords())))
+    handler.addFilter(RedactingFilter((settings.client_secret, *proxy_passwords(os.environ))))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # Per-frame websocket debug output drowns everything else; keep it at INFO or above.
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
 
 
-async def run(settings: Settings) -> int:
+async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
     """serve() until SIGINT/SIGTERM; a second signal exits at once. Threads still running after the grace
     period do not hold the exit."""
     loop = asyncio.get_running_loop()
@@ -1315,7 +1272,7 @@ async def run(settings: Settings) -> int:
     # end; threads still busy a second later are left behind.
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)
-    exit_code = await serve(settings, stop)
+    exit_code = await serve(settings, stop, operations)
     threads.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + 1.0
     busy = [t for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
@@ -1337,6 +1294,7 @@ def main() -> int:
     load_dotenv(override=False)  # real environment variables win over .env
     try:
         settings = load_settings()
+        operations = load_operations()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1344,7 +1302,9 @@ def main() -> int:
     for key in ("CLIENT_ID", "CLIENT_SECRET"):
         if os.environ[key] != os.environ[key].strip():  # a common paste error that DingTalk rejects
             log.warning("%s had surrounding whitespace; using it without", key)
-    return asyncio.run(run(settings))
+    if any(os.environ.get(key) for key in ("ALL_PROXY", "all_proxy")) and not proxy_variables(os.environ):
+        log.warning("ALL_PROXY is not read: set HTTPS_PROXY=http://host:port if DingTalk is reached through a proxy")
+    return asyncio.run(run(settings, operations))
 
 
 if __name__ == "__main__":

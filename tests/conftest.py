@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+import yaml
 
 import bot
 from tests.fake_dingtalk import FakeDingTalk, unproxied_loopback
@@ -88,14 +89,16 @@ def fake(remote: FakeThread) -> FakeDingTalk:
 
 def operations() -> dict[str, bot.Operation]:
     """The sample skills' operations, plus a `disabled` POST one for each action a test registered beside them."""
-    ops = bot.load_operations(SAMPLE_TOOLS, SAMPLE_ACTIONS)
+    spec = yaml.safe_load(SAMPLE_TOOLS.read_text(encoding="utf-8"))
     for path, action in bot.ACTIONS.items():
         if path not in SAMPLE_ACTIONS:
-            required = bot.action_parameters(action).required
-            params = [bot.Parameter(name, "body", "string", required=True) for name in required]
-            params.append(bot.Parameter("sessionWebhook", "body", "string", context=bot.WEBHOOK_CONTEXT))
-            ops[f"POST {path}"] = bot.Operation("POST", path, "disabled", tuple(params))
-    return ops
+            required = list(bot.action_parameters(action).required)
+            properties = {name: {"type": "string"} for name in required}
+            properties["sessionWebhook"] = {"type": "string", "x-dingtalk-context": bot.WEBHOOK_CONTEXT}
+            schema = {"type": "object", "required": required, "properties": properties}
+            body = {"content": {"application/json": {"schema": schema}}}
+            spec["paths"][path] = {"post": {"x-dingtalk-display-result": "disabled", "requestBody": body}}
+    return bot.operations_of(spec, bot.ACTIONS)
 
 
 def settings_for(fake: FakeDingTalk, **overrides: Any) -> bot.Settings:
@@ -106,7 +109,6 @@ def settings_for(fake: FakeDingTalk, **overrides: Any) -> bot.Settings:
         dingtalk_openapi_endpoint=fake.base_url,
         webhook_timeout_seconds=2.0,
         shutdown_grace_seconds=5.0,
-        operations=operations(),
     )
     return replace(settings, **overrides)
 
@@ -129,7 +131,7 @@ def start_bot(
     async def run(connected: int | None = None, **overrides: Any) -> AsyncIterator[InProcessBot]:
         settings = settings_for(remote.fake, **overrides)
         stop = asyncio.Event()
-        task = asyncio.create_task(bot.serve(settings, stop))
+        task = asyncio.create_task(bot.serve(settings, stop, operations()))
         try:
             await remote(remote.fake.wait_connected(settings.instances if connected is None else connected))
             yield InProcessBot(task, stop)

@@ -31,6 +31,7 @@ import threading
 import time
 import unicodedata
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +86,42 @@ def pick_operation(operations: dict[str, bot.Operation], path: str | None) -> bo
     raise UsageError(f"{path} is not in tools.yaml (known paths: {known})")
 
 
-def user_parameters(operation: bot.Operation) -> list[bot.Parameter]:
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of an operation, as the simulator shows and fills it in (read from its JSON Schema)."""
+
+    name: str
+    location: str  # "query" (sent as text) or "body" (JSON)
+    type: str | None
+    required: bool
+    enum: list | None
+    minimum: float | None
+    maximum: float | None
+    context: dict | None  # x-dingtalk-context: DingTalk fills it in
+    example: Any
+
+
+def parameters(operation: bot.Operation) -> list[Parameter]:
+    required = operation.schema.get("required", [])
+    found = []
+    for name, prop in operation.schema["properties"].items():
+        kinds = prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]
+        kind = next((k for k in kinds if k != "null"), None)  # "nullable" makes it [type, "null"]
+        low, high = prop.get("minimum", prop.get("exclusiveMinimum")), prop.get("maximum", prop.get("exclusiveMaximum"))
+        location = "query" if name in operation.query else "body"
+        context, example = prop.get("x-dingtalk-context"), prop.get("example")
+        found.append(Parameter(name, location, kind, name in required, prop.get("enum"), low, high, context, example))
+    return found
+
+
+def user_parameters(operation: bot.Operation) -> list[Parameter]:
     """The parameters the assistant's model fills in from the user's words (no x-dingtalk-context)."""
-    return [p for p in operation.parameters if p.context is None]
+    return [p for p in parameters(operation) if p.context is None]
 
 
-def context_parameters(operation: bot.Operation) -> list[bot.Parameter]:
+def context_parameters(operation: bot.Operation) -> list[Parameter]:
     """The parameters DingTalk fills in itself (x-dingtalk-context)."""
-    return [p for p in operation.parameters if p.context is not None]
+    return [p for p in parameters(operation) if p.context is not None]
 
 
 def parse_args(operation: bot.Operation, words: list[str]) -> dict[str, Any]:
@@ -132,7 +161,7 @@ _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _BOOLEANS = {"true": True, "yes": True, "y": True, "1": True, "false": False, "no": False, "n": False, "0": False}
 
 
-def convert(param: bot.Parameter, value: str) -> Any:
+def convert(param: Parameter, value: str) -> Any:
     """A word typed for `param` as DingTalk would send it: its JSON type in a body, text in a query string."""
     kind = param.type
     if kind == "integer" and _INTEGER.fullmatch(value):
@@ -180,7 +209,7 @@ def describe(operations: dict[str, bot.Operation]) -> str:
         user, context = user_parameters(operation), context_parameters(operation)
         where = "query string" if operation.method == "GET" else "JSON body"
         lines.append(f"    parameters ({where}):" if user else "    parameters: none")
-        width = max((len(p.name) for p in operation.parameters), default=0)
+        width = max((len(p.name) for p in parameters(operation)), default=0)
         for param in user:
             lines.append(f"      {param.name:<{width}}  {describe_parameter(param)}")
         if context:
@@ -193,7 +222,7 @@ def describe(operations: dict[str, bot.Operation]) -> str:
     return "\n\n".join(blocks)
 
 
-def describe_parameter(param: bot.Parameter) -> str:
+def describe_parameter(param: Parameter) -> str:
     parts = [param.type or "any", "required" if param.required else "optional"]
     if param.enum is not None:
         parts.append("one of " + ", ".join(map(str, param.enum)))

@@ -120,7 +120,7 @@ def _bad(request: dict, **changes) -> dict:
             "body is not a JSON object",
         ),
         (lambda f: graph_request(WEATHER, PARAMS), 400, "missing sessionWebhook"),
-        (lambda f: graph_request(WEATHER, {**PARAMS, "sessionWebhook": 12}), 400, "sessionWebhook must be a string"),
+        (lambda f: graph_request(WEATHER, {**PARAMS, "sessionWebhook": 12}), 400, "sessionWebhook must be string"),
         (lambda f: graph_request(WEATHER, PARAMS, session_webhook="not a url"), 400, "not a valid http(s) URL"),
         (lambda f: graph_request(WEATHER, {"date": "明天"}, session_webhook=f.webhook_url()), 400, "location"),
         (
@@ -128,8 +128,8 @@ def _bad(request: dict, **changes) -> dict:
             404,
             "no action for POST /v1/actions/nope",
         ),
-        (lambda f: graph_request(RATE, {"currency": "GBP"}, method="GET"), 400, "currency must be one of USD"),
-        (lambda f: graph_request(ON_CALL, {"team": "运维", "weeks": "two"}), 400, "weeks must be an integer"),
+        (lambda f: graph_request(RATE, {"currency": "GBP"}, method="GET"), 400, "currency must be one of ['USD'"),
+        (lambda f: graph_request(ON_CALL, {"team": "运维", "weeks": "two"}), 400, "weeks must be integer"),
         (lambda f: graph_request(RATE, {"currency": "USD"}), 404, "no action for POST /v1/actions/exchange-rate"),
         (lambda f: {"requestLine": {"method": "GET", "uri": "http://[::1/x"}, "body": "{}"}, 400, "not a valid URI"),
         (

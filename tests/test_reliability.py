@@ -192,7 +192,7 @@ async def test_a_callback_on_a_lost_connection_still_finishes_before_shutdown(fa
 async def test_past_the_in_flight_limit_callbacks_are_left_unacked_and_the_connection_lives(
     fake, remote, start_bot, monkeypatch, caplog
 ):
-    monkeypatch.setattr(bot, "MAX_FRAMES_IN_FLIGHT", 3)
+    monkeypatch.setattr(bot, "MAX_CALLBACKS_IN_HAND", 3)
     fake.webhook_latency = 1.5  # longer than the keepalive below: reading must not pause meanwhile
     async with start_bot(keepalive_seconds=0.5):
         [conn] = fake.live_connections()
@@ -343,26 +343,40 @@ async def test_sigterm_during_a_burst_of_20(fake, remote, bot_process, grace):
             assert f"callback {message_id} abandoned" in process.output
 
 
-def test_cancelled_first_delivery_lets_a_redelivery_start_afresh():
-    async def scenario() -> None:
-        ledger = bot.CallbackLedger()
-        first, result = ledger.claim("m1")
-        assert first
-        ledger.forget("m1")  # what the handler does when the first delivery is cancelled
-        assert result.cancelled()  # anyone waiting on it stops waiting
-        assert ledger.claim("m1")[0]
+async def test_cancelled_first_delivery_lets_a_redelivery_start_afresh():
+    ledger = bot.CallbackLedger()
+    started = asyncio.Event()
 
-    asyncio.run(scenario())
+    async def hangs() -> tuple[int, str]:
+        started.set()
+        await asyncio.Event().wait()
+        return 200, "{}"
+
+    first = asyncio.create_task(ledger.answer_once("m1", hangs))
+    await asyncio.wait_for(started.wait(), 5)
+    redelivery = asyncio.create_task(ledger.answer_once("m1", hangs))  # waits for the first one's answer
+    first.cancel()  # what shutdown does to a delivery still running
+    for task in (first, redelivery):  # anyone waiting on it stops waiting
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+
+    async def answers() -> tuple[int, str]:
+        return 200, '{"again": true}'
+
+    assert await ledger.answer_once("m1", answers) == (200, '{"again": true}')  # afresh
 
 
 # ----- proxies: one per destination, the same for the open, the websocket and the webhook -----
 
 
-async def test_http_proxy_carries_the_open_the_websocket_and_the_webhook(fake, remote, start_bot):
+async def test_http_proxy_carries_the_open_the_websocket_and_the_webhook(fake, remote, bot_process):
     proxy = await remote(ForwardProxy().start())
-    try:
-        async with start_bot(proxies=bot.Proxies(http=proxy.url)):  # the fake speaks plain http and ws
-            assert (await remote(fake.invoke(weather(fake)))).status == 200
+    try:  # the fake speaks plain http and ws: HTTP_PROXY, read by aiohttp and websockets themselves
+        process = await bot_process(bot_env(fake, HTTP_PROXY=proxy.url, NO_PROXY="", no_proxy=""))
+        await remote(fake.wait_connected(1, timeout=10))
+        assert (await remote(fake.invoke(weather(fake)))).status == 200
+        process.proc.send_signal(signal.SIGTERM)
+        assert await process.wait(10) == 0
     finally:
         await remote(proxy.close())
     base = fake.base_url
@@ -371,10 +385,10 @@ async def test_http_proxy_carries_the_open_the_websocket_and_the_webhook(fake, r
 
 
 async def test_socks_proxy_is_one_line_and_exit_2_before_any_network_call(fake, bot_process):
-    process = await bot_process(bot_env(fake, all_proxy="socks5h://127.0.0.1:1080", NO_PROXY="", no_proxy=""))
+    process = await bot_process(bot_env(fake, https_proxy="socks5h://127.0.0.1:1080", NO_PROXY="", no_proxy=""))
     assert await process.wait(10) == 2
     assert process.lines == [
-        "error: all_proxy='socks5h://127.0.0.1:1080' is a SOCKS proxy, which the bot does not support: "
+        "error: https_proxy='socks5h://127.0.0.1:1080' is a SOCKS proxy, which the bot does not support: "
         "use an HTTP proxy (HTTPS_PROXY=http://host:port) or unset it"
     ]
     assert fake.open_attempts == 0
@@ -512,25 +526,38 @@ bot.ACTIONS["/v1/actions/weather"] = get_weather
 # ----- the redelivery ledger forgets by time, never what is in flight -----
 
 
+def answering(status: int, body: str):
+    async def answer() -> tuple[int, str]:
+        return status, body
+
+    return answer
+
+
 async def test_ledger_keeps_finished_results_for_its_ttl_then_forgets_them():
     now = [0.0]
     ledger = bot.CallbackLedger(ttl=300, capacity=1_000, clock=lambda: now[0])
-    assert ledger.claim("m1")[0]
-    ledger.settle("m1", 200, {"success": True})
+    assert await ledger.answer_once("m1", answering(200, "first")) == (200, "first")
     now[0] = 299.0
-    first, result = ledger.claim("m1")
-    assert not first and result.result() == (200, {"success": True})
+    assert await ledger.answer_once("m1", answering(200, "second")) == (200, "first")
     now[0] = 301.0
-    assert ledger.claim("m1")[0]  # past the TTL: a new delivery
+    assert await ledger.answer_once("m1", answering(200, "third")) == (200, "third")  # past the TTL: a new delivery
 
 
 async def test_ledger_never_evicts_a_callback_in_flight():
     now = [0.0]
     ledger = bot.CallbackLedger(ttl=10, capacity=2, clock=lambda: now[0])
-    assert ledger.claim("slow")[0]
+    release = asyncio.Event()
+
+    async def slow() -> tuple[int, str]:
+        await release.wait()
+        return 200, "slow"
+
+    first = asyncio.create_task(ledger.answer_once("slow", slow))
+    await wait_until(lambda: "slow" in ledger.in_flight)
     for n in range(50):  # far past the cap and the TTL
         now[0] += 1
-        assert ledger.claim(f"m{n}")[0]
-        ledger.settle(f"m{n}", 200, {"success": True})
-    assert not ledger.claim("slow")[0]  # still in flight: a redelivery waits for it
-    assert list(ledger.finished) == ["m48", "m49"]  # finished ones: the newest `capacity`
+        assert await ledger.answer_once(f"m{n}", answering(200, f"m{n}")) == (200, f"m{n}")
+    redelivery = asyncio.create_task(ledger.answer_once("slow", answering(200, "again")))  # waits for the first
+    release.set()
+    assert await asyncio.wait_for(redelivery, 5) == (200, "slow") == await first
+    assert list(ledger.finished) == ["m49", "slow"]  # finished ones: the newest `capacity`, exactly

@@ -142,7 +142,7 @@ def test_simulator_exits_1_when_the_bot_answers_non_200():
 def test_a_value_outside_the_declared_enum_is_left_to_the_bot_to_refuse():
     result = simulate("GBP", path=RATE)
     assert result.returncode == 1
-    assert "parameter currency must be one of USD, EUR, JPY, HKD" in result.stdout
+    assert "parameter currency must be one of ['USD', 'EUR', 'JPY', 'HKD']" in result.stdout
     assert "✗ the bot answered Graph status 400" in result.stdout
     assert "── data for the assistant's model" not in result.stdout  # an error is not data for the model
 

@@ -115,22 +115,21 @@ def test_parse_rejects_malformed_requests_with_400(data, reason):
 # ----- one table of settings: .env.example and the README list exactly the declared ones -----
 
 ROOT = Path(__file__).resolve().parent.parent
-DECLARED = {f.name.upper(): f for f in dataclasses.fields(bot.Settings) if "meaning" in f.metadata}
+DECLARED = {f.name.upper(): f for f in dataclasses.fields(bot.Settings)}
 
 
 def documented_default(key: str, text: str) -> object:
     """A default as the docs write it, read the way load_settings() reads the variable."""
     text = text.strip().strip("`")
-    if DECLARED[key].metadata["required"]:
+    if DECLARED[key].default is dataclasses.MISSING:
         return "required" if text in ("", "— (required)") else text
     if text in ("", "unset", "empty"):
-        return bot.Settings.__dataclass_fields__[key.lower()].default
-    row = DECLARED[key]
-    return bot.setting_value(key, text, row.metadata, type(row.default))
+        return DECLARED[key].default
+    return bot.setting_value(key, text)
 
 
 def declared_defaults() -> dict[str, object]:
-    return {key: "required" if f.metadata["required"] else f.default for key, f in DECLARED.items()}
+    return {key: "required" if f.default is dataclasses.MISSING else f.default for key, f in DECLARED.items()}
 
 
 def test_env_example_lists_exactly_the_declared_settings_with_their_defaults():
@@ -165,39 +164,43 @@ ON_CALL = OPERATIONS["POST /v1/actions/on-call"]
 
 
 def test_query_strings_are_converted_to_the_declared_types():
-    assert bot.check_parameters(RATE, {"currency": "USD", "amount": "100"}) == {"currency": "USD", "amount": 100}
-    assert bot.check_parameters(RATE, {"currency": "EUR", "amount": "2.5"})["amount"] == 2.5
+    assert RATE.check({"currency": "USD", "amount": "100"}) == {"currency": "USD", "amount": 100}
+    assert RATE.check({"currency": "EUR", "amount": "2.5"})["amount"] == 2.5
 
 
 def test_body_values_keep_their_json_types_and_null_means_not_given():
-    assert bot.check_parameters(ON_CALL, {"team": "运维", "weeks": 2}) == {"team": "运维", "weeks": 2}
-    assert bot.check_parameters(ON_CALL, {"team": "运维", "weeks": 2.0})["weeks"] == 2  # the JSON number 2.0
-    assert bot.check_parameters(ON_CALL, {"team": "运维", "weeks": None}) == {"team": "运维"}
+    assert ON_CALL.check({"team": "运维", "weeks": 2}) == {"team": "运维", "weeks": 2}
+    assert ON_CALL.check({"team": "运维", "weeks": 2.0})["weeks"] == 2  # the JSON number 2.0
+    assert ON_CALL.check({"team": "运维", "weeks": None}) == {"team": "运维"}
 
 
 @pytest.mark.parametrize(
     ("operation", "params", "reason"),
     [
         (RATE, {}, "missing parameter(s): currency"),
-        (RATE, {"currency": "GBP"}, "parameter currency must be one of USD, EUR, JPY, HKD, got 'GBP'"),
-        (RATE, {"currency": "USD", "amount": "abc"}, "parameter amount must be a number, got 'abc'"),
+        (RATE, {"currency": "GBP"}, "parameter currency must be one of ['USD', 'EUR', 'JPY', 'HKD'], got 'GBP'"),
+        (RATE, {"currency": "USD", "amount": "abc"}, "parameter amount must be number, got 'abc'"),
         (
             RATE,
             {"currency": "USD", "amount": "-1"},
-            "parameter amount must be at least 0 and at most 1000000000, got -1",
+            "parameter amount must be bigger than or equal to 0, got -1",
         ),
         (ON_CALL, {"weeks": 1}, "missing parameter(s): team"),
-        (ON_CALL, {"team": "运维", "weeks": "2"}, "parameter weeks must be an integer, got '2'"),  # body: no conversion
-        (ON_CALL, {"team": "运维", "weeks": True}, "parameter weeks must be an integer, got true"),
-        (ON_CALL, {"team": "运维", "weeks": 9}, "parameter weeks must be at least 1 and at most 8, got 9"),
-        (ON_CALL, {"team": "运维", "weeks": 10**400}, "parameter weeks must be at least 1 and at most 8, got 1000000"),
-        (RATE, {"currency": "USD", "amount": "1e400"}, "parameter amount must be a number, got '1e400'"),
-        (ON_CALL, {"team": ["运维"]}, 'parameter team must be a string, got ["运维"]'),
+        (ON_CALL, {"team": "运维", "weeks": "2"}, "parameter weeks must be integer, got '2'"),  # body: no conversion
+        (ON_CALL, {"team": "运维", "weeks": True}, "parameter weeks must be integer, got true"),
+        (ON_CALL, {"team": "运维", "weeks": 9}, "parameter weeks must be smaller than or equal to 8, got 9"),
+        (
+            ON_CALL,
+            {"team": "运维", "weeks": 10**400},
+            "parameter weeks must be smaller than or equal to 8, got 1000000",
+        ),
+        (RATE, {"currency": "USD", "amount": "1e400"}, "parameter amount must be number, got '1e400'"),
+        (ON_CALL, {"team": ["运维"]}, 'parameter team must be string, got ["运维"]'),
     ],
 )
 def test_parameters_that_do_not_fit_are_400_naming_the_parameter(operation, params, reason):
     with pytest.raises(bot.GraphError) as err:
-        bot.check_parameters(operation, params)
+        operation.check(params)
     assert err.value.status == 400 and err.value.reason.startswith(reason), err.value.reason
 
 
@@ -221,14 +224,14 @@ def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
     }
     weather = OPERATIONS["POST /v1/actions/weather"]
     assert weather.webhook == "sessionWebhook"
-    assert [(p.name, p.required) for p in weather.parameters if p.context is None] == [
-        ("location", True),
-        ("date", False),
-    ]  # the body schema behind its $ref
-    assert [(p.name, p.location, p.type, p.enum) for p in RATE.parameters] == [
-        ("currency", "query", "string", ("USD", "EUR", "JPY", "HKD")),
-        ("amount", "query", "number", None),
-    ]
+    user = [name for name, prop in weather.schema["properties"].items() if "x-dingtalk-context" not in prop]
+    assert (user, weather.schema["required"]) == (["location", "date"], ["location"])  # the schema behind its $ref
+    assert RATE.query == {"currency", "amount"} and RATE.schema["required"] == ["currency"]
+    assert RATE.schema["properties"]["currency"] == {
+        "type": "string",
+        "enum": ["USD", "EUR", "JPY", "HKD"],
+        "example": "USD",
+    }
 
 
 @pytest.mark.parametrize(
@@ -252,10 +255,10 @@ def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
         ),
         (
             lambda t: t.replace("required: [location]", "required: true"),
-            "the body schema's required (names, e.g. [location]) must be a list",
+            "POST /v1/actions/weather: required must be an array",
         ),
-        (lambda t: t.replace("minimum: 1\n", "minimum: '1'\n"), "weeks's minimum must be a number, not '1'"),
-        (lambda t: t.replace("enum: [USD, EUR, JPY, HKD]", "enum: USD"), "currency's enum must be a list"),
+        (lambda t: t.replace("minimum: 1\n", "minimum: '1'\n"), "parameter weeks: minimum must be a number"),
+        (lambda t: t.replace("enum: [USD, EUR, JPY, HKD]", "enum: USD"), "parameter currency: enum must be an array"),
         (lambda t: t.replace("openapi: 3.0.1", "openapi: 3.0.1\nx-deep: " + "[" * 5000 + "]" * 5000), "tools.yaml is"),
         (lambda t: t.replace("#/components/schemas/WeatherRequest", "#/components/schemas/Nothing"), "names nothing"),
         (
@@ -447,21 +450,18 @@ def test_redacting_filter_survives_malformed_log_calls():
 # ----- proxies -----
 
 
-def test_proxy_per_destination_comes_from_the_environment_and_no_proxy_wins():
-    proxies = bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": "proxy.corp:3128", "NO_PROXY": "internal.corp"}).proxies
-    assert proxies.for_url("https://api.dingtalk.com/v1.0/gateway/connections/open") == "http://proxy.corp:3128"
-    assert proxies.for_url("wss://wss-open-connection.dingtalk.com/connect?ticket=t") == "http://proxy.corp:3128"
-    assert proxies.for_url("https://internal.corp/agent/send") is None
-    assert proxies.for_url("http://api.dingtalk.com/") is None  # no HTTP_PROXY or ALL_PROXY set
+def test_proxy_variables_are_those_the_libraries_read_lower_case_first():
+    env = {
+        "https_proxy": "http://lower:1",
+        "HTTPS_PROXY": "http://upper:1",
+        "ALL_PROXY": "http://all:1",
+        "NO_PROXY": "x",
+    }
+    assert bot.proxy_variables(env) == {"https_proxy": "http://lower:1"}  # ALL_PROXY: neither library reads it
+    assert bot.load_settings({**CREDENTIALS, **env})  # a usable proxy starts
 
 
-def test_lower_case_proxy_names_win_and_all_proxy_is_the_fallback():
-    env = {**CREDENTIALS, "https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:1", "ALL_PROXY": "http://all:1"}
-    proxies = bot.load_settings(env).proxies
-    assert (proxies.https, proxies.http) == ("http://lower:1", "http://all:1")
-
-
-@pytest.mark.parametrize("key", ["ALL_PROXY", "HTTPS_PROXY", "http_proxy"])
+@pytest.mark.parametrize("key", ["HTTPS_PROXY", "http_proxy", "WSS_PROXY", "socks_proxy"])
 def test_socks_proxy_is_a_config_error_naming_the_variable(key):
     with pytest.raises(bot.ConfigError) as err:
         bot.load_settings({**CREDENTIALS, key: "socks5://user:pw@127.0.0.1:1080"})
@@ -475,10 +475,11 @@ def test_socks_proxy_is_a_config_error_naming_the_variable(key):
         "http://alice:S3c/retPW@proxy:3128/corp",  # a path: websockets refuses it
         "http://proxy:3128/?x=1",
         "http://proxy:3128/#frag",
-        "http://alice@proxy:3128",  # a user without a password
         "alice:S3cretPW@proxy:abc",  # not a port
         "http://:0",
         "wss://proxy:443",
+        "https://alice:S3cretPW@proxy:443",  # aiohttp ignores https:// proxies
+        "proxy.corp:3128",  # no scheme: neither library reads it as http://
     ],
 )
 def test_unusable_proxy_urls_are_a_config_error_without_the_password(value):
@@ -488,9 +489,14 @@ def test_unusable_proxy_urls_are_a_config_error_without_the_password(value):
     assert "S3c" not in str(err.value)
 
 
+def test_a_proxy_user_without_a_password_is_a_config_error():
+    with pytest.raises(bot.ConfigError) as err:
+        bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": "http://alice@proxy:3128"})
+    assert str(err.value).startswith("HTTPS_PROXY='http://***@proxy:3128' has a user without a password")
+
+
 def test_proxy_passwords_are_kept_out_of_the_log():
-    proxies = bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": "http://alice:p%40ss@proxy:3128"}).proxies
-    assert proxies.passwords() == ("p@ss",)
+    assert bot.proxy_passwords({"HTTPS_PROXY": "http://alice:p%40ss@proxy:3128"}) == ("p@ss",)
 
 
 @pytest.mark.parametrize("entry", ["https://hooks.example.com", "*.example.com", "hooks.example.com.", "a/b"])
@@ -509,3 +515,97 @@ def test_allowed_hosts_match_the_default_port_and_ipv6():
     for refused in ("http://hooks.corp/agent/send", "http://[::1]:8081/agent/send"):
         with pytest.raises(bot.GraphError):
             bot.check_webhook(refused, hosts)
+
+
+# ----- every schema rule of tools.yaml enforced (by fastjsonschema), none silently ignored -----
+
+TICKET_SCHEMA = {
+    "type": "object",
+    "required": ["ticket"],
+    "properties": {
+        "ticket": {"type": "string", "pattern": "^[A-Z]+-[0-9]+$"},
+        "title": {"type": "string", "minLength": 2, "maxLength": 5},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["bug", "ops"]}},
+        "owner": {"$ref": "#/components/schemas/Owner"},
+        "hours": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
+        "note": {"type": "string", "nullable": True},
+        "due": {"type": "string", "format": "date"},
+    },
+}
+
+
+async def ticket_action(ticket: str, **params: object) -> dict:
+    return {"ticket": ticket, **params}
+
+
+def ticket_operations(schema: dict | None = None, query: list | None = None) -> dict[str, bot.Operation]:
+    body = {"content": {"application/json": {"schema": schema or TICKET_SCHEMA}}}
+    spec = {
+        "openapi": "3.0.1",
+        "paths": {
+            "/t": {"post": {"requestBody": body}},
+            "/q": {"get": {"parameters": query or [{"name": "n", "in": "query", "schema": {"type": "integer"}}]}},
+        },
+        "components": {
+            "schemas": {"Owner": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}}
+        },
+    }
+    return bot.operations_of(spec, {"/t": query_action if schema else ticket_action, "/q": query_action})
+
+
+async def query_action(**params: object) -> dict:
+    return params
+
+
+TICKET = ticket_operations()["POST /t"]
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"ticket": "abc-1"}, "parameter ticket must match pattern ^[A-Z]+-[0-9]+$, got 'abc-1'"),
+        ({"ticket": "OPS-1", "title": "x"}, "parameter title must be longer than or equal to 2 characters, got 'x'"),
+        ({"ticket": "OPS-1", "title": "too long"}, "parameter title must be shorter than or equal to 5 characters"),
+        ({"ticket": "OPS-1", "tags": ["bug", "nope"]}, "parameter tags[1] must be one of ['bug', 'ops'], got 'nope'"),
+        ({"ticket": "OPS-1", "owner": {"name": "x"}}, "parameter owner must contain ['id'] properties"),
+        ({"ticket": "OPS-1", "hours": 0}, "parameter hours must be bigger than 0, got 0"),
+        ({"ticket": "OPS-1", "owner": None, "note": 5}, "parameter note must be string or null, got 5"),
+        ({"ticket": "OPS-1", "due": "tomorrow"}, "parameter due must be date, got 'tomorrow'"),
+    ],
+)
+def test_every_schema_rule_is_enforced_naming_the_parameter_and_the_rule(params, reason):
+    with pytest.raises(bot.GraphError) as err:
+        TICKET.check(params)
+    assert err.value.status == 400 and err.value.reason.startswith(reason), err.value.reason
+
+
+def test_values_that_keep_the_rules_pass_nullable_ones_as_none():
+    params = {"ticket": "OPS-7", "title": "disk", "tags": ["ops"], "owner": {"id": "u1"}, "hours": 0.5, "note": None}
+    assert TICKET.check({**params, "due": "2026-12-01"}) == {**params, "due": "2026-12-01"}
+
+
+def test_a_41_digit_integer_in_a_query_string_is_an_integer():
+    digits = "9" * 41
+    assert ticket_operations()["GET /q"].check({"n": digits}) == {"n": int(digits)}
+
+
+@pytest.mark.parametrize(
+    ("schema", "problem"),
+    [
+        ({"type": "object", "properties": {"x": {"type": "string", "discriminator": "y"}}}, "'discriminator' is not"),
+        ({"type": "object", "properties": {"x": {"type": "string", "format": "uuid"}}}, "format 'uuid' is not one"),
+        ({"type": "object", "properties": {"x": {"type": "string", "pattern": "("}}}, "parameter x:"),
+        ({"type": "string"}, "the body schema must be type: object with properties"),
+    ],
+    ids=["unknown-keyword", "unchecked-format", "bad-pattern", "body-not-object"],
+)
+def test_a_rule_the_validator_cannot_enforce_stops_the_start_with_one_line(schema, problem):
+    with pytest.raises(bot.ConfigError) as err:
+        ticket_operations(schema)
+    assert problem in str(err.value) and str(err.value).startswith("tools.yaml: POST /t")
+    assert "\n" not in str(err.value)
+
+
+def test_header_parameters_are_a_config_error_not_ignored():
+    with pytest.raises(bot.ConfigError, match="only query parameters"):
+        ticket_operations(query=[{"name": "X-Token", "in": "header", "schema": {"type": "string"}}])
