@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
@@ -93,7 +93,7 @@ class Card:
 
 # ===== The engine: you should not need to edit below. It reads in the order a callback travels: =====
 # settings -> operations (tools.yaml) -> callback -> reply -> connection -> lifecycle and main.
-# README "Reliability" explains what it does and why.
+# README "Reliability" explains what it does and why. To take a newer engine, replace everything below this line.
 
 Action = Callable[..., Awaitable[Any]]
 log = logging.getLogger("bot")
@@ -108,13 +108,13 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, read from the environment variable of its name in upper case (or .env). Fields without a
-    default are required; .env.example and the README table list the same ones (a test keeps them in step)."""
+    """Every setting, from the environment variable of its name in upper case (or .env); no default: required.
+    .env.example and the README's table list the same ones, with the same defaults (a test keeps them in step)."""
 
     client_id: str
     client_secret: str  # never logged
-    instances: int = 1
-    health_port: int | None = None  # unset: no HTTP server
+    instances: int = 1  # Stream connections in this process
+    health_port: int | None = None  # serve GET /healthz on it
     health_host: str = "127.0.0.1"
     log_level: str = "INFO"
     webhook_timeout_seconds: float = 5.0
@@ -124,26 +124,18 @@ class Settings:
     connect_timeout_seconds: float = 10.0
     # ping every 3 s, pong within 3 s: a dead connection is noticed within 6 s, replaced within about 10
     keepalive_seconds: float = 3.0
-    webhook_allowed_hosts: frozenset[str] = frozenset()
+    webhook_allowed_hosts: frozenset[str] = frozenset()  # local testing only: "host" or "host:port"
     dingtalk_openapi_endpoint: str = "https://api.dingtalk.com"
 
 
-SETTING_RANGES = {
-    "instances": (1, 32),
-    "health_port": (1, 65535),
-    "webhook_timeout_seconds": (0.1, 300),
-    "action_timeout_seconds": (0.1, 3600),
-    "shutdown_grace_seconds": (0, 3600),
-    "connect_timeout_seconds": (0.1, 300),
-    "keepalive_seconds": (0.1, 300),
-}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-TYPE_READERS: dict[str, Callable[[str], Any]] = {"int": int, "int | None": int, "float": float, "str": str}
+RANGES = {"instances": (1, 32), "health_port": (1, 65535), "action_timeout_seconds": (0.1, 3600)}
+RANGES |= {"shutdown_grace_seconds": (0, 3600), "float": (0.1, 300)}  # "float": any other number of seconds
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     """Settings from `env`; ConfigError names the variable that is missing or wrong."""
-    values: dict[str, Any] = {}
+    values = {}
     for row in fields(Settings):
         key, text = row.name.upper(), env.get(row.name.upper(), "").strip()
         if text:
@@ -158,16 +150,14 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
 
 
 def setting_value(key: str, text: str) -> Any:
-    """The value of setting `key` written as `text`, or ConfigError."""
-    name = key.lower()
-    kind = Settings.__dataclass_fields__[name].type  # e.g. "int | None"
-    read = SETTING_READERS.get(name) or TYPE_READERS[kind]
+    """Setting `key` written as `text`, read as its field's type (numbers within RANGES), or ConfigError."""
+    name, kind = key.lower(), Settings.__dataclass_fields__[key.lower()].type.split(" ")[0]  # "int | None": int
+    read = READERS.get(name) or {"int": int, "float": float}.get(kind, str)
     try:
         value = read(text)
     except ValueError as exc:
-        problem = f"is not a valid {read.__name__}" if read in (int, float) else str(exc)
-        raise ConfigError(f"{key}={text!r} {problem}") from None
-    low, high = SETTING_RANGES.get(name, (value, value))
+        raise ConfigError(f"{key}={text!r} {f'is not a valid {kind}' if read in (int, float) else exc}") from None
+    low, high = RANGES.get(name, RANGES["float"] if kind == "float" else (value, value))
     if not low <= value <= high:
         raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
     return value
@@ -186,55 +176,38 @@ def endpoint(text: str) -> str:
 
 
 def allowed_hosts(text: str) -> frozenset[str]:
-    """WEBHOOK_ALLOWED_HOSTS: comma-separated entries."""
     return frozenset(allowed_host(entry) for entry in text.split(",") if entry.strip())
 
 
-SETTING_READERS = {
-    "log_level": log_level,
-    "dingtalk_openapi_endpoint": endpoint,
-    "webhook_allowed_hosts": allowed_hosts,
-}
+READERS = {"log_level": log_level, "dingtalk_openapi_endpoint": endpoint, "webhook_allowed_hosts": allowed_hosts}
 
 
 def allowed_host(entry: str) -> str:
-    """One WEBHOOK_ALLOWED_HOSTS entry: "host" (any port) or "host:port", IPv6 as [::1]:8080."""
+    """A WEBHOOK_ALLOWED_HOSTS entry as "host" (any port) or "host:port", IPv6 in brackets."""
     entry = entry.strip().lower()
-    if any(c in entry for c in "/*@") or entry.endswith("."):
-        raise ValueError(f"has an entry that is not a host or host:port (no scheme, path or wildcard): {entry!r}")
-    if entry.count(":") > 1 and not entry.startswith("["):  # a bare IPv6 address, any port
-        return host_key(entry, None)
-    try:
+    host, port = (entry, None) if entry.count(":") > 1 and "[" not in entry else (None, None)  # bare IPv6
+    with contextlib.suppress(ValueError):
         parts = urlsplit(f"//{entry}")
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        host = port = None
-    if not host:
-        raise ValueError(f"has an entry that is not a host or host:port: {entry!r}")
+        host, port = host or parts.hostname, parts.port
+    if not host or any(c in entry for c in "/*@") or entry.endswith("."):
+        raise ValueError(f"has an entry that is not a host or host:port (no scheme, path or wildcard): {entry!r}")
     return host_key(host, port)
 
 
 def host_key(host: str, port: int | None) -> str:
-    bracketed = f"[{host}]" if ":" in host else host
-    return bracketed if port is None else f"{bracketed}:{port}"
-
-
-# aiohttp (trust_env) and websockets read these themselves; lower-case names win, as in urllib.
-PROXY_SCHEMES = ("https", "http", "wss", "ws", "socks")
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return host if port is None else f"{host}:{port}"
 
 
 def proxy_variables(env: Mapping[str, str]) -> dict[str, str]:
-    """The proxy variables aiohttp and websockets will use: name -> value."""
-    found = {}
-    for scheme in PROXY_SCHEMES:
-        key = next((k for k in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY") if env.get(k, "").strip()), None)
-        if key:
-            found[key] = env[key].strip()
-    return found
+    """The proxy variables aiohttp and websockets read (lower-case names first, as urllib does): name -> value."""
+    names = ((f"{scheme}_proxy", f"{scheme.upper()}_PROXY") for scheme in ("https", "http", "wss", "ws", "socks"))
+    found = (next((name for name in pair if env.get(name, "").strip()), None) for pair in names)
+    return {name: env[name].strip() for name in found if name}
 
 
 def check_proxies(env: Mapping[str, str]) -> None:
-    """Proxies the libraries could not use are a ConfigError at start (naming the variable, never a password)."""
+    """A proxy the libraries cannot use is a ConfigError at start, naming the variable, never the password."""
     for key, value in proxy_variables(env).items():
         shown = re.sub(r"^([^/]*//)?.*@", lambda m: f"{m.group(1) or ''}***@", value)  # without user info
         if key.lower() == "socks_proxy" or value.lower().startswith("socks"):
@@ -244,7 +217,7 @@ def check_proxies(env: Mapping[str, str]) -> None:
             )
         try:
             parts = urlsplit(value)
-            usable = parts.scheme.lower() == "http" and bool(parts.hostname) and parts.port != 0
+            usable = parts.scheme.lower() == "http" and parts.hostname and parts.port != 0
         except ValueError:  # e.g. a port that is not a number
             usable = False
         if not usable or parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -254,36 +227,30 @@ def check_proxies(env: Mapping[str, str]) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def proxy_for(scheme: str, host: str) -> str | None:
-    """The proxy aiohttp's trust_env would pick for this destination (the same variables, read the same way
-    by urllib), looked up once per host: aiohttp reads the environment again on every request (~100 µs)."""
-    if urllib.request.proxy_bypass(host):
-        return None
-    return urllib.request.getproxies().get(scheme)
+def proxy_for(origin: str) -> str | None:
+    """The proxy aiohttp's trust_env picks for scheme://host[:port] (the same variables, read by urllib), looked
+    up once: trust_env reads the whole environment again on every request (~100 µs)."""
+    parts = urlsplit(origin)
+    return None if urllib.request.proxy_bypass(parts.hostname or "") else urllib.request.getproxies().get(parts.scheme)
 
 
 def proxy_passwords(env: Mapping[str, str]) -> tuple[str, ...]:
-    """For the log filter."""
     passwords = (urlsplit(value).password for value in proxy_variables(env).values())
     return tuple(unquote(password) for password in passwords if password)
 
 
-# ----- Operations / 操作：tools.yaml, read once at start, matched with the actions ---------------------
+# ----- Operations / 操作：tools.yaml read once at start, each operation joined with its action ---------
 
 TOOLS_FILE = Path(__file__).with_name("tools.yaml")
 DISPLAY_MODES = ("auto", "markdown", "disabled")
 WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
-# Keywords of an OpenAPI 3.0 schema: those the validator enforces, and those that describe without a rule.
-CHECKED_KEYWORDS = {
-    *("type", "enum", "const", "format", "nullable", "default", "required", "properties", "additionalProperties"),
-    *("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength"),
-    *("pattern", "items", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties"),
-    *("allOf", "anyOf", "oneOf", "not"),
-}
-DESCRIPTIVE_KEYWORDS = {"title", "description", "example", "deprecated", "readOnly", "writeOnly", "externalDocs"}
-# OpenAPI formats: what the validator checks, what any JSON value already is, and integer ranges.
-CHECKED_FORMATS = {*fastjsonschema.draft07.CodeGeneratorDraft07.FORMAT_REGEXS, "regex"}
-DESCRIPTIVE_FORMATS = {"float", "double", "password"}
+# Schema keywords fastjsonschema enforces, and those that only describe; formats likewise (int32/int64: bounds).
+CHECKED = {"type", "enum", "const", "format", "nullable", "default", "required", "properties", "additionalProperties"}
+CHECKED |= {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength"}
+CHECKED |= {"pattern", "items", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties"}
+CHECKED |= {"allOf", "anyOf", "oneOf", "not"}
+DESCRIPTIVE = {"title", "description", "example", "deprecated", "readOnly", "writeOnly", "externalDocs"}
+FORMATS = {*fastjsonschema.draft07.CodeGeneratorDraft07.FORMAT_REGEXS, "regex", "float", "double", "password"}
 INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
 
 
@@ -295,69 +262,54 @@ class Operation:
     path: str
     display: str  # x-dingtalk-display-result: auto, markdown or disabled
     action: Action
-    schema: dict[str, Any]  # its parameters (query and body) as one JSON Schema object, draft 7
+    schema: dict[str, Any]  # its parameters, query and body, as one JSON Schema object (draft 7)
     query: frozenset[str]  # the parameters that come as text in the query string
     webhook: str | None  # the parameter that carries the sessionWebhook
-    validate: Callable[[Any], Any]  # the compiled schema
+    validate: Callable[[Any], Any]  # the schema, compiled
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """`params` typed (query strings to their declared type) and validated; GraphError(400) names the
+        """`params` typed (query text as its declared type) and validated, or GraphError(400) naming the
         parameter and the rule it broke."""
-        properties, values = self.schema["properties"], {}
+        values = {}
         for name, value in params.items():
-            kind = properties.get(name, {}).get("type")
-            if value is None and "null" not in kind_list(kind):
-                continue  # null means "not given"
-            values[name] = typed(value, kind, name in self.query)
-        missing = [name for name in self.schema.get("required", ()) if name not in values]
-        if missing:
+            kind = self.schema["properties"].get(name, {}).get("type")
+            if value is not None or "null" in as_list(kind):  # null means "not given"
+                values[name] = typed(value, kind, name in self.query)
+        if missing := [name for name in self.schema.get("required", ()) if name not in values]:
             raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
         try:
             return self.validate(values)
         except fastjsonschema.JsonSchemaValueException as exc:
-            where = "parameters" if exc.name == "data" else f"parameter {exc.name.removeprefix('data.')}"
+            name = exc.name.removeprefix("data.") if exc.name != "data" else "parameters"
             rule = exc.message.removeprefix(f"{exc.name} ")
-            raise GraphError(400, f"{where} {rule}, got {shown(exc.value)}") from None
+            raise GraphError(400, f"parameter {name} {rule}, got {shown(exc.value)}") from None
 
 
-def kind_list(kind: Any) -> list:
+def as_list(kind: Any) -> list:
     return kind if isinstance(kind, list) else [kind]
 
 
-INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
-NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-
-
 def typed(value: Any, kind: Any, from_query: bool) -> Any:
-    """A value as its declared type: text from a query string converted, a JSON 3.0 for an integer made 3.
-    A value that does not convert stays as it is, for the validator to refuse."""
-    kinds = kind_list(kind)
-    if from_query and isinstance(value, str):
-        if "integer" in kinds and INTEGER_TEXT.fullmatch(value):
-            return int(value)
-        if "number" in kinds and NUMBER_TEXT.fullmatch(value) and math.isfinite(float(value)):
-            return int(value) if INTEGER_TEXT.fullmatch(value) else float(value)
-        if "boolean" in kinds and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if {"array", "object"} & set(kinds):
-            with contextlib.suppress(ValueError, RecursionError):
-                return json.loads(value)
-    if "integer" in kinds and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+    """Query text as its declared type, by JSON's rules ("3", "2.5", "true", "[1]"); 3.0 for an integer is 3.
+    A value that does not convert is left as it is, for the validator to refuse."""
+    if from_query and isinstance(value, str) and "string" not in as_list(kind):
+        with contextlib.suppress(ValueError, RecursionError):
+            converted = json.loads(value, parse_constant=str)  # NaN, Infinity: not numbers
+            value = converted if not isinstance(converted, float) or math.isfinite(converted) else value
+    is_integral = isinstance(value, float) and value.is_integer()
+    return int(value) if is_integral and "integer" in as_list(kind) else value
 
 
 def shown(value: Any) -> str:
-    try:
+    with contextlib.suppress(ValueError, RecursionError):
         text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    except (ValueError, RecursionError):
-        text = f"a {type(value).__name__}"
-    return text if len(text) <= 60 else f"{text[:57]}..."
+        return text if len(text) <= 60 else f"{text[:57]}..."
+    return f"a {type(value).__name__}"
 
 
 def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Operation]:
     """tools.yaml as "METHOD /path" -> Operation, each path matched with an action of `actions` (default
-    ACTIONS) and the other way round. Anything amiss is a one-line ConfigError naming the file and the path."""
+    ACTIONS) and the other way round; anything amiss is a one-line ConfigError naming the file and the path."""
     try:
         spec = yaml.load(path.read_text(encoding="utf-8"), UniqueKeyLoader)  # a SafeLoader: safe_load, stricter
     except OSError as exc:
@@ -367,6 +319,18 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     except RecursionError:
         raise ConfigError(f"{path.name} is nested too deeply to read") from None
     return operations_of(spec, ACTIONS if actions is None else actions, path.name)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice is an error: a second `paths:` pasted in would replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        for key, (key_node, _) in zip(keys, node.value, strict=True):
+            if keys.count(key) > 1:
+                problem = f"{key!r} appears twice in one mapping"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml") -> dict[str, Operation]:
@@ -379,81 +343,68 @@ def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.y
         raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it")
     for route in actions.keys() - spec["paths"].keys():
         raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it")
-    operations: dict[str, Operation] = {}
+    operations = {}
     for route, item in spec["paths"].items():
-        for method, op in item.items() if isinstance(item, dict) else ():
+        for method in item if isinstance(item, dict) else ():
             if method in ("parameters", "summary", "description", "servers") or str(method).startswith("x-"):
                 continue
-            where = f"{name}: {str(method).upper()} {route}"
             if method not in ("get", "post"):
-                raise ConfigError(f"{where}: DingTalk calls only GET and POST operations")
-            operation = read_operation(spec, where, route, method, op, actions[route])
-            operations[f"{operation.method} {route}"] = operation
-        if not any(op.path == route for op in operations.values()):
+                raise ConfigError(f"{name}: {str(method).upper()} {route}: DingTalk calls only GET and POST operations")
+            operations[f"{method.upper()} {route}"] = read_operation(spec, name, route, method, actions[route])
+        if not any(key.endswith(f" {route}") for key in operations):
             raise ConfigError(f"{name}: {route} has no get or post operation")
     return operations
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, except that a key given twice is an error: a second `paths:` pasted at the end of the file
-    would otherwise silently replace the first."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        for key, (key_node, _) in zip(keys, node.value, strict=True):
-            if keys.count(key) > 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"{key!r} appears twice in one mapping", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_operation(spec: dict, where: str, route: str, method: str, op: Any, action: Action) -> Operation:
+def read_operation(spec: dict, name: str, route: str, method: str, action: Action) -> Operation:
     """One operation: its display mode, and its query and body parameters as one JSON Schema object."""
+    where, op = f"{name}: {method.upper()} {route}", spec["paths"][route][method]
     if not isinstance(op, dict):
         raise ConfigError(f"{where} is not a mapping")
-    display = op.get("x-dingtalk-display-result", "auto")  # DingTalk's default
-    if display not in DISPLAY_MODES:
+    if (display := op.get("x-dingtalk-display-result", "auto")) not in DISPLAY_MODES:  # auto: DingTalk's default
         raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(DISPLAY_MODES)}")
     schema: dict[str, Any] = {"type": "object", "properties": {}}
     if (body := op.get("requestBody")) is not None:
         try:
-            body_schema = body["content"]["application/json"]["schema"]
+            schema = json_schema(spec, body["content"]["application/json"]["schema"], f"{where}: the body")
         except (KeyError, TypeError):
             raise ConfigError(f"{where}: requestBody needs content: application/json: schema") from None
-        schema = json_schema(spec, body_schema, f"{where}: the body schema")
-        if schema.get("type") != "object" or not isinstance(schema.get("properties", {}), dict):
+        if schema.get("type") != "object" or not isinstance(schema.setdefault("properties", {}), dict):
             raise ConfigError(f"{where}: the body schema must be type: object with properties")
-        schema.setdefault("properties", {})
     query = []
-    shared = spec["paths"][route].get("parameters")
-    for entry in [*listed(shared, "parameters", where), *listed(op.get("parameters"), "parameters", where)]:
+    for entry in listed(spec["paths"][route].get("parameters"), where) + listed(op.get("parameters"), where):
         entry = resolve(spec, entry, where)
         if entry.get("in") != "query" or not isinstance(entry.get("name"), str):
             raise ConfigError(f"{where}: only query parameters (in: query, with a name) are supported")
         extras = {k: v for k, v in entry.items() if k == "example" or str(k).startswith("x-")}
-        prop = json_schema(spec, entry.get("schema") or {}, f"{where}: parameter {entry['name']}")
-        schema["properties"][entry["name"]] = prop | extras
+        schema["properties"][entry["name"]] = json_schema(spec, entry.get("schema") or {}, where) | extras
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
-    webhook = next((n for n, p in schema["properties"].items() if p.get("x-dingtalk-context") == WEBHOOK_CONTEXT), None)
+    props = schema["properties"]
+    webhook = next((p for p in props if props[p].get("x-dingtalk-context") == WEBHOOK_CONTEXT), None)
     if display == "disabled" and webhook is None:
         raise ConfigError(
             f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
             "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
         )
-    check_action(where, action, schema)
-    validate = compiled(schema, where)
+    if not inspect.iscoroutinefunction(action):
+        raise ConfigError(f"{where}: its action {action.__name__}() must be an async def (it is awaited)")
+    for needed in action_parameters(action).required:
+        if needed not in props:
+            raise ConfigError(f"{where} does not declare {needed!r}, which {action.__name__}() requires")
+    try:
+        validate = fastjsonschema.compile(schema)
+    except (fastjsonschema.JsonSchemaDefinitionException, re.error) as exc:
+        culprit = next((p for p in props if not compiles(props[p])), None)  # name it, if it is one parameter's
+        raise ConfigError(f"{where}: {f'parameter {culprit}: ' if culprit else ''}{exc}") from None
     return Operation(method.upper(), route, display, action, schema, frozenset(query), webhook, validate)
 
 
-def listed(value: Any, what: str, where: str) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(f"{where}: {what} must be a list")
-    return value
+def listed(value: Any, where: str) -> list:
+    if value is not None and not isinstance(value, list):
+        raise ConfigError(f"{where}: parameters must be a list")
+    return value or []
 
 
 def resolve(spec: dict, node: Any, where: str) -> dict:
@@ -465,70 +416,50 @@ def resolve(spec: dict, node: Any, where: str) -> dict:
             return node
         if not (isinstance(ref, str) and ref.startswith("#/")):
             raise ConfigError(f"{where}: only local $refs (#/...) are supported, not {ref!r}")
-        node = spec
-        for key in ref[2:].split("/"):
-            node = node.get(key) if isinstance(node, dict) else None
+        node = functools.reduce(lambda n, key: n.get(key) if isinstance(n, dict) else None, ref[2:].split("/"), spec)
         if node is None:
             raise ConfigError(f"{where}: $ref {ref} names nothing")
     raise ConfigError(f"{where}: $refs go round in a circle")
 
 
 def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, Any]:
-    """An OpenAPI 3.0 schema as JSON Schema draft 7: $refs resolved, `nullable` and the boolean exclusive
-    bounds translated, int32/int64 as bounds. A keyword the validator would not enforce is a ConfigError."""
+    """An OpenAPI 3.0 schema as JSON Schema draft 7: $refs resolved, `nullable` and the boolean exclusive bounds
+    translated, int32/int64 as bounds; a keyword the validator would not enforce is a ConfigError."""
     if depth > 32:
         raise ConfigError(f"{where}: the schema is nested too deeply (or its $refs go round in a circle)")
-    node, out = resolve(spec, node, where), {}
-    for key, value in node.items():
+    out = {}
+    for key, value in resolve(spec, node, where).items():
         if key in ("items", "not") or (key == "additionalProperties" and isinstance(value, dict)):
             out[key] = json_schema(spec, value, where, depth + 1)
-        elif key in ("allOf", "anyOf", "oneOf"):
-            out[key] = [json_schema(spec, v, where, depth + 1) for v in listed(value, key, where)]
+        elif key in ("allOf", "anyOf", "oneOf") and isinstance(value, list):
+            out[key] = [json_schema(spec, item, where, depth + 1) for item in value]
         elif key == "properties" and isinstance(value, dict):
             out[key] = {name: json_schema(spec, v, f"{where}.{name}", depth + 1) for name, v in value.items()}
-        elif key == "format" and value not in CHECKED_FORMATS | DESCRIPTIVE_FORMATS | INTEGER_FORMATS.keys():
+        elif key == "format" and value not in FORMATS and value not in INTEGER_FORMATS:
             raise ConfigError(f"{where}: format {value!r} is not one the bot can check; use pattern instead")
-        elif key in CHECKED_KEYWORDS or key in DESCRIPTIVE_KEYWORDS or str(key).startswith("x-"):
+        elif key in CHECKED or key in DESCRIPTIVE or str(key).startswith("x-"):
             out[key] = value
         else:
             raise ConfigError(f"{where}: {key!r} is not a schema keyword the bot can check")
     for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        flag = out.get(exclusive)
-        if isinstance(flag, bool):  # OpenAPI 3.0: a flag on the bound; draft 7: a bound of its own
+        if isinstance(flag := out.get(exclusive), bool):  # OpenAPI 3.0: a flag on the bound; draft 7: a number
             del out[exclusive]
             if flag and bound in out:
                 out[exclusive] = out.pop(bound)
-    if (limit := INTEGER_FORMATS.get(out.get("format"))) is not None:
-        out.setdefault("minimum", -limit)
-        out.setdefault("maximum", limit - 1)
+    if limit := INTEGER_FORMATS.get(out.get("format")):
+        out = {"minimum": -limit, "maximum": limit - 1} | out
     if out.pop("nullable", False) is True:
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*listed(out["enum"], "enum", where), None]
+        out |= {"type": [out["type"], "null"]} if "type" in out else {}
+        out |= {"enum": [*out["enum"], None]} if isinstance(out.get("enum"), list) else {}
     return out
 
 
-def compiled(schema: dict[str, Any], where: str) -> Callable[[Any], Any]:
-    """The schema compiled by fastjsonschema; a rule it cannot compile is a ConfigError naming the parameter."""
+def compiles(schema: dict[str, Any]) -> bool:
     try:
-        return fastjsonschema.compile(schema)
-    except (fastjsonschema.JsonSchemaDefinitionException, re.error) as exc:
-        for name, prop in schema["properties"].items():  # find which parameter, to name it
-            try:
-                fastjsonschema.compile(prop)
-            except (fastjsonschema.JsonSchemaDefinitionException, re.error) as inner:
-                raise ConfigError(f"{where}: parameter {name}: {inner}") from None
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def check_action(where: str, action: Action, schema: dict[str, Any]) -> None:
-    """The action must be awaitable and every parameter it requires declared."""
-    if not inspect.iscoroutinefunction(action):
-        raise ConfigError(f"{where}: its action {action.__name__}() must be an async def (it is awaited)")
-    for needed in action_parameters(action).required:
-        if needed not in schema["properties"]:
-            raise ConfigError(f"{where} does not declare {needed!r}, which {action.__name__}() requires")
+        fastjsonschema.compile(schema)
+    except (fastjsonschema.JsonSchemaDefinitionException, re.error):
+        return False
+    return True
 
 
 class ActionParameters(NamedTuple):
@@ -542,84 +473,11 @@ def action_parameters(action: Action) -> ActionParameters:
     """What `action` takes, read from its signature once."""
     params = inspect.signature(action).parameters.values()
     keyword = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return ActionParameters(
-        frozenset(p.name for p in keyword),
-        tuple(p.name for p in keyword if p.default is p.empty),
-        any(p.kind is p.VAR_KEYWORD for p in params),
-    )
+    required = tuple(p.name for p in keyword if p.default is p.empty)
+    return ActionParameters(frozenset(p.name for p in keyword), required, any(p.kind is p.VAR_KEYWORD for p in params))
 
 
 # ----- Callback / 回调：parse -> route -> check parameters -> run the action -> answer ------------------
-
-
-class GraphError(Exception):
-    """Ends a callback with this Graph status; `reason` is safe to show to the caller."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-class GraphCall(NamedTuple):
-    method: str
-    path: str
-    params: dict[str, Any]
-
-
-def parse_graph_request(data: Any) -> GraphCall:
-    """Callback data as method, path and parameters (query string merged with a JSON body)."""
-    if not isinstance(data, dict):
-        raise GraphError(400, "callback data is not a JSON object")
-    try:
-        request = dingtalk_stream.GraphRequest.from_dict(data)
-    except (AttributeError, TypeError):
-        raise GraphError(400, "requestLine is not a JSON object") from None
-    method, uri = request.request_line.method, request.request_line.uri
-    if not isinstance(method, str) or method.upper() not in ("GET", "POST"):
-        raise GraphError(400, f"unsupported method {method!r}")
-    if not isinstance(uri, str):
-        raise GraphError(400, "requestLine.uri is not a string")
-    try:
-        url = urlsplit(uri)
-    except ValueError:
-        raise GraphError(400, "requestLine.uri is not a valid URI") from None
-    body: Any = request.body
-    if body in (None, ""):
-        body = {}
-    elif isinstance(body, str):
-        try:
-            body = json.loads(body)
-        except (ValueError, RecursionError):  # RecursionError: nested too deeply
-            body = None
-    if not isinstance(body, dict):
-        raise GraphError(400, "body is not a JSON object")
-    # GET operations carry parameters in the query string, POST ones in the body.
-    return GraphCall(method.upper(), url.path, {**dict(parse_qsl(url.query, keep_blank_values=True)), **body})
-
-
-async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
-    """Call `action` with the parameters its signature names, within `time_limit` seconds."""
-    takes = action_parameters(action)
-    missing = [name for name in takes.required if name not in params]
-    if missing:
-        raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
-    kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
-    try:
-        async with asyncio.timeout(time_limit) as deadline:
-            return await action(**kwargs)
-    except asyncio.CancelledError:
-        if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
-            raise
-        log.exception("action %s failed: something it awaited was cancelled", action.__name__)
-        raise GraphError(500, "internal error in action") from None
-    except Exception as exc:
-        if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
-            log.error("action %s timed out after %.3g s", action.__name__, time_limit)
-            raise GraphError(504, "action timed out") from None
-        log.exception("action %s failed", action.__name__)
-        raise GraphError(500, "internal error in action") from None
-
 
 EXPECTED_RESULT = {
     "auto": "data: a dict or list of JSON values (for the assistant's model to present)",
@@ -630,13 +488,70 @@ REMEMBER_SECONDS = 300.0  # redeliveries are reported 16-60 s after a late ack
 REMEMBERED_CALLBACKS = 100_000
 
 
+class GraphError(Exception):
+    """Ends a callback with this Graph status; `reason` is safe to show to the caller."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class GraphCall(NamedTuple):
+    method: str
+    path: str
+    params: dict[str, Any]
+
+
+def parse_graph_request(data: Any) -> GraphCall:
+    """Callback data as method, path and parameters (the query string's and a JSON body's)."""
+    if not isinstance(data, dict):
+        raise GraphError(400, "callback data is not a JSON object")
+    try:
+        request = dingtalk_stream.GraphRequest.from_dict(data)
+    except (AttributeError, TypeError):
+        raise GraphError(400, "requestLine is not a JSON object") from None
+    method, uri, body = request.request_line.method, request.request_line.uri, request.body or "{}"
+    if not isinstance(method, str) or method.upper() not in ("GET", "POST"):
+        raise GraphError(400, f"unsupported method {method!r}")
+    if not isinstance(uri, str):
+        raise GraphError(400, "requestLine.uri is not a string")
+    try:
+        url = urlsplit(uri)
+    except ValueError:
+        raise GraphError(400, "requestLine.uri is not a valid URI") from None
+    with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested too deeply
+        body = json.loads(body) if isinstance(body, str) else body
+    if not isinstance(body, dict):
+        raise GraphError(400, "body is not a JSON object")
+    return GraphCall(method.upper(), url.path, dict(parse_qsl(url.query, keep_blank_values=True)) | body)
+
+
+async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
+    """Call `action` with the parameters its signature names, within `time_limit` seconds."""
+    takes = action_parameters(action)
+    if missing := [name for name in takes.required if name not in params]:
+        raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
+    kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
+    try:
+        async with asyncio.timeout(time_limit) as deadline:
+            return await action(**kwargs)
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
+            raise
+        log.exception("action %s failed: something it awaited was cancelled", action.__name__)
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
+            log.error("action %s timed out after %.3g s", action.__name__, time_limit)
+            raise GraphError(504, "action timed out") from None
+        log.exception("action %s failed", action.__name__)
+    raise GraphError(500, "internal error in action")
+
+
 def graph_response(status: int, body: str) -> dict[str, Any]:
     """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
     response = dingtalk_stream.GraphResponse()
-    response.status_line.code = status
-    response.status_line.reason_phrase = HTTPStatus(status).phrase
-    response.headers["Content-Type"] = "application/json"
-    response.body = body
+    response.status_line.code, response.status_line.reason_phrase = status, HTTPStatus(status).phrase
+    response.headers["Content-Type"], response.body = "application/json", body
     return response.to_dict()
 
 
@@ -645,31 +560,24 @@ def failure(reason: str) -> str:
 
 
 class CallbackLedger:
-    """The answers of this process's callbacks by messageId, for all its connections: a redelivered callback
-    gets the first answer, so the user never gets a second reply. A callback in flight is never forgotten; a
-    finished one is kept `ttl` seconds, at most `capacity` of them. (Other processes do not see it: keep actions
-    idempotent.)"""
+    """This process's answers by messageId, for all its connections: a redelivered callback gets the first
+    answer, so the user never gets a second reply. A callback in flight is never forgotten; a finished one is
+    kept `ttl` seconds, at most `capacity` of them. (Other processes do not see it: keep actions idempotent.)"""
 
-    def __init__(
-        self,
-        ttl: float = REMEMBER_SECONDS,
-        capacity: int = REMEMBERED_CALLBACKS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, ttl: float = REMEMBER_SECONDS, capacity: int = REMEMBERED_CALLBACKS, clock=time.monotonic):
         self.ttl, self.capacity, self.clock = ttl, capacity, clock
-        self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> (status, body) once answered
-        self.finished: dict[str, tuple[float, int, str]] = {}  # messageId -> (finished at, status, body), oldest first
+        self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> (status, body), once answered
+        self.finished: dict[str, tuple[float, int, str]] = {}  # messageId -> (when, status, body), oldest first
 
     async def answer_once(self, message_id: str, answer: Callable[[], Awaitable[tuple[int, str]]]) -> tuple[int, str]:
-        """`answer()` for the first delivery of `message_id`; the first one's answer for a redelivery."""
+        """`answer()` for the first delivery of `message_id`; for a redelivery, the first one's answer."""
         while self.finished and next(iter(self.finished.values()))[0] < self.clock() - self.ttl:
             del self.finished[next(iter(self.finished))]  # the oldest, past its time
-        if (done := self.finished.get(message_id)) is not None:
+        if message_id in self.finished or message_id in self.in_flight:
             log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
-            return done[1], done[2]
-        if (first := self.in_flight.get(message_id)) is not None:
-            log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
-            return await asyncio.shield(first)
+            if done := self.finished.get(message_id):
+                return done[1], done[2]
+            return await asyncio.shield(self.in_flight[message_id])
         result = self.in_flight[message_id] = asyncio.get_running_loop().create_future()
         try:
             status, body = await answer()
@@ -688,13 +596,7 @@ class CallbackLedger:
 class ActionHandler(dingtalk_stream.GraphHandler):
     """Serves Graph callbacks: route by tools.yaml to the action, answer as the display mode says, ack the truth."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        operations: Mapping[str, Operation],
-        http: aiohttp.ClientSession,
-        ledger: CallbackLedger,
-    ) -> None:
+    def __init__(self, settings: Settings, operations: Mapping[str, Operation], http: Any, ledger: CallbackLedger):
         super().__init__()
         self.settings, self.operations, self.http, self.ledger = settings, operations, http, ledger
 
@@ -711,9 +613,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         started, route = time.monotonic(), "-"
         try:
             method, path, params = parse_graph_request(data)
-            route = f"{method} {path}"
-            operation = self.operations.get(route)
-            if operation is None:
+            if (operation := self.operations.get(route := f"{method} {path}")) is None:
                 raise GraphError(404, f"no action for {route}")
             params = operation.check(params)
             webhook = None
@@ -741,10 +641,10 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
             await reply_card(self.http, webhook, card, self.settings.webhook_timeout_seconds)
             return '{"success": true}'
+        expected, action = EXPECTED_RESULT[operation.display], operation.action.__name__
         log.error(
             "action %s returned %s, but %s %s is x-dingtalk-display-result: %s, which expects %s",
-            *(operation.action.__name__, type(result).__name__, operation.method, operation.path),
-            *(operation.display, EXPECTED_RESULT[operation.display]),
+            *(action, type(result).__name__, operation.method, operation.path, operation.display, expected),
         )
         raise GraphError(500, "internal error in action")
 
@@ -754,7 +654,6 @@ class ActionHandler(dingtalk_stream.GraphHandler):
 MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID  # the SDK's reply_markdown card
 # AI assistant webhooks live on api.dingtalk.com, chatbot ones on oapi.dingtalk.com: accept both.
 DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
-DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; DingTalk's are a few hundred bytes
 SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
 
@@ -767,15 +666,10 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
 
 
 def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
-    """Return `url` if the bot may POST to it, else raise GraphError(400).
-
-    Allowed: https on api.dingtalk.com / oapi.dingtalk.com (default port), or http/https on a
-    WEBHOOK_ALLOWED_HOSTS entry ("host" = any port, "host:port" = that port only).
-    """
-    if not url:
-        raise GraphError(400, "missing sessionWebhook")
-    if not isinstance(url, str):
-        raise GraphError(400, "sessionWebhook must be a string")
+    """`url` if the bot may POST to it, else GraphError(400): https on api.dingtalk.com / oapi.dingtalk.com
+    (default port), or http(s) on a WEBHOOK_ALLOWED_HOSTS entry ("host": any port, "host:port": that one)."""
+    if not url or not isinstance(url, str):
+        raise GraphError(400, "sessionWebhook must be a string" if url else "missing sessionWebhook")
     try:
         parts = urlsplit(url)
         host, port = (parts.hostname or "").lower(), parts.port
@@ -783,7 +677,8 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
         raise GraphError(400, "sessionWebhook is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
         raise GraphError(400, "sessionWebhook is not a valid http(s) URL")
-    if host_key(host, None) in extra_hosts or host_key(host, port or DEFAULT_PORTS[parts.scheme]) in extra_hosts:
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    if host_key(host, None) in extra_hosts or host_key(host, port or default_port) in extra_hosts:
         return url
     if parts.scheme == "https" and host in DINGTALK_WEBHOOK_HOSTS and port in (None, 443):
         return url
@@ -791,22 +686,28 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
 
 
 async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
-    """POST JSON, no redirects; the answer's status and body, read whole within `time_limit` seconds and
-    MAX_ANSWER_BYTES. Raises TimeoutError, aiohttp.ClientError, or ValueError for a body past the limit."""
-    async with asyncio.timeout(time_limit):
-        parts = urlsplit(url)
-        proxy = proxy_for(parts.scheme, parts.hostname or "")
-        async with http.post(url, json=payload, allow_redirects=False, proxy=proxy) as response:
-            body = bytearray()
-            async for chunk in response.content.iter_any():
-                body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
-            return response.status, bytes(body)
+    """POST JSON, no redirects, through the environment's proxy; the answer's status and body, read whole within
+    `time_limit` seconds and MAX_ANSWER_BYTES. Raises TimeoutError, aiohttp.ClientError or ValueError."""
+    proxy, timeout = proxy_for("/".join(url.split("/", 3)[:3])), aiohttp.ClientTimeout(total=time_limit)
+    async with http.post(url, json=payload, allow_redirects=False, proxy=proxy, timeout=timeout) as response:
+        body = bytearray()
+        async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:  # and this while data keeps coming
+                raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+        return response.status, bytes(body)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """`body` parsed, if it is a JSON object; else {}."""
+    with contextlib.suppress(ValueError, RecursionError):
+        answer = json.loads(body)
+        return answer if isinstance(answer, dict) else {}
+    return {}
 
 
 async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, time_limit: float) -> None:
-    """POST an AI card to the sessionWebhook; raise GraphError(502) unless DingTalk took it."""
+    """POST an AI card to the sessionWebhook; GraphError(502) unless DingTalk took it."""
     payload = {"contentType": "ai_card", "content": {"templateId": card.template_id, "cardData": card.data}}
     try:
         status, body = await post_json(http, webhook, payload, time_limit)
@@ -816,25 +717,15 @@ async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, time
     except (aiohttp.ClientError, ValueError) as exc:
         problem = str(exc) or type(exc).__name__
     else:
-        answer = json_object(body)
-        # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200 and an errcode.
+        answer = json_object(body)  # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200
         if not 200 <= status < 300:
             problem = f"HTTP {status}: {body[:200].decode(errors='replace')}"
         elif answer.get("errcode") not in (None, 0, "0"):
-            problem = f"errcode {answer.get('errcode')}: {answer.get('errmsg', '')}"
+            problem = f"errcode {answer['errcode']}: {answer.get('errmsg', '')}"
         else:
             return
     log.error("webhook %s failed: %s", redact(webhook), redact(problem))
     raise GraphError(502, "reply webhook failed")
-
-
-def json_object(body: bytes) -> dict[str, Any]:
-    """`body` parsed, if it is a JSON object; else {}."""
-    try:
-        answer = json.loads(body)
-    except (ValueError, RecursionError):
-        return {}
-    return answer if isinstance(answer, dict) else {}
 
 
 # ----- Connection / 连接：open, keep alive, answer every frame, reconnect --------------------------------
@@ -858,50 +749,33 @@ class OpenFailed(Exception):
 def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS) -> float:
     """0-1 s after a healthy connection ends, then about 1, 2, 4 … `longest` s, for ever; the jitter keeps
     bots (and the clients of one bot) out of step."""
-    backoff = 0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)
-    return backoff + random.uniform(0, 1)
+    return (0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)) + random.uniform(0, 1)
 
 
-class OpenLimiter:
-    """At most `limit` connection opens in any `period` seconds."""
-
-    def __init__(
-        self, limit: int = OPENS_PER_MINUTE, period: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ):
-        self.opens: deque[float] = deque(maxlen=limit)
-        self.period, self.clock = period, clock
-
-    def wait_needed(self) -> float:
-        """Seconds to wait before the next open is allowed."""
-        if len(self.opens) < (self.opens.maxlen or 0):
-            return 0.0
-        return max(0.0, self.opens[0] + self.period - self.clock())
-
-    def record(self) -> None:
-        self.opens.append(self.clock())
+def open_wait(opens: deque[float], period: float = 60.0, now: float | None = None) -> float:
+    """Seconds until another open keeps within `opens.maxlen` opens in any `period` seconds."""
+    if len(opens) < (opens.maxlen or 0):
+        return 0.0
+    return max(0.0, opens[0] + period - (time.monotonic() if now is None else now))
 
 
 class Connection:
-    """One websocket; DingTalk may retire it (`disconnect`): then it takes no new callbacks."""
+    """One websocket; once DingTalk retires it (`disconnect`) it takes no new callbacks."""
 
     def __init__(self, websocket: Any) -> None:
-        self.websocket = websocket
-        self.opened_at = time.monotonic()
-        self.retired = asyncio.Event()
+        self.websocket, self.opened_at, self.retired = websocket, time.monotonic(), asyncio.Event()
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):  # closing is best effort: the peer may be gone already
+        with contextlib.suppress(Exception):  # best effort: the peer may be gone already
             await self.websocket.close()
 
 
 class StreamClient(dingtalk_stream.DingTalkStreamClient):
-    """The SDK's client (same credential, same register_callback_handler, same handlers and frame classes)
-    with its own start() and stop(): the connection open is non-blocking with a timeout, a dead connection
-    is noticed by keepalive pings, reconnects back off, DingTalk's routine `disconnect` loses no ack, and
-    stop() finishes the callbacks in hand first. Both behave the same on dingtalk-stream 0.24.3 and 0.24.4b1.
-
-    Its state: `current`, the connection new callbacks arrive on, and `in_hand`, every frame being answered
-    with the connection its ack goes back on (a retired or lost connection stays until its frames are done)."""
+    """The SDK's client (its credential, register_callback_handler, handlers and frame classes) with start() and
+    stop() of its own: the open does not block and has a timeout, keepalive notices a dead connection, reconnects
+    back off, DingTalk's routine `disconnect` loses no ack, stop() finishes the callbacks in hand first; the same
+    on dingtalk-stream 0.24.3 and 0.24.4b1. Its state: `current`, the connection new callbacks arrive on, and
+    `in_hand`, each frame being answered with the connection its ack goes back on."""
 
     def __init__(self, credential: dingtalk_stream.Credential, settings: Settings, name: str = "stream-1") -> None:
         super().__init__(credential, logger=logging.getLogger("dingtalk_stream.client"))
@@ -912,7 +786,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.opening: asyncio.Task | None = None  # an open under way, which stop() abandons
         self.accepted = False  # DingTalk accepted the credentials once: a later refusal is retried
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
-        self.limiter = OpenLimiter()
+        self.opens: deque[float] = deque(maxlen=OPENS_PER_MINUTE)
 
     @property
     def connected(self) -> bool:
@@ -927,11 +801,11 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                 while not self.stopping.is_set():
                     await self.connect_and_serve(http)
         finally:
-            if not self.stopping.is_set():  # cancelled, or failed, rather than stopped: let nothing dangle
+            if not self.stopping.is_set():  # cancelled or failed, not stopped: let nothing dangle
                 self.stopping.set()
                 for task in self.in_hand:
                     task.cancel()
-                if self.current is not None:
+                if self.current:
                     await self.current.close()
 
     async def stop(self, grace: float = 0.0) -> None:
@@ -942,18 +816,18 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             self.opening.cancel()
         if in_hand := list(self.in_hand):
             log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(in_hand))
-            _, pending = await asyncio.wait(in_hand, timeout=grace)
-            for task in pending:
+            _, late = await asyncio.wait(in_hand, timeout=grace)
+            for task in late:
                 log.warning("%s abandoned: still running after the %.3g s grace period", task.get_name(), grace)
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1)
-        if self.current is not None:
+            if late:
+                await asyncio.wait(late, timeout=1)
+        if self.current:
             await self.current.close()
 
     async def connect_and_serve(self, http: aiohttp.ClientSession) -> None:
         """One connection from open to its end (or retirement), then the pause before the next."""
-        conn: Connection | None = None
+        conn = None
         try:
             self.opening = asyncio.create_task(self.connect(http))
             try:
@@ -987,7 +861,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.failures = 0 if lived >= HEALTHY_AFTER_SECONDS else self.failures + 1
         # A routine `disconnect` is no outage: its replacement waits at most ~5 s even after failures.
         longest = RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else RECONNECT_MAX_DELAY_SECONDS
-        delay = max(reconnect_delay(self.failures, longest), self.limiter.wait_needed())
+        delay = max(reconnect_delay(self.failures, longest), open_wait(self.opens))
         if not self.accepted and level == logging.WARNING:  # never reached DingTalk yet
             problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)"
         log.log(level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
@@ -995,19 +869,14 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             await asyncio.wait_for(self.stopping.wait(), delay)
 
     async def connect(self, http: aiohttp.ClientSession) -> Connection:
-        """Ask DingTalk for an endpoint and a one-time ticket, then open the websocket, each within
-        CONNECT_TIMEOUT_SECONDS. Done here with aiohttp, not by the SDK: 0.24.3 opens with a blocking,
-        timeout-less `requests.post` on the event loop, and neither version says that credentials were refused."""
-        self.limiter.record()
-        body = {
-            "clientId": self.credential.client_id,
-            "clientSecret": self.credential.client_secret,
-            "subscriptions": [{"type": "CALLBACK", "topic": topic} for topic in self.callback_handler_map],
-            "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union",
-            "localIp": "",
-        }
-        url = self.settings.dingtalk_openapi_endpoint + "/v1.0/gateway/connections/open"
+        """An endpoint and a one-time ticket from DingTalk, then the websocket, each within CONNECT_TIMEOUT_SECONDS.
+        Not the SDK's open: 0.24.3's blocks the loop without a timeout, and neither says credentials were refused."""
+        self.opens.append(time.monotonic())
+        url = f"{self.settings.dingtalk_openapi_endpoint}/v1.0/gateway/connections/open"
         time_limit = self.settings.connect_timeout_seconds
+        subscriptions = [{"type": "CALLBACK", "topic": topic} for topic in self.callback_handler_map]
+        body = {"clientId": self.credential.client_id, "clientSecret": self.credential.client_secret}
+        body |= {"subscriptions": subscriptions, "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union", "localIp": ""}
         try:
             status, raw = await post_json(http, url, body, time_limit)
         except TimeoutError:
@@ -1020,11 +889,13 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
         if status != 200 or not (isinstance(endpoint, str) and endpoint and isinstance(ticket, str) and ticket):
             raise OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
-        keepalive = self.settings.keepalive_seconds
+        parts = urlsplit(endpoint)  # the ticket as a query parameter of its own, whatever the endpoint carries
+        url = urlunsplit(parts._replace(query=urlencode([*parse_qsl(parts.query), ("ticket", ticket)])))
+        keepalive = self.settings.keepalive_seconds  # a silently dead connection is noticed within 2 x keepalive
         websocket = await websockets.connect(
-            with_query(endpoint, ticket=ticket),
+            url,
             open_timeout=time_limit,
-            ping_interval=keepalive,  # a silently dead connection is noticed within 2 x keepalive
+            ping_interval=keepalive,
             ping_timeout=keepalive,
             close_timeout=min(keepalive, 5),
         )
@@ -1034,8 +905,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         """Read frames until the connection ends or DingTalk retires it; return how it ended."""
         self.current, self.accepted = conn, True
         log.info("%s: connected", self.name)
-        reader = asyncio.create_task(self.read(conn))
-        retired = asyncio.create_task(conn.retired.wait())
+        reader, retired = asyncio.create_task(self.read(conn)), asyncio.create_task(conn.retired.wait())
         try:
             await asyncio.wait([reader, retired], return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -1044,7 +914,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         finally:
             retired.cancel()
             self.current = None
-        if not reader.done():  # DingTalk keeps a retired connection open a while: see retire()
+        if not reader.done():  # it goes on reading until retire() closes it
             return "DingTalk retired the connection (disconnect)"
         reader.result()  # raises how it was lost
         return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
@@ -1064,13 +934,12 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             return
         headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
         message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
-        if kind == dingtalk_stream.CallbackMessage.TYPE:
-            # Left unacked, DingTalk delivers it again to a live connection. (Reading never pauses: the
-            # websocket must go on reading pongs, or keepalive takes the connection down.)
-            if why := self.refusal(conn):
-                level = logging.WARNING if why[0].isdigit() else logging.INFO
-                log.log(level, "%s: callback %s left for another connection: %s", self.name, message_id, why)
-                return
+        # Left unacked, a callback is delivered again to a live connection. (Reading never pauses: the websocket
+        # must go on reading pongs, or keepalive takes the connection down.)
+        if kind == dingtalk_stream.CallbackMessage.TYPE and (why := self.refusal(conn)):
+            level = logging.WARNING if why[0].isdigit() else logging.INFO
+            log.log(level, "%s: callback %s left for another connection: %s", self.name, message_id, why)
+            return
         if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
             conn.retired.set()
         name = f"{'callback' if kind == dingtalk_stream.CallbackMessage.TYPE else 'frame'} {message_id}"
@@ -1084,13 +953,11 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             return "stopping"
         if conn.retired.is_set():
             return "connection retired"
-        if len(self.in_hand) >= MAX_CALLBACKS_IN_HAND:
-            return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand"
-        return None
+        return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand" if len(self.in_hand) >= MAX_CALLBACKS_IN_HAND else None
 
     async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection) -> None:
         """Parse the frame with the SDK, run its handler and send the ack on the connection it came on."""
-        kind = frame.get("type")
+        kind, ack = frame.get("type"), None
         try:
             if kind == dingtalk_stream.SystemMessage.TYPE:  # ping, disconnect
                 message: Any = dingtalk_stream.SystemMessage.from_dict(frame)
@@ -1104,16 +971,14 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # e.g. `data` not JSON
             log.warning("%s: frame %s is malformed (%s): 400", self.name, message_id, exc)
             ack = frame_ack(dingtalk_stream.AckMessage.STATUS_BAD_REQUEST, message_id, f"malformed frame: {exc}")
-        else:
-            if handler is None:
-                log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
-                ack = frame_ack(dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT, message_id, "topic not subscribed")
-            else:
-                try:
-                    ack = (await handler.raw_process(message)).to_dict()
-                except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
-                    log.exception("%s: frame %s: unexpected error", self.name, message_id)
-                    ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
+        if ack is None and handler is None:
+            log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
+            ack = frame_ack(dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT, message_id, "topic not subscribed")
+        try:
+            ack = ack or (await handler.raw_process(message)).to_dict()
+        except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
+            log.exception("%s: frame %s: unexpected error", self.name, message_id)
+            ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
         try:
             await conn.websocket.send(json.dumps(ack))
         except websockets.exceptions.ConnectionClosed:
@@ -1122,54 +987,43 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             await self.retire(conn)
 
     async def retire(self, conn: Connection) -> None:
-        """A retired connection: answer the callbacks it holds (within RETIRE_WINDOW_SECONDS), then close it."""
-        frames = [task for task, held_on in self.in_hand.items() if held_on is conn]
-        frames.remove(asyncio.current_task())
+        """A retired connection: let the callbacks it holds finish (within RETIRE_WINDOW_SECONDS), then close it."""
+        held = [
+            task for task, held_on in self.in_hand.items() if held_on is conn and task is not asyncio.current_task()
+        ]
         try:
-            if frames:
-                _, late = await asyncio.wait(frames, timeout=RETIRE_WINDOW_SECONDS)
-                for task in late:
-                    log.warning("%s: %s outlived its retired connection: its ack is lost", self.name, task.get_name())
+            _, late = await asyncio.wait(held, timeout=RETIRE_WINDOW_SECONDS) if held else ((), ())
+            for task in late:
+                log.warning("%s: %s outlived its retired connection: its ack is lost", self.name, task.get_name())
         finally:
             await conn.close()
 
 
-def with_query(url: str, **params: str) -> str:
-    """`url` with `params` added to whatever query it already has."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
 def frame_ack(code: int, message_id: str, problem: str) -> dict[str, Any]:
     """An ack for a frame no handler could answer, with a Graph response saying why."""
-    return {
-        "code": code,
-        "headers": {"messageId": message_id, "contentType": "application/json"},
-        "message": problem[:300],
-        "data": json.dumps({"response": graph_response(code, failure(problem[:300]))}),
-    }
+    response = graph_response(code, failure(problem[:300]))
+    headers = {"messageId": message_id, "contentType": "application/json"}
+    return {"code": code, "headers": headers, "message": problem[:300], "data": json.dumps({"response": response})}
 
 
 # ----- Lifecycle / 生命周期：clients, health endpoint, signals, logging, main -----------------------------
 
 
 async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation] | None = None) -> int:
-    """Run settings.instances clients in this event loop, as the official example does (credential -> client
-    -> register the handler -> start), plus the health endpoint, until `stop` is set. Return an exit code:
-    0, or 2 (credentials refused, HEALTH_PORT busy) or 1 (a bug) when the bot could not go on serving."""
+    """Run settings.instances clients in this loop, as the official example does (credential -> client -> register
+    the handler -> start), plus the health endpoint, until `stop` is set. Return an exit code: 0, or 2 (credentials
+    refused, HEALTH_PORT busy) or 1 (a bug) when the bot could not go on serving."""
     operations = load_operations() if operations is None else operations
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     ledger = CallbackLedger()  # one for all clients: DingTalk may redeliver on another connection
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
     connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances)
     async with aiohttp.ClientSession(connector=connector) as http:
-        clients = []
-        for n in range(1, settings.instances + 1):
-            client = StreamClient(credential, settings, name=f"stream-{n}")
-            handler = ActionHandler(settings, operations, http, ledger)
-            client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, handler)
-            clients.append(client)
+        clients = [StreamClient(credential, settings, name=f"stream-{n + 1}") for n in range(settings.instances)]
+        for client in clients:
+            client.register_callback_handler(
+                dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, operations, http, ledger)
+            )
         try:
             async with health_endpoint(settings, clients):
                 started = [asyncio.create_task(client.start(), name=client.name) for client in clients]
@@ -1189,10 +1043,8 @@ async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str
             log.error("cannot serve HEALTH_PORT=%s: %s", settings.health_port, exc)
             return 2
     log.info("stopped")
-    if stopped in done:
-        return 0
-    ended = done.pop()
-    error = None if ended.cancelled() else ended.exception()
+    ended = None if stopped in done else next(iter(done))
+    error = ended and not ended.cancelled() and ended.exception()
     if isinstance(error, CredentialsRejected):
         log.error(
             "DingTalk rejected CLIENT_ID / CLIENT_SECRET (%s): check both in the developer console, "
@@ -1200,21 +1052,20 @@ async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str
             error,
         )
         return 2
-    log.error("%s ended unexpectedly", ended.get_name(), exc_info=error)
-    return 1
+    if ended:
+        log.error("%s ended unexpectedly", ended.get_name(), exc_info=error or None)
+    return 1 if ended else 0
 
 
 @contextlib.asynccontextmanager
-async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> Any:
+async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> AsyncIterator[None]:
     """GET /healthz on HEALTH_PORT, if set: 200 when every client is connected, else 503 (and while stopping)."""
 
     async def healthz(_: web.Request) -> web.Response:
-        connected = sum(client.connected for client in clients)
-        stopping = any(client.stopping.is_set() for client in clients)
-        healthy = connected == len(clients) and not stopping
-        state = "stopping" if stopping else "ok" if healthy else "degraded"
-        body = {"status": state, "instances": len(clients), "connected": connected}
-        return web.json_response(body, status=200 if healthy else 503)
+        connected, stopping = sum(c.connected for c in clients), any(c.stopping.is_set() for c in clients)
+        status = "stopping" if stopping else "ok" if connected == len(clients) else "degraded"
+        body = {"status": status, "instances": len(clients), "connected": connected}
+        return web.json_response(body, status=200 if status == "ok" else 503)
 
     if not settings.health_port:
         yield
@@ -1261,10 +1112,9 @@ def configure_logging(settings: Settings) -> None:
 
 
 async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
-    """serve() until SIGINT/SIGTERM; a second signal exits at once. Threads still running after the grace
-    period do not hold the exit."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    """serve() until SIGINT or SIGTERM; a second one exits at once. Threads still running after the grace period
+    do not hold the exit."""
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
@@ -1279,18 +1129,17 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         except NotImplementedError:  # Windows: no loop signal handlers
             signal.signal(signum, lambda s, _f: loop.call_soon_threadsafe(on_signal, s))
-    # asyncio.run, and the interpreter, would wait for threads (an action's asyncio.to_thread, or any
-    # other) without limit (3.11) or 300 s (3.12+). Our own default pool lets its idle workers go at the
-    # end; threads still busy a second later are left behind.
+    # asyncio.run and the interpreter would wait for threads (an action's asyncio.to_thread, or any other)
+    # without limit (3.11) or 300 s (3.12+). Our own default pool lets its idle workers go at the end; threads
+    # still busy a second later are left behind.
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)
     exit_code = await serve(settings, stop, operations)
     threads.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + 1.0
     busy = [t for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
-    while busy and time.monotonic() < deadline:  # a thread offers nothing to await: poll
-        await asyncio.sleep(0.05)
-        busy = [t for t in busy if t.is_alive()]
+    deadline = time.monotonic() + 1.0
+    while (busy := [t for t in busy if t.is_alive()]) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)  # a thread offers nothing to await: poll
     if busy:
         names = ", ".join(t.name for t in busy)
         log.warning(
@@ -1305,8 +1154,7 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
 def main() -> int:
     load_dotenv(override=False)  # real environment variables win over .env
     try:
-        settings = load_settings()
-        operations = load_operations()
+        settings, operations = load_settings(), load_operations()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1314,7 +1162,7 @@ def main() -> int:
     for key in ("CLIENT_ID", "CLIENT_SECRET"):
         if os.environ[key] != os.environ[key].strip():  # a common paste error that DingTalk rejects
             log.warning("%s had surrounding whitespace; using it without", key)
-    if any(os.environ.get(key) for key in ("ALL_PROXY", "all_proxy")) and not proxy_variables(os.environ):
+    if os.environ.get("ALL_PROXY", os.environ.get("all_proxy")) and not proxy_variables(os.environ):
         log.warning("ALL_PROXY is not read: set HTTPS_PROXY=http://host:port if DingTalk is reached through a proxy")
     return asyncio.run(run(settings, operations))
 
