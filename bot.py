@@ -43,7 +43,7 @@ import websockets.exceptions  # websockets>=15 loads submodules lazily; bind it 
 import yaml
 from aiohttp import web
 from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 from websockets.protocol import State as WebSocketState
 
 # ----- Your actions / 你的动作 --------------------------------------------------------------------
@@ -263,9 +263,10 @@ class Operation:
     display: str  # x-dingtalk-display-result: auto, markdown or disabled
     action: Action
     schema: dict[str, Any]  # its parameters, query and body, as one JSON Schema object (draft 7)
-    query: frozenset[str]  # the parameters that come as text in the query string
+    query: frozenset[str]  # the parameters that come as text, in the query string or the path
     webhook: str | None  # the parameter that carries the sessionWebhook
     validate: Callable[[Any], Any]  # the schema, compiled
+    template: re.Pattern | None = None  # for a path with {name} segments: matches it, one group per segment
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """`params` typed (query text as its declared type) and validated, or GraphError(400) naming the
@@ -374,13 +375,21 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
     query = []
     for entry in listed(spec["paths"][route].get("parameters"), where) + listed(op.get("parameters"), where):
         entry = resolve(spec, entry, where)
-        if entry.get("in") != "query" or not isinstance(entry.get("name"), str):
-            raise ConfigError(f"{where}: only query parameters (in: query, with a name) are supported")
+        if entry.get("in") not in ("query", "path") or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{where}: only query and path parameters (in: query or path, with a name) are supported")
+        if (entry["in"] == "path") != (f"{{{entry['name']}}}" in route):
+            raise ConfigError(
+                f"{where}: parameter {entry['name']} is in: path exactly when the path has {{{entry['name']}}}"
+            )
         extras = {k: v for k, v in entry.items() if k == "example" or str(k).startswith("x-")}
         schema["properties"][entry["name"]] = json_schema(spec, entry.get("schema") or {}, where) | extras
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
+    segments = re.findall(r"{([^}/]+)}", route)
+    if missing := [segment for segment in segments if segment not in query]:
+        raise ConfigError(f"{where}: the path's {{{missing[0]}}} needs a parameter with in: path")
+    template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if segments else None
     props = schema["properties"]
     webhook = next((p for p in props if props[p].get("x-dingtalk-context") == WEBHOOK_CONTEXT), None)
     if display == "disabled" and webhook is None:
@@ -398,7 +407,7 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
     except (fastjsonschema.JsonSchemaDefinitionException, re.error) as exc:
         culprit = next((p for p in props if not compiles(props[p])), None)  # name it, if it is one parameter's
         raise ConfigError(f"{where}: {f'parameter {culprit}: ' if culprit else ''}{exc}") from None
-    return Operation(method.upper(), route, display, action, schema, frozenset(query), webhook, validate)
+    return Operation(method.upper(), route, display, action, schema, frozenset(query), webhook, validate, template)
 
 
 def listed(value: Any, where: str) -> list:
@@ -523,7 +532,8 @@ def parse_graph_request(data: Any) -> GraphCall:
         body = json.loads(body) if isinstance(body, str) else body
     if not isinstance(body, dict):
         raise GraphError(400, "body is not a JSON object")
-    return GraphCall(method.upper(), url.path, dict(parse_qsl(url.query, keep_blank_values=True)) | body)
+    path = unquote(url.path)  # "/v1/%E5%A4%A9" routes as "/v1/天"
+    return GraphCall(method.upper(), path, dict(parse_qsl(url.query, keep_blank_values=True)) | body)
 
 
 async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
@@ -545,6 +555,16 @@ async def run_action(action: Action, params: dict[str, Any], time_limit: float) 
             raise GraphError(504, "action timed out") from None
         log.exception("action %s failed", action.__name__)
     raise GraphError(500, "internal error in action")
+
+
+def find_operation(operations: Mapping[str, Operation], method: str, path: str) -> tuple[Operation, dict[str, str]]:
+    """The operation for `method` and `path`, with the values of its path's {name} segments; GraphError(404)."""
+    if (operation := operations.get(f"{method} {path}")) is not None:
+        return operation, {}
+    for operation in operations.values():
+        if operation.method == method and operation.template and (match := operation.template.fullmatch(path)):
+            return operation, dict(zip(re.findall(r"{([^}/]+)}", operation.path), match.groups(), strict=True))
+    raise GraphError(404, f"no action for {method} {path}")
 
 
 def graph_response(status: int, body: str) -> dict[str, Any]:
@@ -613,9 +633,9 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         started, route = time.monotonic(), "-"
         try:
             method, path, params = parse_graph_request(data)
-            if (operation := self.operations.get(route := f"{method} {path}")) is None:
-                raise GraphError(404, f"no action for {route}")
-            params = operation.check(params)
+            route = f"{method} {path}"
+            operation, path_params = find_operation(self.operations, method, path)
+            params = operation.check(params | path_params)
             webhook = None
             if operation.display == "disabled":  # refused before the action runs
                 webhook = check_webhook(params.get(operation.webhook or ""), self.settings.webhook_allowed_hosts)
@@ -736,6 +756,7 @@ OPENS_PER_MINUTE = 10  # per client, whatever the gateway does
 RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
 RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
 MAX_CALLBACKS_IN_HAND = 500  # per client; past it, new callbacks are left for DingTalk to redeliver
+MAX_FRAME_BYTES = 16 << 20  # DingTalk's frames are a few KiB; websockets' default limit is 1 MiB
 
 
 class CredentialsRejected(Exception):
@@ -898,6 +919,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             ping_interval=keepalive,
             ping_timeout=keepalive,
             close_timeout=min(keepalive, 5),
+            max_size=MAX_FRAME_BYTES,
         )
         return Connection(websocket)
 
@@ -1112,7 +1134,7 @@ def configure_logging(settings: Settings) -> None:
 
 
 async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
-    """serve() until SIGINT or SIGTERM; a second one exits at once. Threads still running after the grace period
+    """serve() until SIGINT, SIGTERM or SIGHUP; a second one exits at once. Threads still running after the grace period
     do not hold the exit."""
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
 
@@ -1124,7 +1146,7 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
         log.info("%s received: finishing in-flight callbacks, then exiting", signal.Signals(signum).name)
         stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):  # HUP: terminal closed
         try:
             loop.add_signal_handler(signum, on_signal, signum)
         except NotImplementedError:  # Windows: no loop signal handlers
@@ -1152,7 +1174,11 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
 
 
 def main() -> int:
-    load_dotenv(override=False)  # real environment variables win over .env
+    try:
+        load_dotenv(override=False)  # real environment variables win over .env
+    except UnicodeDecodeError as exc:  # e.g. saved by PowerShell 5 (UTF-16) or Notepad's "ANSI" (GBK)
+        print(f"error: {find_dotenv()} is not UTF-8 ({exc.reason}): save it as UTF-8", file=sys.stderr)
+        return 2
     try:
         settings, operations = load_settings(), load_operations()
     except ConfigError as exc:

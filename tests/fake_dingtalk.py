@@ -12,6 +12,7 @@ host (WEBHOOK_ALLOWED_HOSTS=127.0.0.1). Used by the tests and by `python -m test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -20,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import WSMsgType, web
 
@@ -120,12 +121,15 @@ class FakeDingTalk:
         self.webhook_status = 200
         self.webhook_errcode = 0
         self.webhook_cut_off = False  # close the connection halfway through the response
+        self.webhook_endless: float | None = None  # answer 200, then stream a body for ever, a chunk every this many s
+        self.webhook_streamed = 0  # bytes of such endless bodies written so far
         self.slow_sessions: dict[str, float] = {}  # session -> latency, overriding webhook_latency
         self.expired_sessions: set[str] = set()
         # connection-open faults
         self.open_status: int | None = None  # answer with this HTTP error status
         self.open_raw_body: str | bytes | None = None  # answer 200 with this instead of endpoint/ticket
         self.open_delay = 0.0  # seconds before answering (a hanging open)
+        self.endpoint_query = ""  # a query string the endpoint carries before the bot adds its ticket
         # gateway faults
         self.reject_websocket = False  # answer the websocket handshake with 403
         self.disconnect_at_once = False  # send `disconnect` on every new connection as soon as it opens
@@ -211,7 +215,10 @@ class FakeDingTalk:
         else:
             ticket = str(uuid.uuid4())
             self._tickets.add(ticket)
-            status, answer = 200, {"endpoint": f"ws://{self.host}:{self.port}/connect", "ticket": ticket}
+            endpoint = f"ws://{self.host}:{self.port}/connect" + (
+                f"?{self.endpoint_query}" if self.endpoint_query else ""
+            )
+            status, answer = 200, {"endpoint": endpoint, "ticket": ticket}
         self.open_requests.append(OpenRequest(body, status))
         await self._notify()
         return web.json_response(answer, status=status)
@@ -222,7 +229,8 @@ class FakeDingTalk:
         ticket = request.query.get("ticket", "")
         if self.reject_websocket:
             return web.json_response({"code": "forbidden"}, status=403)
-        if ticket not in self._tickets:
+        expected = dict(parse_qsl(self.endpoint_query))
+        if ticket not in self._tickets or any(request.query.get(k) != v for k, v in expected.items()):
             return web.json_response({"code": "invalidTicket"}, status=401)
         self._tickets.discard(ticket)  # a ticket opens one connection only
         ws = web.WebSocketResponse(autoping=False)  # pongs by hand, so a connection can play dead
@@ -350,6 +358,15 @@ class FakeDingTalk:
         latency = self.slow_sessions.get(session, self.webhook_latency)
         if latency:
             await asyncio.sleep(latency)
+        if self.webhook_endless is not None:
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            with contextlib.suppress(ConnectionError):
+                while True:  # until the bot hangs up
+                    await response.write(b" " * 65536)
+                    self.webhook_streamed += 65536
+                    await asyncio.sleep(self.webhook_endless)
+            return response
         if self.webhook_cut_off:
             response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "64"})
             await response.prepare(request)

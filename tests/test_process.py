@@ -69,7 +69,7 @@ async def test_dotenv_file_is_read_and_real_environment_wins(fake, remote, bot_p
     assert len(fake.open_requests) == 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 async def test_signal_with_callback_in_flight_finishes_it_and_exits_0(fake, remote, bot_process, signum):
     fake.webhook_latency = 1.0
     process = await bot_process(bot_env(fake))
@@ -106,3 +106,14 @@ async def test_secret_and_session_tokens_never_in_output(fake, remote, bot_proce
     assert "webhook http://127.0.0.1" in process.output and "session=***" in process.output
     assert "S3cr3t-Value-4711" not in process.output
     assert "aswh_token" not in process.output
+
+
+@pytest.mark.parametrize(
+    ("encoding", "problem"), [("utf-16", "invalid start byte"), ("gbk", "invalid continuation byte")]
+)  # PowerShell 5's `>` writes UTF-16; Notepad's "ANSI" on Chinese Windows writes GBK
+async def test_a_dotenv_file_not_in_utf8_is_one_line_and_exit_2(fake, bot_process, tmp_path, encoding, problem):
+    (tmp_path / ".env").write_bytes(f"# 注释 / a comment\nCLIENT_ID={fake.client_id}\n".encode(encoding))
+    process = await bot_process(bot_env(fake))
+    assert await process.wait(10) == 2
+    assert process.lines == [f"error: {tmp_path / '.env'} is not UTF-8 ({problem}): save it as UTF-8"]
+    assert fake.open_attempts == 0

@@ -561,3 +561,45 @@ async def test_ledger_never_evicts_a_callback_in_flight():
     release.set()
     assert await asyncio.wait_for(redelivery, 5) == (200, "slow") == await first
     assert list(ledger.finished) == ["m49", "slow"]  # finished ones: the newest `capacity`, exactly
+
+
+# ----- a second adversarial probe: bursts, endless answers, endpoints with a query, big frames -----
+
+
+async def test_a_burst_beyond_aiohttps_default_pool_is_all_delivered_and_acked_200(fake, remote, start_bot):
+    fake.webhook_latency = 2.0  # 300 replies at once, each taking 2 s: a pool of 100 would queue 200 of them
+    async with start_bot(webhook_timeout_seconds=5.0):
+        requests = [weather(fake) for _ in range(300)]
+        results = await remote(fake.invoke_many(requests, timeout=20))
+    assert [r.status for r in results] == [200] * 300
+    assert len(fake.webhook_posts) == 300  # one POST each
+
+
+@pytest.mark.parametrize("chunk_every", [0.2, 0.0], ids=["trickling", "flooding"])
+async def test_an_endless_webhook_answer_is_502_within_its_limits(fake, remote, start_bot, caplog, chunk_every):
+    fake.webhook_endless = chunk_every  # 200, then a body that never ends
+    async with start_bot(webhook_timeout_seconds=1.0):
+        started = time.monotonic()
+        result = await remote(fake.invoke(weather(fake), timeout=10))
+        took = time.monotonic() - started
+    assert result.status == 502
+    assert took < 3, took  # the time limit holds while data keeps coming
+    if chunk_every:
+        assert "timed out after 1.0 s" in caplog.text
+    else:
+        assert f"answer larger than {bot.MAX_ANSWER_BYTES} bytes" in caplog.text
+
+
+async def test_the_ticket_is_a_query_parameter_of_its_own_whatever_the_endpoint_carries(fake, remote, start_bot):
+    fake.endpoint_query = "region=cn&x=1"
+    async with start_bot():
+        assert (await remote(fake.invoke(weather(fake)))).status == 200
+
+
+async def test_a_frame_over_websockets_default_1_mib_is_read_and_answered(fake, remote, start_bot):
+    async with start_bot():
+        padding = "明" * 700_000  # a parameter the action does not take: the frame is about 2 MiB, the reply small
+        big = graph_request(WEATHER, {**PARAMS, "padding": padding}, session_webhook=fake.webhook_url())
+        result = await remote(fake.invoke(big, timeout=10))
+        assert result.status == 200
+        assert len(fake.live_connections()) == 1 and len(fake.connections) == 1  # the same connection

@@ -607,5 +607,54 @@ def test_a_rule_the_validator_cannot_enforce_stops_the_start_with_one_line(schem
 
 
 def test_header_parameters_are_a_config_error_not_ignored():
-    with pytest.raises(bot.ConfigError, match="only query parameters"):
+    with pytest.raises(bot.ConfigError, match="only query and path parameters"):
         ticket_operations(query=[{"name": "X-Token", "in": "header", "schema": {"type": "string"}}])
+
+
+# ----- templated paths: routed, their parameters checked like the others -----
+
+
+async def item_action(id: int, view: str = "short") -> dict:
+    return {"id": id, "view": view}
+
+
+def item_operations(parameters: list) -> dict[str, bot.Operation]:
+    spec = {"openapi": "3.0.1", "paths": {"/items/{id}": {"get": {"parameters": parameters}}}}
+    return bot.operations_of(spec, {"/items/{id}": item_action})
+
+
+ITEM_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+
+
+def test_a_templated_path_is_routed_and_its_segment_checked_like_any_parameter():
+    operations = item_operations([ITEM_ID, {"name": "view", "in": "query", "schema": {"type": "string"}}])
+    operation, values = bot.find_operation(operations, "GET", "/items/42")
+    assert operation.path == "/items/{id}" and values == {"id": "42"}
+    assert operation.check({"view": "full"} | values) == {"view": "full", "id": 42}
+    with pytest.raises(bot.GraphError) as err:
+        operation.check({"id": "0"})
+    assert (err.value.status, err.value.reason) == (400, "parameter id must be bigger than or equal to 1, got 0")
+    for method, path in (("GET", "/items/42/more"), ("GET", "/items/"), ("POST", "/items/42")):
+        with pytest.raises(bot.GraphError) as err:
+            bot.find_operation(operations, method, path)
+        assert err.value.status == 404
+
+
+def test_a_percent_encoded_path_routes_as_its_decoded_form():
+    call = bot.parse_graph_request(
+        {"requestLine": {"method": "POST", "uri": "/v1/actions/%77eather?x=1"}, "body": "{}"}
+    )
+    assert call == bot.GraphCall("POST", "/v1/actions/weather", {"x": "1"})
+
+
+@pytest.mark.parametrize(
+    ("parameters", "problem"),
+    [
+        ([], "the path's {id} needs a parameter with in: path"),
+        ([{**ITEM_ID, "name": "other"}], "parameter other is in: path exactly when the path has {other}"),
+    ],
+)
+def test_a_templated_path_without_its_parameter_is_a_config_error(parameters, problem):
+    with pytest.raises(bot.ConfigError) as err:
+        item_operations(parameters)
+    assert str(err.value) == f"tools.yaml: GET /items/{{id}}: {problem}"
