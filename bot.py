@@ -200,10 +200,11 @@ def host_key(host: str, port: int | None) -> str:
 
 
 def proxy_variables(env: Mapping[str, str]) -> dict[str, str]:
-    """The proxy variables aiohttp and websockets read (lower-case names first, as urllib does): name -> value."""
-    names = ((f"{scheme}_proxy", f"{scheme.upper()}_PROXY") for scheme in ("https", "http", "wss", "ws", "socks"))
-    found = (next((name for name in pair if env.get(name, "").strip()), None) for pair in names)
-    return {name: env[name].strip() for name in found if name}
+    """HTTPS_PROXY and HTTP_PROXY as urllib reads them (a lower-case name, even empty, wins): name -> value."""
+    names = [
+        f"{scheme}_proxy" if f"{scheme}_proxy" in env else f"{scheme.upper()}_PROXY" for scheme in ("https", "http")
+    ]
+    return {name: env[name].strip() for name in names if env.get(name, "").strip()}
 
 
 def check_proxies(env: Mapping[str, str]) -> None:
@@ -228,10 +229,14 @@ def check_proxies(env: Mapping[str, str]) -> None:
 
 @functools.lru_cache(maxsize=64)
 def proxy_for(origin: str) -> str | None:
-    """The proxy aiohttp's trust_env picks for scheme://host[:port] (the same variables, read by urllib), looked
-    up once: trust_env reads the whole environment again on every request (~100 µs)."""
+    """The proxy for scheme://host[:port], the same for the open, the websocket and the webhook: aiohttp's
+    trust_env rules (HTTPS_PROXY, HTTP_PROXY, NO_PROXY, read by urllib), looked up once per origin, since
+    trust_env reads the whole environment again on every request (~100 µs)."""
     parts = urlsplit(origin)
-    return None if urllib.request.proxy_bypass(parts.hostname or "") else urllib.request.getproxies().get(parts.scheme)
+    if urllib.request.proxy_bypass(parts.netloc):  # "host:port" matches NO_PROXY entries with and without a port
+        return None
+    scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
+    return urllib.request.getproxies().get(scheme, "").strip() or None
 
 
 def proxy_passwords(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -350,7 +355,7 @@ def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.y
             if method in ("parameters", "summary", "description", "servers") or str(method).startswith("x-"):
                 continue
             if method not in ("get", "post"):
-                raise ConfigError(f"{name}: {str(method).upper()} {route}: DingTalk calls only GET and POST operations")
+                raise ConfigError(f"{name}: {route}: {method!r} is not an operation DingTalk calls (get or post)")
             operations[f"{method.upper()} {route}"] = read_operation(spec, name, route, method, actions[route])
         if not any(key.endswith(f" {route}") for key in operations):
             raise ConfigError(f"{name}: {route} has no get or post operation")
@@ -367,9 +372,10 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
     schema: dict[str, Any] = {"type": "object", "properties": {}}
     if (body := op.get("requestBody")) is not None:
         try:
-            schema = json_schema(spec, body["content"]["application/json"]["schema"], f"{where}: the body")
+            body_schema = body["content"]["application/json"]["schema"]
         except (KeyError, TypeError):
             raise ConfigError(f"{where}: requestBody needs content: application/json: schema") from None
+        schema = json_schema(spec, body_schema, f"{where}: the body")
         if schema.get("type") != "object" or not isinstance(schema.setdefault("properties", {}), dict):
             raise ConfigError(f"{where}: the body schema must be type: object with properties")
     query = []
@@ -404,7 +410,7 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
             raise ConfigError(f"{where} does not declare {needed!r}, which {action.__name__}() requires")
     try:
         validate = fastjsonschema.compile(schema)
-    except (fastjsonschema.JsonSchemaDefinitionException, re.error) as exc:
+    except Exception as exc:  # JsonSchemaDefinitionException, re.error, or TypeError for a value of the wrong kind
         culprit = next((p for p in props if not compiles(props[p])), None)  # name it, if it is one parameter's
         raise ConfigError(f"{where}: {f'parameter {culprit}: ' if culprit else ''}{exc}") from None
     return Operation(method.upper(), route, display, action, schema, frozenset(query), webhook, validate, template)
@@ -444,7 +450,7 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
             out[key] = [json_schema(spec, item, where, depth + 1) for item in value]
         elif key == "properties" and isinstance(value, dict):
             out[key] = {name: json_schema(spec, v, f"{where}.{name}", depth + 1) for name, v in value.items()}
-        elif key == "format" and value not in FORMATS and value not in INTEGER_FORMATS:
+        elif key == "format" and not (isinstance(value, str) and (value in FORMATS or value in INTEGER_FORMATS)):
             raise ConfigError(f"{where}: format {value!r} is not one the bot can check; use pattern instead")
         elif key in CHECKED or key in DESCRIPTIVE or str(key).startswith("x-"):
             out[key] = value
@@ -458,15 +464,17 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
     if limit := INTEGER_FORMATS.get(out.get("format")):
         out = {"minimum": -limit, "maximum": limit - 1} | out
     if out.pop("nullable", False) is True:
-        out |= {"type": [out["type"], "null"]} if "type" in out else {}
-        out |= {"enum": [*out["enum"], None]} if isinstance(out.get("enum"), list) else {}
+        if "type" in out:
+            out["type"] = [*as_list(out["type"]), "null"]
+        if isinstance(out.get("enum"), list):
+            out["enum"] = [*out["enum"], None]
     return out
 
 
 def compiles(schema: dict[str, Any]) -> bool:
     try:
         fastjsonschema.compile(schema)
-    except (fastjsonschema.JsonSchemaDefinitionException, re.error):
+    except Exception:
         return False
     return True
 
@@ -495,6 +503,7 @@ EXPECTED_RESULT = {
 }
 REMEMBER_SECONDS = 300.0  # redeliveries are reported 16-60 s after a late ack
 REMEMBERED_CALLBACKS = 100_000
+REMEMBERED_BYTES = 32 << 20  # of answers: an `auto` action's data can be large
 
 
 class GraphError(Exception):
@@ -529,11 +538,18 @@ def parse_graph_request(data: Any) -> GraphCall:
     except ValueError:
         raise GraphError(400, "requestLine.uri is not a valid URI") from None
     with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested too deeply
-        body = json.loads(body) if isinstance(body, str) else body
+        body = json.loads(body, parse_float=finite, parse_constant=finite) if isinstance(body, str) else body
     if not isinstance(body, dict):
         raise GraphError(400, "body is not a JSON object")
     path = unquote(url.path)  # "/v1/%E5%A4%A9" routes as "/v1/天"
     return GraphCall(method.upper(), path, dict(parse_qsl(url.query, keep_blank_values=True)) | body)
+
+
+def finite(text: str) -> float:
+    """A JSON number as a float; NaN, Infinity and 1e400 are refused (ValueError), as JSON has no such numbers."""
+    if not math.isfinite(value := float(text)):
+        raise ValueError(f"{text} is not a JSON number")
+    return value
 
 
 async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
@@ -582,17 +598,21 @@ def failure(reason: str) -> str:
 class CallbackLedger:
     """This process's answers by messageId, for all its connections: a redelivered callback gets the first
     answer, so the user never gets a second reply. A callback in flight is never forgotten; a finished one is
-    kept `ttl` seconds, at most `capacity` of them. (Other processes do not see it: keep actions idempotent.)"""
+    kept `ttl` seconds, at most `capacity` of them and `max_bytes` of their answers. (Other processes do not see
+    it: keep actions idempotent.)"""
 
-    def __init__(self, ttl: float = REMEMBER_SECONDS, capacity: int = REMEMBERED_CALLBACKS, clock=time.monotonic):
-        self.ttl, self.capacity, self.clock = ttl, capacity, clock
+    def __init__(
+        self, ttl=REMEMBER_SECONDS, capacity=REMEMBERED_CALLBACKS, max_bytes=REMEMBERED_BYTES, clock=time.monotonic
+    ):
+        self.ttl, self.capacity, self.max_bytes, self.clock = ttl, capacity, max_bytes, clock
         self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> (status, body), once answered
         self.finished: dict[str, tuple[float, int, str]] = {}  # messageId -> (when, status, body), oldest first
+        self.size = 0  # the finished answers' bodies, in characters
 
     async def answer_once(self, message_id: str, answer: Callable[[], Awaitable[tuple[int, str]]]) -> tuple[int, str]:
         """`answer()` for the first delivery of `message_id`; for a redelivery, the first one's answer."""
         while self.finished and next(iter(self.finished.values()))[0] < self.clock() - self.ttl:
-            del self.finished[next(iter(self.finished))]  # the oldest, past its time
+            self.forget_oldest()
         if message_id in self.finished or message_id in self.in_flight:
             log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
             if done := self.finished.get(message_id):
@@ -608,9 +628,13 @@ class CallbackLedger:
             del self.in_flight[message_id]
         result.set_result((status, body))
         self.finished[message_id] = (self.clock(), status, body)
-        if len(self.finished) > self.capacity:  # the cap is exact
-            del self.finished[next(iter(self.finished))]
+        self.size += len(body)
+        while len(self.finished) > self.capacity or self.size > self.max_bytes:  # the caps are exact
+            self.forget_oldest()
         return status, body
+
+    def forget_oldest(self) -> None:
+        self.size -= len(self.finished.pop(next(iter(self.finished)))[2])
 
 
 class ActionHandler(dingtalk_stream.GraphHandler):
@@ -708,7 +732,7 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
 async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
     """POST JSON, no redirects, through the environment's proxy; the answer's status and body, read whole within
     `time_limit` seconds and MAX_ANSWER_BYTES. Raises TimeoutError, aiohttp.ClientError or ValueError."""
-    proxy, timeout = proxy_for("/".join(url.split("/", 3)[:3])), aiohttp.ClientTimeout(total=time_limit)
+    proxy, timeout = proxy_for(origin(url)), aiohttp.ClientTimeout(total=time_limit)
     async with http.post(url, json=payload, allow_redirects=False, proxy=proxy, timeout=timeout) as response:
         body = bytearray()
         async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
@@ -716,6 +740,10 @@ async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_li
             if len(body) > MAX_ANSWER_BYTES:  # and this while data keeps coming
                 raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
         return response.status, bytes(body)
+
+
+def origin(url: str) -> str:
+    return "/".join(url.split("/", 3)[:3])  # scheme://host[:port], cheaper than urlsplit on every reply
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -920,6 +948,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             ping_timeout=keepalive,
             close_timeout=min(keepalive, 5),
             max_size=MAX_FRAME_BYTES,
+            proxy=proxy_for(origin(url)),  # the open's and the webhook's rules, not websockets' own
         )
         return Connection(websocket)
 
@@ -930,13 +959,15 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         reader, retired = asyncio.create_task(self.read(conn)), asyncio.create_task(conn.retired.wait())
         try:
             await asyncio.wait([reader, retired], return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # start() was cancelled: let nothing dangle
             reader.cancel()
+            await conn.close()
             raise
         finally:
             retired.cancel()
             self.current = None
-        if not reader.done():  # it goes on reading until retire() closes it
+        if not reader.done():  # it goes on reading until retire() closes it, or the peer drops it
+            reader.add_done_callback(lambda task: task.cancelled() or task.exception())  # how it ends is no news
             return "DingTalk retired the connection (disconnect)"
         reader.result()  # raises how it was lost
         return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
@@ -962,10 +993,12 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             level = logging.WARNING if why[0].isdigit() else logging.INFO
             log.log(level, "%s: callback %s left for another connection: %s", self.name, message_id, why)
             return
-        if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
+        retires = kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect"
+        retires = retires and not conn.retired.is_set()  # a second `disconnect` is only acked
+        if retires:
             conn.retired.set()
         name = f"{'callback' if kind == dingtalk_stream.CallbackMessage.TYPE else 'frame'} {message_id}"
-        task = asyncio.create_task(self.answer_frame(frame, message_id, conn), name=name)
+        task = asyncio.create_task(self.answer_frame(frame, message_id, conn, retires), name=name)
         self.in_hand[task] = conn
         task.add_done_callback(self.in_hand.pop)
 
@@ -977,7 +1010,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             return "connection retired"
         return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand" if len(self.in_hand) >= MAX_CALLBACKS_IN_HAND else None
 
-    async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection) -> None:
+    async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection, retires: bool) -> None:
         """Parse the frame with the SDK, run its handler and send the ack on the connection it came on."""
         kind, ack = frame.get("type"), None
         try:
@@ -1005,7 +1038,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             await conn.websocket.send(json.dumps(ack))
         except websockets.exceptions.ConnectionClosed:
             log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
-        if conn.retired.is_set() and kind == dingtalk_stream.SystemMessage.TYPE:
+        if retires:
             await self.retire(conn)
 
     async def retire(self, conn: Connection) -> None:

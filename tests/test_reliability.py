@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import time
+from typing import Any
 
 import dingtalk_stream
 import pytest
@@ -222,6 +223,7 @@ async def test_a_cancelled_client_start_closes_its_connection(fake, remote):
     client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, dingtalk_stream.GraphHandler())
     started = asyncio.create_task(client.start())
     [conn] = await remote(fake.wait_connected(1))
+    await wait_until(lambda: client.connected)  # serving it, not still opening it
     started.cancel()  # as a TaskGroup or the SDK's start_forever() would, instead of stop()
     with pytest.raises(asyncio.CancelledError):
         await started
@@ -603,3 +605,38 @@ async def test_a_frame_over_websockets_default_1_mib_is_read_and_answered(fake, 
         result = await remote(fake.invoke(big, timeout=10))
         assert result.status == 200
         assert len(fake.live_connections()) == 1 and len(fake.connections) == 1  # the same connection
+
+
+async def test_ledger_keeps_at_most_max_bytes_of_answers():
+    ledger = bot.CallbackLedger(ttl=300, capacity=1_000, max_bytes=10)
+    for n in range(4):
+        await ledger.answer_once(f"m{n}", answering(200, "abcd"))  # 4 characters each
+    assert list(ledger.finished) == ["m2", "m3"] and ledger.size == 8
+
+
+async def test_a_second_disconnect_is_only_acked_and_the_connection_closes_at_once(fake, remote, start_bot, caplog):
+    async def disconnect_twice(conn: Any) -> None:  # back to back: both arrive before the bot answers either
+        for _ in range(2):
+            await fake.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn)
+
+    async with start_bot():
+        [conn] = fake.live_connections()
+        await remote(disconnect_twice(conn))
+        disconnected = time.monotonic()
+        await remote(fake.wait_for(lambda: conn.closed.is_set(), 9))
+        assert time.monotonic() - disconnected < 5  # nothing in hand: at once, not after the 10 s window
+        await remote(fake.wait_connected(1, 10))
+    assert "outlived" not in caplog.text
+
+
+async def test_a_retired_connection_that_drops_leaves_no_unretrieved_error(fake, remote, start_bot, caplog):
+    caplog.set_level(logging.INFO, logger="bot")
+    fake.webhook_latency = 0.5
+    async with start_bot():
+        [conn] = fake.live_connections()
+        await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=conn))
+        await remote(fake.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn))
+        await remote(fake.drop(conn))
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 10))
+        await wait_until(lambda: "callback" in caplog.text and "-> 200" in caplog.text)
+    assert "never retrieved" not in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -241,7 +242,7 @@ def test_tools_yaml_gives_each_operation_its_mode_and_parameters():
         (lambda t: t.replace("x-dingtalk-display-result: markdown", "x-dingtalk-display-result: card"), "must be one"),
         (
             lambda t: t.replace("    get:\n      operationId: GetExchangeRate", "    put:\n      operationId: X"),
-            "only GET",
+            "'put' is not an operation DingTalk calls (get or post)",
         ),
         (lambda t: t.replace("openapi: 3.0.1", "swagger: '2.0'"), "tools.yaml is not an OpenAPI 3 description"),
         (lambda t: t + "\n  bad: [unclosed\n", "tools.yaml is not valid YAML"),
@@ -461,7 +462,7 @@ def test_proxy_variables_are_those_the_libraries_read_lower_case_first():
     assert bot.load_settings({**CREDENTIALS, **env})  # a usable proxy starts
 
 
-@pytest.mark.parametrize("key", ["HTTPS_PROXY", "http_proxy", "WSS_PROXY", "socks_proxy"])
+@pytest.mark.parametrize("key", ["HTTPS_PROXY", "http_proxy"])
 def test_socks_proxy_is_a_config_error_naming_the_variable(key):
     with pytest.raises(bot.ConfigError) as err:
         bot.load_settings({**CREDENTIALS, key: "socks5://user:pw@127.0.0.1:1080"})
@@ -493,6 +494,32 @@ def test_a_proxy_user_without_a_password_is_a_config_error():
     with pytest.raises(bot.ConfigError) as err:
         bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": "http://alice@proxy:3128"})
     assert str(err.value).startswith("HTTPS_PROXY='http://***@proxy:3128' has a user without a password")
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch):
+    """Set the process's proxy variables (as urllib reads them) for one test; bot.proxy_for's cache cleared."""
+    for key in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(key)
+    bot.proxy_for.cache_clear()
+    yield lambda **values: [monkeypatch.setenv(k, v) for k, v in values.items()]
+    bot.proxy_for.cache_clear()
+
+
+def test_one_proxy_per_destination_for_the_open_the_websocket_and_the_webhook(proxy_env):
+    proxy_env(HTTPS_PROXY=" http://corp:3128 ", HTTP_PROXY="http://plain:3128", WSS_PROXY="http://other:1")
+    proxy_env(NO_PROXY="internal.corp,127.0.0.1:8443")
+    assert bot.proxy_for("https://api.dingtalk.com") == "http://corp:3128"  # the open and the webhook
+    assert bot.proxy_for("wss://wss-open-connection.dingtalk.com") == "http://corp:3128"  # the websocket
+    assert bot.proxy_for("ws://127.0.0.1:9000") == "http://plain:3128"
+    assert bot.proxy_for("https://internal.corp") is None
+    assert bot.proxy_for("wss://127.0.0.1:8443") is None  # NO_PROXY's host:port, the same for every channel
+
+
+def test_an_empty_lower_case_proxy_variable_wins_as_in_urllib():
+    env = {**CREDENTIALS, "https_proxy": "", "HTTPS_PROXY": "socks5://127.0.0.1:1080"}
+    assert bot.proxy_variables(env) == {}
+    assert bot.load_settings(env)
 
 
 def test_proxy_passwords_are_kept_out_of_the_log():
@@ -579,6 +606,18 @@ def test_every_schema_rule_is_enforced_naming_the_parameter_and_the_rule(params,
     assert err.value.status == 400 and err.value.reason.startswith(reason), err.value.reason
 
 
+def test_nullable_adds_null_to_a_list_of_types():
+    schema = {"type": "object", "properties": {"n": {"type": ["integer"], "nullable": True}}}
+    assert ticket_operations(schema)["POST /t"].check({"n": None}) == {"n": None}
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_numbers_json_does_not_have_are_a_400(number):
+    with pytest.raises(bot.GraphError) as err:
+        bot.parse_graph_request({"requestLine": {"method": "POST", "uri": "/x"}, "body": f'{{"amount": {number}}}'})
+    assert (err.value.status, err.value.reason) == (400, "body is not a JSON object")
+
+
 def test_values_that_keep_the_rules_pass_nullable_ones_as_none():
     params = {"ticket": "OPS-7", "title": "disk", "tags": ["ops"], "owner": {"id": "u1"}, "hours": 0.5, "note": None}
     assert TICKET.check({**params, "due": "2026-12-01"}) == {**params, "due": "2026-12-01"}
@@ -596,8 +635,25 @@ def test_a_41_digit_integer_in_a_query_string_is_an_integer():
         ({"type": "object", "properties": {"x": {"type": "string", "format": "uuid"}}}, "format 'uuid' is not one"),
         ({"type": "object", "properties": {"x": {"type": "string", "pattern": "("}}}, "parameter x:"),
         ({"type": "string"}, "the body schema must be type: object with properties"),
+        ({"type": "object", "properties": {"x": {"type": "string", "pattern": 123}}}, "parameter x:"),
+        ({"type": "object", "properties": {"x": {"type": "object", "properties": ["a"]}}}, "parameter x:"),
+        ({"type": "object", "properties": {"x": {"oneOf": None}}}, "parameter x:"),
+        ({"type": "object", "properties": {"x": {"allOf": {"type": "string"}}}}, "parameter x:"),
+        ({"type": "object", "properties": {"x": {"type": "string", "format": ["x"]}}}, "format ['x'] is not one"),
+        ({"type": "object", "properties": {1: {"type": "string"}}}, "POST /t"),
     ],
-    ids=["unknown-keyword", "unchecked-format", "bad-pattern", "body-not-object"],
+    ids=[
+        "unknown-keyword",
+        "unchecked-format",
+        "bad-pattern",
+        "body-not-object",
+        "pattern-not-text",
+        "properties-a-list",
+        "oneOf-empty",
+        "allOf-a-mapping",
+        "format-a-list",
+        "property-named-by-a-number",
+    ],
 )
 def test_a_rule_the_validator_cannot_enforce_stops_the_start_with_one_line(schema, problem):
     with pytest.raises(bot.ConfigError) as err:
