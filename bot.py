@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import difflib
 import functools
 import inspect
 import json
@@ -26,6 +27,8 @@ import signal
 import sys
 import threading
 import time
+import types
+import typing
 import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -47,8 +50,9 @@ from dotenv import find_dotenv, load_dotenv
 from websockets.protocol import State as WebSocketState
 
 # ----- Your actions / 你的动作 --------------------------------------------------------------------
-# One `async def` per path in tools.yaml, written above ACTIONS and registered in it. It gets the parameters
-# it names (context ones such as userId too), checked and typed from tools.yaml. Return what the operation's
+# One function per path in tools.yaml, written above ACTIONS and registered in it: an `async def`, or a plain `def`
+# for blocking code (it runs in a thread). It gets the parameters it names (context ones such as userId too),
+# checked and typed from tools.yaml, and may refuse with ActionError. Return what the operation's
 # x-dingtalk-display-result asks for:
 #   auto: data (dict or list)   markdown: a str   disabled: a str of markdown, or Card(...) of your own
 
@@ -89,6 +93,17 @@ class Card:
 
     template_id: str  # from DingTalk's card platform, ends in .schema
     data: dict[str, Any]  # the template's variables
+
+
+class ActionError(Exception):
+    """Raise it to refuse a call: the caller gets `status` (a 4xx, 400 unless you say) and your message, no
+    traceback; in `auto` mode the assistant's model reads the message. E.g. raise ActionError("工单号格式不对")."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        if not 400 <= status <= 499:
+            raise ValueError(f"ActionError's status is a 4xx, not {status}")
+        super().__init__(message)
+        self.status = status
 
 
 # ===== The engine: you should not need to edit below. It reads in the order a callback travels: =====
@@ -327,6 +342,11 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     return operations_of(spec, ACTIONS if actions is None else actions, path.name)
 
 
+def nearest(route: str, routes: Any) -> str:
+    guess = difflib.get_close_matches(route, [str(r) for r in routes], n=1, cutoff=0.8)
+    return f" (did you mean {guess[0]}?)" if guess else ""
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, but a key given twice is an error: a second `paths:` pasted in would replace the first."""
 
@@ -346,9 +366,13 @@ def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.y
     if not isinstance(spec["paths"], dict):
         raise ConfigError(f"{name}: paths must be a mapping of path -> operations")
     for route in spec["paths"].keys() - actions.keys():
-        raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it")
+        raise ConfigError(
+            f"{name} declares {route}, but ACTIONS in bot.py has no action for it{nearest(route, actions)}"
+        )
     for route in actions.keys() - spec["paths"].keys():
-        raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it")
+        raise ConfigError(
+            f"ACTIONS in bot.py has {route}, but {name} does not declare it{nearest(route, spec['paths'])}"
+        )
     operations = {}
     for route, item in spec["paths"].items():
         for method in item if isinstance(item, dict) else ():
@@ -403,11 +427,7 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
             f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
             "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
         )
-    if not inspect.iscoroutinefunction(action):
-        raise ConfigError(f"{where}: its action {action.__name__}() must be an async def (it is awaited)")
-    for needed in action_parameters(action).required:
-        if needed not in props:
-            raise ConfigError(f"{where} does not declare {needed!r}, which {action.__name__}() requires")
+    check_action(action, props, where)
     try:
         validate = fastjsonschema.compile(schema)
     except Exception as exc:  # JsonSchemaDefinitionException, re.error, or TypeError for a value of the wrong kind
@@ -469,6 +489,43 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
         if isinstance(out.get("enum"), list):
             out["enum"] = [*out["enum"], None]
     return out
+
+
+def check_action(action: Action, props: dict[str, Any], where: str) -> None:
+    """Every parameter the action names is declared, and a plain annotation agrees with the declared type:
+    otherwise a ConfigError naming the function, the parameter and the closest declared name."""
+    if not callable(action):
+        raise ConfigError(f"{where}: its action {action!r} is not a function")
+    hints: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # annotations that do not evaluate are not ours to judge
+        hints = typing.get_type_hints(action)
+    for name in action_parameters(action).names:
+        if name not in props:
+            guess = difflib.get_close_matches(name, props, n=1, cutoff=0.5)
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            raise ConfigError(f"{described(action)} takes {name!r}, but {where} does not declare it{hint}")
+        declared = next((kind for kind in as_list(props[name].get("type")) if kind != "null"), None)
+        if declared and (allowed := json_types(hints.get(name))) and declared not in allowed:
+            expected = " or ".join(sorted(allowed))
+            raise ConfigError(f"{described(action)} takes {name!r} as {expected}, but {where} declares {declared}")
+
+
+def described(action: Action) -> str:
+    """`name() (file.py:12)`, pointing at the code."""
+    name, code = getattr(action, "__name__", action), getattr(action, "__code__", None)
+    return f"{name}() ({Path(code.co_filename).name}:{code.co_firstlineno})" if code else f"{name}()"
+
+
+def json_types(hint: Any) -> set[str] | None:
+    """The JSON types a plain annotation (str, int, float, bool, list, dict, Literal[...], X | None) takes."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return set().union(*(json_types(type(value)) or set() for value in args))
+    if origin in (typing.Union, types.UnionType):
+        parts = [json_types(arg) for arg in args if arg is not type(None)]
+        return None if None in parts else set().union(*parts)
+    plain = {str: {"string"}, bool: {"boolean"}, int: {"integer"}, float: {"number", "integer"}}
+    return plain.get(hint) or {list: {"array"}, dict: {"object"}}.get(origin or hint)
 
 
 def compiles(schema: dict[str, Any]) -> bool:
@@ -553,21 +610,25 @@ def finite(text: str) -> float:
 
 
 async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
-    """Call `action` with the parameters its signature names, within `time_limit` seconds."""
+    """Call `action` with the parameters its signature names, within `time_limit` seconds (a plain def in a thread)."""
     takes = action_parameters(action)
     if missing := [name for name in takes.required if name not in params]:
         raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
     kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
     try:
         async with asyncio.timeout(time_limit) as deadline:
-            return await action(**kwargs)
+            if inspect.iscoroutinefunction(action):
+                return await action(**kwargs)
+            return await asyncio.to_thread(functools.partial(action, **kwargs))
+    except ActionError as refusal:
+        raise GraphError(refusal.status, str(refusal)) from None
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
             raise
         log.exception("action %s failed: something it awaited was cancelled", action.__name__)
     except Exception as exc:
         if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
-            log.error("action %s timed out after %.3g s", action.__name__, time_limit)
+            log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", action.__name__, time_limit)
             raise GraphError(504, "action timed out") from None
         log.exception("action %s failed", action.__name__)
     raise GraphError(500, "internal error in action")
@@ -1080,7 +1141,7 @@ async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str
                 dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, operations, http, ledger)
             )
         try:
-            async with health_endpoint(settings, clients):
+            async with health_endpoint(settings, clients), watching_the_loop(operations):
                 started = [asyncio.create_task(client.start(), name=client.name) for client in clients]
                 log.info("serving %d action(s) with %d stream client(s)", len(operations), len(clients))
                 stopped = asyncio.create_task(stop.wait())
@@ -1135,6 +1196,59 @@ async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> As
         yield
     finally:
         await runner.cleanup()
+
+
+BLOCKED_SECONDS = 1.0  # code that holds the event loop this long gets a warning
+
+
+@contextlib.asynccontextmanager
+async def watching_the_loop(operations: Mapping[str, Operation]) -> AsyncIterator[None]:
+    """Notices a held event loop (a blocking call inside an async def stalls keepalive and every other callback):
+    the loop renews a mark every 0.25 s; a thread that finds it late names what is on the loop's stack, and warns
+    once the loop is back. Nothing per callback."""
+    actions = {op.action.__code__: op.action.__name__ for op in operations.values() if hasattr(op.action, "__code__")}
+    loop_thread, mark, done = threading.get_ident(), [time.monotonic()], threading.Event()
+
+    def watch() -> None:  # in a thread of its own: it must run while the loop does not
+        holder = None
+        while not done.wait(0.25):
+            late = time.monotonic() - mark[0]
+            if late > BLOCKED_SECONDS and holder is None:
+                holder, since = held_by(sys._current_frames().get(loop_thread), actions), mark[0]
+            elif late < BLOCKED_SECONDS and holder is not None:
+                log.warning(
+                    "%s held the event loop for %.1f s, stalling keepalive and every other callback: use an async "
+                    "client, or make the action a plain def (it then runs in a thread)",
+                    holder,
+                    mark[0] - since,
+                )
+                holder = None
+
+    async def renew() -> None:
+        while True:
+            mark[0] = time.monotonic()
+            await asyncio.sleep(0.25)
+
+    renewing = asyncio.create_task(renew())
+    threading.Thread(target=watch, name="bot-loop-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+        renewing.cancel()
+
+
+def held_by(frame: Any, actions: Mapping[Any, str]) -> str:
+    """What on the loop's stack holds it: an action, the callback the engine is answering, or the code itself."""
+    innermost = frame
+    while frame is not None:
+        if frame.f_code in actions:
+            return f"action {actions[frame.f_code]}"
+        if frame.f_code is ActionHandler.answer.__code__:
+            return f"callback {frame.f_locals.get('message_id')}"
+        frame = frame.f_back
+    code = innermost.f_code if innermost else None
+    return f"{code.co_name} ({Path(code.co_filename).name}:{innermost.f_lineno})" if code else "something"
 
 
 class RedactingFilter(logging.Filter):
@@ -1221,6 +1335,12 @@ def main() -> int:
     for key in ("CLIENT_ID", "CLIENT_SECRET"):
         if os.environ[key] != os.environ[key].strip():  # a common paste error that DingTalk rejects
             log.warning("%s had surrounding whitespace; using it without", key)
+    if settings.action_timeout_seconds > 16:
+        log.warning(
+            "ACTION_TIMEOUT_SECONDS=%g: DingTalk has been seen to redeliver a callback not acked within about 16 s; "
+            "README §4 says what to do with a slower backend",
+            settings.action_timeout_seconds,
+        )
     if os.environ.get("ALL_PROXY", os.environ.get("all_proxy")) and not proxy_variables(os.environ):
         log.warning("ALL_PROXY is not read: set HTTPS_PROXY=http://host:port if DingTalk is reached through a proxy")
     return asyncio.run(run(settings, operations))

@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import socket
+import time
 
 import pytest
 
@@ -345,3 +346,48 @@ async def test_callback_on_a_topic_without_handler_gets_404_ack(fake, remote, st
         ack = await remote(fake.wait_ack(message_id))
     assert ack["code"] == 404
     assert json.loads(json.loads(ack["data"])["response"]["body"])["error"] == "topic not subscribed"
+
+
+# ----- what a plugin author gets wrong is said, not swallowed -----
+
+
+async def test_an_action_error_is_that_status_with_its_message_for_the_model(
+    fake, remote, start_bot, monkeypatch, caplog
+):
+    async def rate_refuses(currency: str) -> dict:
+        raise bot.ActionError("暂不支持该币种 / currency not offered", 422)
+
+    monkeypatch.setitem(bot.ACTIONS, RATE, rate_refuses)
+    async with start_bot():
+        result = await remote(fake.invoke(graph_request(RATE, {"currency": "USD"}, method="GET")))
+    assert (result.status, result.body) == (422, {"success": False, "error": "暂不支持该币种 / currency not offered"})
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_blocking_call_in_an_async_action_is_named_in_one_warning(fake, remote, start_bot, monkeypatch, caplog):
+    async def get_ticket(location: str) -> str:
+        time.sleep(1.6)  # noqa: ASYNC251 -- the newcomer's requests.get: holds the whole loop
+        return location
+
+    monkeypatch.setitem(bot.ACTIONS, "/v1/actions/ticket", get_ticket)
+    async with start_bot():
+        request = graph_request("/v1/actions/ticket", PARAMS, session_webhook=fake.webhook_url())
+        assert (await remote(fake.invoke(request))).status == 200
+        await wait_until(lambda: "held the event loop" in caplog.text)
+    [warning] = [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
+    assert warning.startswith("action get_ticket held the event loop for 1.")
+    assert "use an async client, or make the action a plain def" in warning
+
+
+async def test_a_plain_def_action_does_not_hold_the_loop(fake, remote, start_bot, monkeypatch, caplog):
+    def get_ticket(location: str) -> str:
+        time.sleep(1.6)  # in a worker thread: the loop goes on
+        return location
+
+    monkeypatch.setitem(bot.ACTIONS, "/v1/actions/ticket", get_ticket)
+    async with start_bot():
+        request = graph_request("/v1/actions/ticket", PARAMS, session_webhook=fake.webhook_url())
+        slow = asyncio.ensure_future(remote(fake.invoke(request)))
+        assert (await remote(fake.ping(timeout=1))) is not None  # answered while the action runs
+        assert (await slow).status == 200
+    assert "held the event loop" not in caplog.text

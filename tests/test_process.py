@@ -117,3 +117,13 @@ async def test_a_dotenv_file_not_in_utf8_is_one_line_and_exit_2(fake, bot_proces
     assert await process.wait(10) == 2
     assert process.lines == [f"error: {tmp_path / '.env'} is not UTF-8 ({problem}): save it as UTF-8"]
     assert fake.open_attempts == 0
+
+
+async def test_an_action_timeout_past_dingtalks_redelivery_gets_a_warning_at_start(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake, ACTION_TIMEOUT_SECONDS="30"))
+    await remote(fake.wait_connected(1, timeout=10))
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(10) == 0
+    assert "ACTION_TIMEOUT_SECONDS=30: DingTalk has been seen to redeliver a callback not acked within about 16 s" in (
+        process.output
+    )

@@ -7,7 +7,10 @@ import dataclasses
 import logging
 import os
 import re
+import threading
+import time
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
@@ -297,13 +300,90 @@ def test_an_action_without_an_operation_is_a_config_error(tmp_path):
     assert str(err.value) == "ACTIONS in bot.py has /v1/actions/extra, but tools.yaml does not declare it"
 
 
-def test_an_action_that_is_not_async_is_a_config_error(tmp_path):
+async def test_a_plain_def_action_runs_in_a_worker_thread():
+    def blocking(location: str) -> str:
+        return f"{location} in {threading.current_thread().name}"
+
+    assert (await bot.run_action(blocking, {"location": "杭州"}, 1)).startswith("杭州 in asyncio_")
+
+
+def test_a_plain_def_action_is_accepted_at_start(tmp_path):
     def get_weather(location: str) -> str:
         return location
 
+    assert load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, samples.WEATHER: get_weather})
+
+
+async def test_a_plain_def_action_that_blocks_times_out_with_504_naming_the_setting(caplog):
+    def slow(location: str) -> str:
+        time.sleep(1)
+        return location
+
+    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
+        await bot.run_action(slow, {"location": "杭州"}, 0.1)
+    assert err.value.status == 504
+    assert "action slow timed out after 0.1 s (ACTION_TIMEOUT_SECONDS)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"), [(None, 400), (404, 404), (409, 409)], ids=["default", "not-found", "conflict"]
+)
+async def test_an_action_refuses_with_action_error_and_its_message_no_traceback(caplog, status, expected):
+    async def get_ticket(ticket: str) -> str:
+        raise bot.ActionError("工单号格式不对", *([status] if status else []))
+
+    with pytest.raises(bot.GraphError) as err:
+        await bot.run_action(get_ticket, {"ticket": "x"}, 1)
+    assert (err.value.status, err.value.reason) == (expected, "工单号格式不对")
+    assert "Traceback" not in caplog.text
+
+
+def test_action_error_is_a_4xx():
+    with pytest.raises(ValueError, match="ActionError's status is a 4xx, not 500"):
+        bot.ActionError("no", 500)
+
+
+async def leave_balance(user_id: str = "") -> str:
+    return f"Leave balance ({user_id})"
+
+
+async def on_call_weeks_as_text(team: str, weeks: str = "1") -> str:
+    return team
+
+
+async def on_call_typed_loosely(team: Literal["运维", "前端"] | None = None, weeks: int | None = 1, **rest: Any) -> str:
+    return str(team)
+
+
+def test_an_optional_parameter_named_unlike_tools_yaml_is_an_error_naming_the_code(tmp_path):
+    team = "                team:\n"  # the on-call body's first property
+    tools = TOOLS.replace(team, "                userId:\n                  type: string\n" + team, 1)
     with pytest.raises(bot.ConfigError) as err:
-        load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, "/v1/actions/weather": get_weather})
-    assert "its action get_weather() must be an async def" in str(err.value)
+        load(tmp_path, tools, {**SAMPLE_ACTIONS, samples.ON_CALL: leave_balance})
+    assert str(err.value).startswith("leave_balance() (test_units.py:")
+    assert str(err.value).endswith(
+        "takes 'user_id', but tools.yaml: POST /v1/actions/on-call does not declare it (did you mean userId?)"
+    )
+
+
+def test_an_annotation_that_disagrees_with_the_declared_type_is_an_error(tmp_path):
+    with pytest.raises(bot.ConfigError) as err:
+        load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, samples.ON_CALL: on_call_weeks_as_text})
+    assert "on_call_weeks_as_text() (test_units.py:" in str(err.value)
+    assert str(err.value).endswith("takes 'weeks' as string, but tools.yaml: POST /v1/actions/on-call declares integer")
+
+
+def test_literal_optional_and_kwargs_annotations_that_agree_are_accepted(tmp_path):
+    assert load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, samples.ON_CALL: on_call_typed_loosely})
+
+
+def test_a_path_on_one_side_only_names_the_nearest_on_the_other(tmp_path):
+    with pytest.raises(bot.ConfigError) as err:
+        load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, "/v1/actions/on-calls": samples.get_on_call})
+    assert str(err.value) == (
+        "ACTIONS in bot.py has /v1/actions/on-calls, but tools.yaml does not declare it"
+        " (did you mean /v1/actions/on-call?)"
+    )
 
 
 def test_a_missing_tools_yaml_is_a_config_error_naming_the_file(tmp_path):
