@@ -80,7 +80,7 @@ async def get_on_call(team: str, weeks: int = 1) -> str:
     return f"**{team}** 值班表 / on-call (演示数据 / demo data)\n\n| 周 Week | 值班 On call |\n|---|---|{rows}"
 
 
-ACTIONS: dict[str, Action] = {
+ACTIONS: dict[str, Callable[..., Any]] = {
     "/v1/actions/weather": get_weather,
     "/v1/actions/exchange-rate": get_exchange_rate,
     "/v1/actions/on-call": get_on_call,
@@ -146,6 +146,14 @@ class Settings:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 RANGES = {"instances": (1, 32), "health_port": (1, 65535), "action_timeout_seconds": (0.1, 3600)}
 RANGES |= {"shutdown_grace_seconds": (0, 3600), "float": (0.1, 300)}  # "float": any other number of seconds
+
+
+def read_dotenv() -> None:
+    """The .env beside bot.py (or above it) into the environment; real environment variables win."""
+    try:
+        load_dotenv(override=False)
+    except UnicodeDecodeError as exc:  # e.g. saved by PowerShell 5 (UTF-16) or Notepad's "ANSI" (GBK)
+        raise ConfigError(f"{find_dotenv()} is not UTF-8 ({exc.reason}): save it as UTF-8") from None
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
@@ -897,6 +905,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.accepted = False  # DingTalk accepted the credentials once: a later refusal is retried
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
         self.opens: deque[float] = deque(maxlen=OPENS_PER_MINUTE)
+        self.ready = asyncio.Event()  # connected once
 
     @property
     def connected(self) -> bool:
@@ -1016,6 +1025,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
     async def serve(self, conn: Connection) -> str:
         """Read frames until the connection ends or DingTalk retires it; return how it ended."""
         self.current, self.accepted = conn, True
+        self.ready.set()
         log.info("%s: connected", self.name)
         reader, retired = asyncio.create_task(self.read(conn)), asyncio.create_task(conn.retired.wait())
         try:
@@ -1125,11 +1135,68 @@ def frame_ack(code: int, message_id: str, problem: str) -> dict[str, Any]:
 # ----- Lifecycle / 生命周期：clients, health endpoint, signals, logging, main -----------------------------
 
 
+@contextlib.asynccontextmanager
+async def running(
+    actions: Mapping[str, Action] | None = None,
+    tools: str | Path = TOOLS_FILE,
+    *,
+    settings: Settings | None = None,
+    connected_within: float = 30.0,
+) -> AsyncIterator[list[StreamClient]]:
+    """The skill inside your own asyncio service: your actions (default: ACTIONS above) and tools file (default: the
+    tools.yaml beside bot.py), settings from the environment and .env (unless you pass them). Yields the clients once
+    every one is connected, or after `connected_within` seconds (saying so); raises ConfigError at once with the line
+    `python bot.py` would print (settings, tools.yaml, code, credentials refused, HEALTH_PORT busy). On exit it
+    takes no new callbacks, finishes those in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
+    if settings is None:
+        read_dotenv()
+        settings = load_settings()
+    async with serving(settings, load_operations(Path(tools), actions)) as started:
+        deadline = time.monotonic() + connected_within
+        for client, task in started.items():
+            ready = asyncio.create_task(client.ready.wait())
+            timeout = max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait([ready, task], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if task in done:  # it ended before it connected
+                error = task.exception()
+                if isinstance(error, CredentialsRejected):
+                    raise ConfigError(rejected(error))
+                raise error or ConfigError(f"{client.name} stopped before it connected")
+            if not done:
+                log.warning("%s not connected within %.3g s: going on; it keeps trying", client.name, connected_within)
+                break
+        yield list(started)
+
+
 async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation] | None = None) -> int:
-    """Run settings.instances clients in this loop, as the official example does (credential -> client -> register
-    the handler -> start), plus the health endpoint, until `stop` is set. Return an exit code: 0, or 2 (credentials
-    refused, HEALTH_PORT busy) or 1 (a bug) when the bot could not go on serving."""
-    operations = load_operations() if operations is None else operations
+    """What `python bot.py` runs: serving() until `stop` is set. Return an exit code: 0, or 2 (credentials refused,
+    HEALTH_PORT busy) or 1 (a bug) when the bot could not go on serving."""
+    try:
+        async with serving(settings, load_operations() if operations is None else operations) as started:
+            stopped = asyncio.create_task(stop.wait())
+            try:
+                done, _ = await asyncio.wait([stopped, *started.values()], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    ended = None if stopped in done else next(iter(done))
+    error = ended and not ended.cancelled() and ended.exception()
+    if isinstance(error, CredentialsRejected):
+        log.error("%s", rejected(error))
+        return 2
+    if ended:
+        log.error("%s ended unexpectedly", ended.get_name(), exc_info=error or None)
+    return 1 if ended else 0
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, operations: Mapping[str, Operation]) -> AsyncIterator[dict[Any, asyncio.Task]]:
+    """settings.instances clients started in this loop, as the official example does (credential -> client ->
+    register the handler -> start), plus the health endpoint; yields each client's start() task. On exit they
+    stop, finishing the callbacks in hand first."""
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     ledger = CallbackLedger()  # one for all clients: DingTalk may redeliver on another connection
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
@@ -1140,37 +1207,26 @@ async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str
             client.register_callback_handler(
                 dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, operations, http, ledger)
             )
-        try:
-            async with health_endpoint(settings, clients), watching_the_loop(operations):
-                started = [asyncio.create_task(client.start(), name=client.name) for client in clients]
-                log.info("serving %d action(s) with %d stream client(s)", len(operations), len(clients))
-                stopped = asyncio.create_task(stop.wait())
-                try:
-                    done, _ = await asyncio.wait([stopped, *started], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stopped.cancel()
-                    await asyncio.gather(*(client.stop(settings.shutdown_grace_seconds) for client in clients))
-                    await asyncio.wait(started, timeout=10)
-                    for task in started:  # every outcome collected, so none is reported as "never retrieved"
-                        task.cancel()
-                        if task.done() and not task.cancelled():
-                            task.exception()
-        except OSError as exc:
-            log.error("cannot serve HEALTH_PORT=%s: %s", settings.health_port, exc)
-            return 2
+        async with health_endpoint(settings, clients), watching_the_loop(operations):
+            started = {client: asyncio.create_task(client.start(), name=client.name) for client in clients}
+            log.info("serving %d action(s) with %d stream client(s)", len(operations), len(clients))
+            try:
+                yield started
+            finally:
+                await asyncio.gather(*(client.stop(settings.shutdown_grace_seconds) for client in clients))
+                await asyncio.wait(started.values(), timeout=10)
+                for task in started.values():  # every outcome collected, so none is reported as "never retrieved"
+                    task.cancel()
+                    if task.done() and not task.cancelled():
+                        task.exception()
     log.info("stopped")
-    ended = None if stopped in done else next(iter(done))
-    error = ended and not ended.cancelled() and ended.exception()
-    if isinstance(error, CredentialsRejected):
-        log.error(
-            "DingTalk rejected CLIENT_ID / CLIENT_SECRET (%s): check both in the developer console, "
-            "your app → 凭证与基础信息 / Credentials & basic info",
-            error,
-        )
-        return 2
-    if ended:
-        log.error("%s ended unexpectedly", ended.get_name(), exc_info=error or None)
-    return 1 if ended else 0
+
+
+def rejected(error: BaseException) -> str:
+    return (
+        f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({error}): check both in the developer console, "
+        "your app → 凭证与基础信息 / Credentials & basic info"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -1191,7 +1247,10 @@ async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> As
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.health_host, settings.health_port).start()
+        try:
+            await web.TCPSite(runner, settings.health_host, settings.health_port).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot serve HEALTH_PORT={settings.health_port}: {exc}") from None
         log.info("health endpoint on http://%s:%d/healthz", settings.health_host, settings.health_port)
         yield
     finally:
@@ -1322,11 +1381,7 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
 
 def main() -> int:
     try:
-        load_dotenv(override=False)  # real environment variables win over .env
-    except UnicodeDecodeError as exc:  # e.g. saved by PowerShell 5 (UTF-16) or Notepad's "ANSI" (GBK)
-        print(f"error: {find_dotenv()} is not UTF-8 ({exc.reason}): save it as UTF-8", file=sys.stderr)
-        return 2
-    try:
+        read_dotenv()
         settings, operations = load_settings(), load_operations()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,12 +26,9 @@ def test_the_add_an_action_recipe_runs_as_written(tmp_path: Path) -> None:
     shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
     function, registry = block("python", "def get_stock").split("\n\nACTIONS")
     bot = (project / "bot.py").read_text(encoding="utf-8")
-    bot = bot.replace(
-        "\n\nACTIONS: dict[str, Action] = {", f"\n\n{function.rstrip()}\n\n\nACTIONS: dict[str, Action] = {{"
-    )
-    registered = re.search(r"ACTIONS: dict\[str, Action\] = \{.*?\n\}", bot, re.DOTALL)
+    registered = re.search(r"\nACTIONS: .*? = \{.*?\n\}", bot, re.DOTALL)  # bot.py's own ACTIONS block
     assert registered, "bot.py has an ACTIONS block"
-    bot = bot.replace(registered.group(0), "ACTIONS" + registry.rstrip())
+    bot = bot.replace(registered.group(0), f"\n{function.rstrip()}\n\n\nACTIONS{registry.rstrip()}")
     (project / "bot.py").write_text(bot, encoding="utf-8")
     tools = (project / "tools.yaml").read_text(encoding="utf-8")
     pasted = block("yaml", "/v1/actions/stock")  # "under the existing paths:", before components:

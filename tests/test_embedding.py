@@ -1,0 +1,147 @@
+"""bot.py as an engine inside your own service: bot.running() with actions and a tools file of your own, a start that
+fails at start, and README section 9's FastAPI and aiohttp examples saved as app.py and run as written."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import bot
+from tests.conftest import ROOT, settings_for
+from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, free_port, graph_request
+from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
+
+PARAMS = {"location": "杭州", "date": "明天"}
+SECTION = (ROOT / "README.md").read_text(encoding="utf-8").split("## 9. ")[1].split("\n## 10.")[0]
+EXAMPLES = {
+    "fastapi": next(b for b in re.findall(r"```python\n(.*?)```", SECTION, re.DOTALL) if "FastAPI(" in b),
+    "aiohttp": next(b for b in re.findall(r"```python\n(.*?)```", SECTION, re.DOTALL) if "cleanup_ctx" in b),
+}
+
+
+async def test_running_serves_actions_and_a_tools_file_of_the_callers_own(fake, remote):
+    async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake)) as clients:
+        assert [client.connected for client in clients] == [True]  # it returns once connected
+        result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+    assert result.status == 200
+    assert fake.webhook_posts[0].markdown.startswith("### 杭州 · 明天")  # tests/samples.py's action, not bot.py's demo
+
+
+async def test_running_raises_the_one_line_reason_at_once_when_credentials_are_refused(fake):
+    started = time.monotonic()
+    with pytest.raises(bot.ConfigError) as err:
+        async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake, client_secret="wrong")):
+            pytest.fail("running() must not yield when the credentials are refused")
+    assert time.monotonic() - started < 5
+    assert str(err.value) == (
+        "DingTalk rejected CLIENT_ID / CLIENT_SECRET (authFailed: 鉴权失败): check both in the developer console, "
+        "your app → 凭证与基础信息 / Credentials & basic info"
+    )
+    assert len(fake.open_requests) == 1  # no retry loop
+
+
+async def test_running_checks_the_actions_it_is_given(fake):
+    async def get_weather(place: str) -> str:
+        return place
+
+    with pytest.raises(
+        bot.ConfigError, match=re.escape("takes 'place', but sample_tools.yaml: POST /v1/actions/weather")
+    ):
+        async with bot.running({**SAMPLE_ACTIONS, WEATHER: get_weather}, SAMPLE_TOOLS, settings=settings_for(fake)):
+            pytest.fail("running() must not yield with an action out of step with tools.yaml")
+    assert fake.open_attempts == 0  # before any network
+
+
+async def test_running_says_so_when_it_is_not_connected_in_time_and_goes_on(fake, remote, caplog):
+    fake.open_status = 503
+    async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake), connected_within=0.5) as clients:
+        assert not clients[0].connected
+        fake.open_status = None
+        await remote(fake.wait_connected(1, timeout=10))  # it kept trying
+    assert "stream-1 not connected within 0.5 s: going on; it keeps trying" in caplog.text
+
+
+async def launch(kind: str, env: dict[str, str], workdir: Path, port: int) -> asyncio.subprocess.Process:
+    """README section 9's example saved as app.py beside an unchanged bot.py and tools.yaml, run as it says."""
+    for name in ("bot.py", "tools.yaml"):
+        shutil.copy(ROOT / name, workdir / name)
+    (workdir / "app.py").write_text(EXAMPLES[kind], encoding="utf-8")
+    command = ["-m", "uvicorn", "app:app", "--port", str(port)] if kind == "fastapi" else ["app.py"]
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        *command,
+        cwd=workdir,
+        env=env | {"PORT": str(port)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def hello(port: int) -> tuple[int, dict]:
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(f"http://127.0.0.1:{port}/hello") as response:
+        return response.status, await response.json()
+
+
+@pytest.mark.parametrize("kind", EXAMPLES)
+async def test_the_readme_example_serves_the_skill_and_its_own_route_and_drains_on_stop(fake, remote, tmp_path, kind):
+    port = free_port()
+    app = await launch(kind, bot_env(fake), tmp_path, port)
+    try:
+        await remote(fake.wait_connected(1, timeout=15))
+        await until_serving(port)
+        fake.webhook_latency = 1.5  # a reply in flight ...
+        request = graph_request("/v1/actions/weather", PARAMS, session_webhook=fake.webhook_url())
+        message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, request))
+        await remote(fake.wait_for(lambda: fake.webhook_posts, 5))
+        assert await hello(port) == (200, {"hello": "world"})  # ... while the route answers
+        app.send_signal(signal.SIGTERM if kind == "fastapi" else signal.SIGINT)
+        output = (await asyncio.wait_for(app.communicate(), 15))[0].decode()
+        # uvicorn re-raises SIGTERM once it has shut down, so that its exit status names the signal
+        assert app.returncode == (-signal.SIGTERM if kind == "fastapi" else 0), output
+        ack = await remote(fake.wait_ack(message_id, timeout=5))  # drained: the reply and its ack
+        assert '\\"success\\": true' in ack["data"]
+    finally:
+        if app.returncode is None:
+            app.kill()
+
+
+async def until_serving(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await hello(port)
+            return
+        except aiohttp.ClientError:
+            assert time.monotonic() < deadline, f"nothing serves port {port}"
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", EXAMPLES)
+async def test_the_readme_example_fails_its_start_up_when_credentials_are_refused(fake, tmp_path, kind):
+    app = await launch(kind, bot_env(fake, CLIENT_SECRET="Wr0ng-Secret"), tmp_path, free_port())
+    output = (await asyncio.wait_for(app.communicate(), 20))[0].decode()
+    assert app.returncode != 0, output
+    assert "DingTalk rejected CLIENT_ID / CLIENT_SECRET (authFailed: 鉴权失败)" in output
+    assert "Wr0ng-Secret" not in output
+
+
+async def test_the_readme_example_reads_dotenv_as_python_bot_py_does(fake, remote, tmp_path):
+    (tmp_path / ".env").write_text(f"CLIENT_SECRET={fake.client_secret}\nCLIENT_ID=from-dotenv\n", encoding="utf-8")
+    env = bot_env(fake)
+    del env["CLIENT_SECRET"]  # from .env beside bot.py; CLIENT_ID from the real environment, which wins
+    app = await launch("fastapi", env, tmp_path, free_port())
+    try:
+        await remote(fake.wait_connected(1, timeout=15))
+        assert {request.body["clientId"] for request in fake.open_requests} == {fake.client_id}
+    finally:
+        app.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(app.communicate(), 15)
