@@ -239,15 +239,28 @@ def check_proxies(env: Mapping[str, str]) -> None:
                 f"{key}={shown!r} is a SOCKS proxy, which the bot does not support: "
                 "use an HTTP proxy (HTTPS_PROXY=http://host:port) or unset it"
             )
-        try:
-            parts = urlsplit(value)
-            usable = parts.scheme.lower() == "http" and parts.hostname and parts.port != 0
-        except ValueError:  # e.g. a port that is not a number
-            usable = False
-        if not usable or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"{key}={shown!r} is not a proxy URL like http://[user:password@]host:port")
+        problem = proxy_problem(value)
+        if problem:
+            raise ConfigError(f"{key}={shown!r} is not a proxy URL like http://[user:password@]host:port: {problem}")
+        parts = urlsplit(value)
         if (parts.username is None) != (parts.password is None):
             raise ConfigError(f"{key}={shown!r} has a user without a password: http://user:password@host:port")
+
+
+def proxy_problem(value: str) -> str | None:
+    """What keeps aiohttp and websockets from using `value` as a proxy, if anything."""
+    if "://" not in value:
+        return "write the scheme, http://"
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return "the port is not a number (in a password, write / : @ as %2F %3A %40)"
+    if parts.scheme.lower() != "http":
+        return f"{parts.scheme}:// proxies do not work with aiohttp; use http://"
+    if not parts.hostname or port == 0:
+        return "no host or port"
+    return "no path or query" if parts.path not in ("", "/") or parts.query or parts.fragment else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -496,7 +509,20 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
             out["type"] = [*as_list(out["type"]), "null"]
         if isinstance(out.get("enum"), list):
             out["enum"] = [*out["enum"], None]
+    if "default" in out and (rule := broken_rule({k: v for k, v in out.items() if k != "default"}, out["default"])):
+        raise ConfigError(f"{where}: its default {out['default']!r} breaks its own schema: {rule}")
     return out
+
+
+def broken_rule(schema: dict[str, Any], value: Any) -> str | None:
+    """The rule of `schema` that `value` breaks, if it compiles and one does (the default is filled in unchecked)."""
+    try:
+        fastjsonschema.validate(schema, value)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        return exc.message.removeprefix("data ")
+    except Exception:  # a schema that does not compile: read_operation says so, naming the parameter
+        return None
+    return None
 
 
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:
@@ -1315,7 +1341,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secrets: tuple[str, ...]) -> None:
         super().__init__()
-        self.secrets = tuple(s for s in secrets if s)
+        self.secrets = tuple(s for s in secrets if len(s) >= 4)  # a dummy "x" would mask every x in every line
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -1360,7 +1386,8 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
     # asyncio.run and the interpreter would wait for threads (an action's asyncio.to_thread, or any other)
     # without limit (3.11) or 300 s (3.12+). Our own default pool lets its idle workers go at the end; threads
     # still busy a second later are left behind.
-    threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
+    # 64 threads, not min(32, cores + 4): plain def actions run here, and a reply must not wait for a thread
+    threads = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)
     exit_code = await serve(settings, stop, operations)
     threads.shutdown(wait=False, cancel_futures=True)

@@ -522,6 +522,12 @@ def test_redacting_filter_covers_args_and_tracebacks():
     assert "secret *** at ?session=***" in text and "ValueError" in text
 
 
+def test_a_dummy_one_letter_secret_does_not_mask_every_word():
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "never connected yet: check the proxy", (), None)
+    bot.RedactingFilter(("y", "s3cr3t")).filter(record)
+    assert record.getMessage() == "never connected yet: check the proxy"
+
+
 def test_redacting_filter_survives_malformed_log_calls():
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "unknown exception", (ValueError("s3cr3t"),), None)
     assert bot.RedactingFilter(("s3cr3t",)).filter(record)
@@ -551,22 +557,27 @@ def test_socks_proxy_is_a_config_error_naming_the_variable(key):
 
 
 @pytest.mark.parametrize(
-    "value",
+    ("value", "why"),
     [
-        "http://alice:S3c/retPW@proxy:3128/corp",  # a path: websockets refuses it
-        "http://proxy:3128/?x=1",
-        "http://proxy:3128/#frag",
-        "alice:S3cretPW@proxy:abc",  # not a port
-        "http://:0",
-        "wss://proxy:443",
-        "https://alice:S3cretPW@proxy:443",  # aiohttp ignores https:// proxies
-        "proxy.corp:3128",  # no scheme: neither library reads it as http://
+        (
+            "http://alice:S3c/retPW@proxy:3128/corp",
+            "the port is not a number (in a password, write / : @ as %2F %3A %40)",
+        ),
+        ("http://alice:S3cretPW@proxy:3128/corp", "no path or query"),  # websockets refuses a path
+        ("http://proxy:3128/?x=1", "no path or query"),
+        ("http://proxy:3128/#frag", "no path or query"),
+        ("alice:S3cretPW@proxy:abc", "write the scheme, http://"),
+        ("http://alice:S3cretPW@proxy:abc", "the port is not a number (in a password, write / : @ as %2F %3A %40)"),
+        ("http://:0", "no host or port"),
+        ("wss://proxy:443", "wss:// proxies do not work with aiohttp; use http://"),
+        ("https://alice:S3cretPW@proxy:443", "https:// proxies do not work with aiohttp; use http://"),
+        ("proxy.corp:3128", "write the scheme, http://"),  # neither library reads it as http://
     ],
 )
-def test_unusable_proxy_urls_are_a_config_error_without_the_password(value):
+def test_unusable_proxy_urls_are_a_config_error_saying_why_without_the_password(value, why):
     with pytest.raises(bot.ConfigError) as err:
         bot.load_settings({**CREDENTIALS, "HTTPS_PROXY": value})
-    assert "is not a proxy URL like http://[user:password@]host:port" in str(err.value)
+    assert str(err.value).endswith(f"is not a proxy URL like http://[user:password@]host:port: {why}")
     assert "S3c" not in str(err.value)
 
 
@@ -721,6 +732,10 @@ def test_a_41_digit_integer_in_a_query_string_is_an_integer():
         ({"type": "object", "properties": {"x": {"allOf": {"type": "string"}}}}, "parameter x:"),
         ({"type": "object", "properties": {"x": {"type": "string", "format": ["x"]}}}, "format ['x'] is not one"),
         ({"type": "object", "properties": {1: {"type": "string"}}}, "POST /t"),
+        (
+            {"type": "object", "properties": {"x": {"type": "integer", "maximum": 30, "default": 99}}},
+            "x: its default 99 breaks its own schema: must be smaller than or equal to 30",
+        ),
     ],
     ids=[
         "unknown-keyword",
@@ -733,6 +748,7 @@ def test_a_41_digit_integer_in_a_query_string_is_an_integer():
         "allOf-a-mapping",
         "format-a-list",
         "property-named-by-a-number",
+        "default-out-of-range",
     ],
 )
 def test_a_rule_the_validator_cannot_enforce_stops_the_start_with_one_line(schema, problem):
