@@ -31,7 +31,7 @@ import types
 import typing
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
@@ -100,10 +100,10 @@ class ActionError(Exception):
     traceback; in `auto` mode the assistant's model reads the message. E.g. raise ActionError("工单号格式不对")."""
 
     def __init__(self, message: str, status: int = 400) -> None:
-        if not 400 <= status <= 499:
-            raise ValueError(f"ActionError's status is a 4xx, not {status}")
+        if isinstance(status, bool) or status not in {code.value for code in HTTPStatus if 400 <= code < 500}:
+            raise ValueError(f"ActionError's status is one of HTTP's 4xx codes, not {status!r}")
         super().__init__(message)
-        self.status = status
+        self.status = int(status)
 
 
 # ===== The engine: you should not need to edit below. It reads in the order a callback travels: =====
@@ -146,6 +146,13 @@ class Settings:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 RANGES = {"instances": (1, 32), "health_port": (1, 65535), "action_timeout_seconds": (0.1, 3600)}
 RANGES |= {"shutdown_grace_seconds": (0, 3600), "float": (0.1, 300)}  # "float": any other number of seconds
+
+
+def checked(settings: Settings) -> Settings:
+    """Settings made in code, checked and read as load_settings() reads the environment's."""
+    values = {row.name: getattr(settings, row.name) for row in fields(Settings)}
+    env = {k.upper(): ",".join(v) if isinstance(v, frozenset) else str(v) for k, v in values.items() if v is not None}
+    return load_settings(env)
 
 
 def read_dotenv() -> None:
@@ -528,31 +535,52 @@ def broken_rule(schema: dict[str, Any], value: Any) -> str | None:
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:
     """Every parameter the action names is declared, and a plain annotation agrees with the declared type:
     otherwise a ConfigError naming the function, the parameter and the closest declared name."""
-    if not callable(action):
+    if not callable(action) or not isinstance(action, Hashable):
         raise ConfigError(f"{where}: its action {action!r} is not a function")
-    hints: dict[str, Any] = {}
-    with contextlib.suppress(Exception):  # annotations that do not evaluate are not ours to judge
-        hints = typing.get_type_hints(action)
+    signature = inspect.signature(action)
+    for param in signature.parameters.values():
+        if param.kind is param.POSITIONAL_ONLY:
+            raise ConfigError(f"{described(action)} takes {param.name!r} by position (before /): the bot passes names")
     for name in action_parameters(action).names:
         if name not in props:
             guess = difflib.get_close_matches(name, props, n=1, cutoff=0.5)
             hint = f" (did you mean {guess[0]}?)" if guess else ""
             raise ConfigError(f"{described(action)} takes {name!r}, but {where} does not declare it{hint}")
         declared = next((kind for kind in as_list(props[name].get("type")) if kind != "null"), None)
-        if declared and (allowed := json_types(hints.get(name))) and declared not in allowed:
+        if (
+            declared
+            and (allowed := json_types(annotation(action, signature.parameters[name])))
+            and declared not in allowed
+        ):
             expected = " or ".join(sorted(allowed))
             raise ConfigError(f"{described(action)} takes {name!r} as {expected}, but {where} declares {declared}")
 
 
+def annotation(action: Action, param: inspect.Parameter) -> Any:
+    """A parameter's annotation, evaluated if it is text; None for one that does not evaluate (not ours to judge)."""
+    if not isinstance(param.annotation, str):
+        return param.annotation
+    try:
+        return eval(param.annotation, getattr(inspect.unwrap(action), "__globals__", {}))  # what get_type_hints does
+    except Exception:
+        return None
+
+
+def named(action: Action) -> str:
+    return getattr(action, "__name__", type(action).__name__)
+
+
 def described(action: Action) -> str:
     """`name() (file.py:12)`, pointing at the code."""
-    name, code = getattr(action, "__name__", action), getattr(action, "__code__", None)
+    name, code = named(action), getattr(inspect.unwrap(action), "__code__", None)
     return f"{name}() ({Path(code.co_filename).name}:{code.co_firstlineno})" if code else f"{name}()"
 
 
 def json_types(hint: Any) -> set[str] | None:
     """The JSON types a plain annotation (str, int, float, bool, list, dict, Literal[...], X | None) takes."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if not isinstance(hint, Hashable):  # e.g. [int]: not an annotation we judge
+        return None
     if origin is typing.Literal:
         return set().union(*(json_types(type(value)) or set() for value in args))
     if origin in (typing.Union, types.UnionType):
@@ -602,7 +630,7 @@ class GraphError(Exception):
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason = status, reason[:1000]  # an ActionError's message can be anything
 
 
 class GraphCall(NamedTuple):
@@ -653,25 +681,47 @@ async def run_action(action: Action, params: dict[str, Any], time_limit: float) 
         async with asyncio.timeout(time_limit) as deadline:
             if inspect.iscoroutinefunction(action):
                 return await action(**kwargs)
-            return await asyncio.to_thread(functools.partial(action, **kwargs))
+            result = await in_a_thread(functools.partial(action, **kwargs))
+            return await result if inspect.isawaitable(result) else result  # an async def behind a plain decorator
     except ActionError as refusal:
         raise GraphError(refusal.status, str(refusal)) from None
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
             raise
-        log.exception("action %s failed: something it awaited was cancelled", action.__name__)
+        log.exception("action %s failed: something it awaited was cancelled", named(action))
     except Exception as exc:
         if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
-            log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", action.__name__, time_limit)
+            log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", named(action), time_limit)
             raise GraphError(504, "action timed out") from None
-        log.exception("action %s failed", action.__name__)
+        log.exception("action %s failed", named(action))
     raise GraphError(500, "internal error in action")
+
+
+async def in_a_thread(call: Callable[[], Any]) -> Any:
+    """`call()` in a daemon thread of its own: a slow or hung plain def holds no pool that others wait for, and
+    not the exit either. (asyncio.to_thread's pool has min(32, cores + 4) threads, 6 on 2 cores.)"""
+    loop, done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+
+    def settle(outcome: Callable[[Any], None], value: Any) -> None:
+        if not done.done():  # it may have been cancelled: the time limit, or shutdown
+            outcome(value)
+
+    def work() -> None:
+        try:
+            result, outcome = call(), done.set_result
+        except BaseException as exc:
+            result, outcome = exc, done.set_exception
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, outcome, result)
+
+    threading.Thread(target=work, name=f"bot-action-{named(call.func)}", daemon=True).start()
+    return await done
 
 
 def find_operation(operations: Mapping[str, Operation], method: str, path: str) -> tuple[Operation, dict[str, str]]:
     """The operation for `method` and `path`, with the values of its path's {name} segments; GraphError(404)."""
-    if (operation := operations.get(f"{method} {path}")) is not None:
-        return operation, {}
+    if (operation := operations.get(f"{method} {path}")) is not None and operation.template is None:
+        return operation, {}  # (a template's own text, "/items/{id}", is not a path of it)
     for operation in operations.values():
         if operation.method == method and operation.template and (match := operation.template.fullmatch(path)):
             return operation, dict(zip(re.findall(r"{([^}/]+)}", operation.path), match.groups(), strict=True))
@@ -760,6 +810,14 @@ class ActionHandler(dingtalk_stream.GraphHandler):
                 webhook = check_webhook(params.get(operation.webhook or ""), self.settings.webhook_allowed_hosts)
             result = await run_action(operation.action, params, self.settings.action_timeout_seconds)
             status, body = 200, await self.deliver(operation, result, webhook)
+            if len(body) > MAX_ANSWER_BYTES:  # an ack that big might never get through: say so instead
+                log.error(
+                    "action %s answered %d characters, more than %d",
+                    named(operation.action),
+                    len(body),
+                    MAX_ANSWER_BYTES,
+                )
+                raise GraphError(500, "internal error in action: answer too large")
         except GraphError as err:
             log.warning("callback %s: %d %s", message_id, err.status, err.reason)
             status, body = err.status, failure(err.reason)
@@ -780,7 +838,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
             await reply_card(self.http, webhook, card, self.settings.webhook_timeout_seconds)
             return '{"success": true}'
-        expected, action = EXPECTED_RESULT[operation.display], operation.action.__name__
+        expected, action = EXPECTED_RESULT[operation.display], named(operation.action)
         log.error(
             "action %s returned %s, but %s %s is x-dingtalk-display-result: %s, which expects %s",
             *(action, type(result).__name__, operation.method, operation.path, operation.display, expected),
@@ -1176,14 +1234,16 @@ async def running(
     takes no new callbacks, finishes those in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
     if settings is None:
         read_dotenv()
-        settings = load_settings()
+    settings = load_settings() if settings is None else checked(settings)
     async with serving(settings, load_operations(Path(tools), actions)) as started:
         deadline = time.monotonic() + connected_within
         for client, task in started.items():
             ready = asyncio.create_task(client.ready.wait())
-            timeout = max(0.0, deadline - time.monotonic())
-            done, _ = await asyncio.wait([ready, task], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
+            try:
+                timeout = max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait([ready, task], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
             if task in done:  # it ended before it connected
                 error = task.exception()
                 if isinstance(error, CredentialsRejected):
@@ -1239,13 +1299,23 @@ async def serving(settings: Settings, operations: Mapping[str, Operation]) -> As
             try:
                 yield started
             finally:
-                await asyncio.gather(*(client.stop(settings.shutdown_grace_seconds) for client in clients))
-                await asyncio.wait(started.values(), timeout=10)
-                for task in started.values():  # every outcome collected, so none is reported as "never retrieved"
-                    task.cancel()
-                    if task.done() and not task.cancelled():
-                        task.exception()
+                draining = asyncio.ensure_future(stop_all(started, settings.shutdown_grace_seconds))
+                try:
+                    await asyncio.shield(draining)
+                except asyncio.CancelledError:  # cancelled again while draining: what is in hand is cancelled now
+                    await stop_all(started, 0)
+                    raise
     log.info("stopped")
+
+
+async def stop_all(started: Mapping[StreamClient, asyncio.Task], grace: float) -> None:
+    """Stop every client, giving the callbacks in hand `grace` seconds, and collect how each start() ended."""
+    await asyncio.gather(*(client.stop(grace) for client in started))
+    await asyncio.wait(started.values(), timeout=10)
+    for task in started.values():  # every outcome collected, so none is reported as "never retrieved"
+        task.cancel()
+        if task.done() and not task.cancelled():
+            task.exception()
 
 
 def rejected(error: BaseException) -> str:
@@ -1291,23 +1361,24 @@ async def watching_the_loop(operations: Mapping[str, Operation]) -> AsyncIterato
     """Notices a held event loop (a blocking call inside an async def stalls keepalive and every other callback):
     the loop renews a mark every 0.25 s; a thread that finds it late names what is on the loop's stack, and warns
     once the loop is back. Nothing per callback."""
-    actions = {op.action.__code__: op.action.__name__ for op in operations.values() if hasattr(op.action, "__code__")}
+    unwrapped = {inspect.unwrap(op.action): named(op.action) for op in operations.values()}
+    actions = {action.__code__: name for action, name in unwrapped.items() if hasattr(action, "__code__")}
     loop_thread, mark, done = threading.get_ident(), [time.monotonic()], threading.Event()
 
     def watch() -> None:  # in a thread of its own: it must run while the loop does not
-        holder = None
+        warned = False
         while not done.wait(0.25):
             late = time.monotonic() - mark[0]
-            if late > BLOCKED_SECONDS and holder is None:
-                holder, since = held_by(sys._current_frames().get(loop_thread), actions), mark[0]
-            elif late < BLOCKED_SECONDS and holder is not None:
-                log.warning(
-                    "%s held the event loop for %.1f s, stalling keepalive and every other callback: use an async "
-                    "client, or make the action a plain def (it then runs in a thread)",
-                    holder,
-                    mark[0] - since,
-                )
-                holder = None
+            if late > BLOCKED_SECONDS and not warned:  # said now: a loop held for good would never say it later
+                warned = True
+                if holder := held_by(sys._current_frames().get(loop_thread), actions):
+                    log.warning(
+                        "%s has held the event loop for over %.3g s, stalling keepalive and every other callback: use "
+                        "an async client, or make the action a plain def (it then runs in a thread)",
+                        holder,
+                        BLOCKED_SECONDS,
+                    )
+            warned = warned and late > BLOCKED_SECONDS
 
     async def renew() -> None:
         while True:
@@ -1323,17 +1394,16 @@ async def watching_the_loop(operations: Mapping[str, Operation]) -> AsyncIterato
         renewing.cancel()
 
 
-def held_by(frame: Any, actions: Mapping[Any, str]) -> str:
-    """What on the loop's stack holds it: an action, the callback the engine is answering, or the code itself."""
-    innermost = frame
+def held_by(frame: Any, actions: Mapping[Any, str]) -> str | None:
+    """What on the loop's stack holds it: an action, or the callback the engine is answering; None when neither is
+    (the loop waits in select: the process was paused, or another thread holds the GIL)."""
     while frame is not None:
         if frame.f_code in actions:
             return f"action {actions[frame.f_code]}"
         if frame.f_code is ActionHandler.answer.__code__:
             return f"callback {frame.f_locals.get('message_id')}"
         frame = frame.f_back
-    code = innermost.f_code if innermost else None
-    return f"{code.co_name} ({Path(code.co_filename).name}:{innermost.f_lineno})" if code else "something"
+    return None
 
 
 class RedactingFilter(logging.Filter):
@@ -1386,8 +1456,7 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
     # asyncio.run and the interpreter would wait for threads (an action's asyncio.to_thread, or any other)
     # without limit (3.11) or 300 s (3.12+). Our own default pool lets its idle workers go at the end; threads
     # still busy a second later are left behind.
-    # 64 threads, not min(32, cores + 4): plain def actions run here, and a reply must not wait for a thread
-    threads = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="bot-thread")
+    threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)
     exit_code = await serve(settings, stop, operations)
     threads.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import logging
 import socket
@@ -375,7 +376,7 @@ async def test_a_blocking_call_in_an_async_action_is_named_in_one_warning(fake, 
         assert (await remote(fake.invoke(request))).status == 200
         await wait_until(lambda: "held the event loop" in caplog.text)
     [warning] = [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
-    assert warning.startswith("action get_ticket held the event loop for 1.")
+    assert warning.startswith("action get_ticket has held the event loop for over 1 s")
     assert "use an async client, or make the action a plain def" in warning
 
 
@@ -391,3 +392,44 @@ async def test_a_plain_def_action_does_not_hold_the_loop(fake, remote, start_bot
         assert (await remote(fake.ping(timeout=1))) is not None  # answered while the action runs
         assert (await slow).status == 200
     assert "held the event loop" not in caplog.text
+
+
+def logged(function):  # a plain decorator two actions share: one code object for both wrappers
+    @functools.wraps(function)
+    async def wrapper(**params: object) -> object:
+        return await function(**params)
+
+    return wrapper
+
+
+async def test_the_loop_warning_names_the_blocking_action_behind_a_shared_decorator(
+    fake, remote, start_bot, monkeypatch, caplog
+):
+    @logged
+    async def innocent(location: str) -> str:
+        return location
+
+    @logged
+    async def blocker(location: str) -> str:
+        time.sleep(1.6)  # noqa: ASYNC251 -- the mistake under test
+        return location
+
+    monkeypatch.setitem(bot.ACTIONS, "/v1/actions/innocent", innocent)
+    monkeypatch.setitem(bot.ACTIONS, "/v1/actions/blocker", blocker)
+    async with start_bot():
+        request = graph_request("/v1/actions/blocker", PARAMS, session_webhook=fake.webhook_url())
+        assert (await remote(fake.invoke(request))).status == 200
+        await wait_until(lambda: "held the event loop" in caplog.text)
+    assert "action blocker has held the event loop" in caplog.text and "innocent" not in caplog.text
+
+
+async def test_an_answer_too_large_to_ack_is_a_500_saying_so(fake, remote, start_bot, monkeypatch, caplog):
+    async def rate_too_big(currency: str) -> dict:
+        return {"rows": "x" * (bot.MAX_ANSWER_BYTES + 1)}
+
+    monkeypatch.setitem(bot.ACTIONS, RATE, rate_too_big)
+    async with start_bot():
+        result = await remote(fake.invoke(graph_request(RATE, {"currency": "USD"}, method="GET")))
+        assert (await remote(fake.invoke(graph_request(ON_CALL, {"team": "运维"})))).status == 200  # still connected
+    assert (result.status, result.body["error"]) == (500, "internal error in action: answer too large")
+    assert "action rate_too_big answered 10" in caplog.text and f"more than {bot.MAX_ANSWER_BYTES}" in caplog.text

@@ -4,6 +4,7 @@ fails at start, and README section 9's FastAPI and aiohttp examples saved as app
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import signal
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 
 import bot
-from tests.conftest import ROOT, settings_for
+from tests.conftest import ROOT, settings_for, wait_until
 from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, free_port, graph_request
 from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
@@ -145,3 +146,31 @@ async def test_the_readme_example_reads_dotenv_as_python_bot_py_does(fake, remot
     finally:
         app.send_signal(signal.SIGTERM)
         await asyncio.wait_for(app.communicate(), 15)
+
+
+async def test_settings_made_in_code_are_checked_like_the_environments(fake):
+    with pytest.raises(bot.ConfigError, match=re.escape("INSTANCES='0' must be between 1 and 32")):
+        async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake, instances=0)):
+            pytest.fail("running() must not yield with settings out of range")
+
+
+async def test_cancelled_again_while_draining_running_still_closes_its_connection(fake, remote, caplog):
+    caplog.set_level(logging.INFO, logger="bot")
+    fake.webhook_latency = 3.0
+
+    async def app() -> None:
+        async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake)):
+            await asyncio.Event().wait()
+
+    serving = asyncio.create_task(app())
+    await remote(fake.wait_connected(1, timeout=10))
+    await remote(
+        fake.send_frame("CALLBACK", GRAPH_TOPIC, graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url()))
+    )
+    await remote(fake.wait_for(lambda: fake.webhook_posts, 5))
+    serving.cancel()  # shutdown: the drain begins ...
+    await wait_until(lambda: "stopping: waiting up to" in caplog.text)
+    serving.cancel()  # ... and is cut short
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(serving, 10)
+    await remote(fake.wait_for(lambda: not fake.live_connections(), 5))  # nothing left open

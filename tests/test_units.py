@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -304,7 +305,7 @@ async def test_a_plain_def_action_runs_in_a_worker_thread():
     def blocking(location: str) -> str:
         return f"{location} in {threading.current_thread().name}"
 
-    assert (await bot.run_action(blocking, {"location": "杭州"}, 1)).startswith("杭州 in asyncio_")
+    assert await bot.run_action(blocking, {"location": "杭州"}, 1) == "杭州 in bot-action-blocking"  # its own thread
 
 
 def test_a_plain_def_action_is_accepted_at_start(tmp_path):
@@ -339,8 +340,9 @@ async def test_an_action_refuses_with_action_error_and_its_message_no_traceback(
 
 
 def test_action_error_is_a_4xx():
-    with pytest.raises(ValueError, match="ActionError's status is a 4xx, not 500"):
-        bot.ActionError("no", 500)
+    for status in (500, 399, 499, True):  # 499 is no code of HTTP's: the Graph status line has no phrase for it
+        with pytest.raises(ValueError, match=f"ActionError's status is one of HTTP's 4xx codes, not {status!r}"):
+            bot.ActionError("no", status)
 
 
 async def leave_balance(user_id: str = "") -> str:
@@ -810,3 +812,85 @@ def test_a_templated_path_without_its_parameter_is_a_config_error(parameters, pr
     with pytest.raises(bot.ConfigError) as err:
         item_operations(parameters)
     assert str(err.value) == f"tools.yaml: GET /items/{{id}}: {problem}"
+
+
+# ----- plain def actions: a thread each, so a burst or a hung one starves nobody -----
+
+
+async def test_a_burst_of_slow_plain_def_actions_is_not_misreported_as_timeouts():
+    def slow(location: str) -> str:
+        time.sleep(0.5)
+        return location
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(bot.run_action(slow, {"location": str(n)}, 3) for n in range(30)))
+    assert results == [str(n) for n in range(30)]
+    assert time.monotonic() - started < 2.5  # side by side, not six at a time (asyncio.to_thread's pool on 2 cores)
+
+
+async def test_hung_plain_def_actions_do_not_starve_the_ones_after_them():
+    release = threading.Event()
+
+    def hangs(location: str) -> str:
+        release.wait(30)  # like requests.get without a timeout
+        return location
+
+    def quick(location: str) -> str:
+        return location
+
+    try:
+        for _ in range(8):  # more than asyncio.to_thread's pool holds on 2 cores
+            with pytest.raises(bot.GraphError) as err:
+                await bot.run_action(hangs, {"location": "x"}, 0.05)
+            assert err.value.status == 504
+        assert await bot.run_action(quick, {"location": "fine"}, 1) == "fine"
+    finally:
+        release.set()
+
+
+def nap(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+class AsyncCallable:
+    async def __call__(self, location: str) -> str:
+        return f"awaited {location}"
+
+
+async def test_odd_callables_are_run_and_named():
+    assert await bot.run_action(AsyncCallable(), {"location": "杭州"}, 1) == "awaited 杭州"  # its coroutine awaited
+    with pytest.raises(bot.GraphError) as err:
+        await bot.run_action(functools.partial(nap, 1), {}, 0.05)
+    assert err.value.status == 504  # not a 500 from a missing __name__
+
+
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [
+        ("async def f(team, /): ...", "f() (<string>:1) takes 'team' by position (before /): the bot passes names"),
+        ("async def f(team: 'NoSuchType', weeks: str): ...", "takes 'weeks' as string, but tools.yaml: POST"),
+    ],
+    ids=["positional-only", "one-annotation-unresolved"],
+)
+def test_action_signatures_the_bot_cannot_call_rightly_are_start_up_errors(tmp_path, source, problem):
+    scope: dict = {}
+    exec(compile(source, "<string>", "exec"), scope)  # a function defined in a file of its own
+    with pytest.raises(bot.ConfigError) as err:
+        load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, samples.ON_CALL: scope["f"]})
+    assert problem in str(err.value)
+
+
+async def odd_annotation(team: [str], weeks: int = 1) -> str:  # [str] is not a type: not ours to judge
+    return team
+
+
+def test_an_annotation_that_is_not_a_type_is_left_alone(tmp_path):
+    assert load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, samples.ON_CALL: odd_annotation})
+
+
+def test_a_templates_own_text_is_routed_as_a_path_of_it():
+    operations = item_operations([ITEM_ID, {"name": "view", "in": "query", "schema": {"type": "string"}}])
+    operation, values = bot.find_operation(operations, "GET", "/items/{id}")
+    assert values == {"id": "{id}"}  # the value comes from the path, and is then checked like any other
+    with pytest.raises(bot.GraphError):
+        operation.check(values)
