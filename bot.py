@@ -110,7 +110,7 @@ class ActionError(Exception):
 # settings -> operations (tools.yaml) -> callback -> reply -> connection -> lifecycle and main.
 # README "Reliability" explains what it does and why. To take a newer engine, replace everything below this line.
 
-Action = Callable[..., Awaitable[Any]]
+Action = Callable[..., Any]  # an async def, or a plain def (run in a thread of its own)
 log = logging.getLogger("bot")
 
 
