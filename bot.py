@@ -697,10 +697,11 @@ async def run_action(action: Action, params: dict[str, Any], time_limit: float) 
     raise GraphError(500, "internal error in action")
 
 
-async def in_a_thread(call: Callable[[], Any]) -> Any:
+async def in_a_thread(call: functools.partial) -> Any:
     """`call()` in a daemon thread of its own: a slow or hung plain def holds no pool that others wait for, and
     not the exit either. (asyncio.to_thread's pool has min(32, cores + 4) threads, 6 on 2 cores.)"""
-    loop, done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
 
     def settle(outcome: Callable[[Any], None], value: Any) -> None:
         if not done.done():  # it may have been cancelled: the time limit, or shutdown
