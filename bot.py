@@ -1168,28 +1168,30 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
 
     async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection, retires: bool) -> None:
         """Parse the frame with the SDK, run its handler and send the ack on the connection it came on."""
-        kind, ack = frame.get("type"), None
+        kind = frame.get("type")
+        if kind not in (dingtalk_stream.SystemMessage.TYPE, dingtalk_stream.CallbackMessage.TYPE):
+            log.warning("%s: ignored a %r frame", self.name, kind)  # EVENT frames come only to event subscribers
+            return
         try:
             if kind == dingtalk_stream.SystemMessage.TYPE:  # ping, disconnect
                 message: Any = dingtalk_stream.SystemMessage.from_dict(frame)
                 handler: Any = self.system_handler
-            elif kind == dingtalk_stream.CallbackMessage.TYPE:
+            else:
                 message = dingtalk_stream.CallbackMessage.from_dict(frame)
                 handler = self.callback_handler_map.get(message.headers.topic)
-            else:  # EVENT frames come only to event subscribers, which this bot is not
-                log.warning("%s: ignored a %r frame", self.name, kind)
-                return
         except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # e.g. `data` not JSON
             log.warning("%s: frame %s is malformed (%s): 400", self.name, message_id, exc)
             ack = frame_ack(dingtalk_stream.AckMessage.STATUS_BAD_REQUEST, message_id, f"malformed frame: {exc}")
-        if ack is None and handler is None:
-            log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
-            ack = frame_ack(dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT, message_id, "topic not subscribed")
-        try:
-            ack = ack or (await handler.raw_process(message)).to_dict()
-        except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
-            log.exception("%s: frame %s: unexpected error", self.name, message_id)
-            ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
+        else:
+            if handler is None:
+                log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
+                ack = frame_ack(dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT, message_id, "topic not subscribed")
+            else:
+                try:
+                    ack = (await handler.raw_process(message)).to_dict()
+                except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
+                    log.exception("%s: frame %s: unexpected error", self.name, message_id)
+                    ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
         try:
             await conn.websocket.send(json.dumps(ack))
         except websockets.exceptions.ConnectionClosed:
@@ -1203,9 +1205,10 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             task for task, held_on in self.in_hand.items() if held_on is conn and task is not asyncio.current_task()
         ]
         try:
-            _, late = await asyncio.wait(held, timeout=RETIRE_WINDOW_SECONDS) if held else ((), ())
-            for task in late:
-                log.warning("%s: %s outlived its retired connection: its ack is lost", self.name, task.get_name())
+            if held:
+                _, late = await asyncio.wait(held, timeout=RETIRE_WINDOW_SECONDS)
+                for task in late:
+                    log.warning("%s: %s outlived its retired connection: its ack is lost", self.name, task.get_name())
         finally:
             await conn.close()
 
