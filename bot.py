@@ -241,7 +241,7 @@ def check_proxies(env: Mapping[str, str]) -> None:
     """A proxy the libraries cannot use is a ConfigError at start, naming the variable, never the password."""
     for key, value in proxy_variables(env).items():
         shown = re.sub(r"^([^/]*//)?.*@", lambda m: f"{m.group(1) or ''}***@", value)  # without user info
-        if key.lower() == "socks_proxy" or value.lower().startswith("socks"):
+        if value.lower().startswith("socks"):
             raise ConfigError(
                 f"{key}={shown!r} is a SOCKS proxy, which the bot does not support: "
                 "use an HTTP proxy (HTTPS_PROXY=http://host:port) or unset it"
@@ -315,6 +315,7 @@ class Operation:
     webhook: str | None  # the parameter that carries the sessionWebhook
     validate: Callable[[Any], Any]  # the schema, compiled
     template: re.Pattern | None = None  # for a path with {name} segments: matches it, one group per segment
+    segments: tuple[str, ...] = ()  # those names, in order
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """`params` typed (query text as its declared type) and validated, or GraphError(400) naming the
@@ -444,7 +445,7 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
-    segments = re.findall(r"{([^}/]+)}", route)
+    segments = tuple(re.findall(r"{([^}/]+)}", route))
     if missing := [segment for segment in segments if segment not in query]:
         raise ConfigError(f"{where}: the path's {{{missing[0]}}} needs a parameter with in: path")
     template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if segments else None
@@ -461,7 +462,9 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
     except Exception as exc:  # JsonSchemaDefinitionException, re.error, or TypeError for a value of the wrong kind
         culprit = next((p for p in props if not compiles(props[p])), None)  # name it, if it is one parameter's
         raise ConfigError(f"{where}: {f'parameter {culprit}: ' if culprit else ''}{exc}") from None
-    return Operation(method.upper(), route, display, action, schema, frozenset(query), webhook, validate, template)
+    return Operation(
+        method.upper(), route, display, action, schema, frozenset(query), webhook, validate, template, segments
+    )
 
 
 def listed(value: Any, where: str) -> list:
@@ -725,7 +728,7 @@ def find_operation(operations: Mapping[str, Operation], method: str, path: str) 
         return operation, {}  # (a template's own text, "/items/{id}", is not a path of it)
     for operation in operations.values():
         if operation.method == method and operation.template and (match := operation.template.fullmatch(path)):
-            return operation, dict(zip(re.findall(r"{([^}/]+)}", operation.path), match.groups(), strict=True))
+            return operation, dict(zip(operation.segments, match.groups(), strict=True))
     raise GraphError(404, f"no action for {method} {path}")
 
 
