@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import re
 import signal
@@ -110,6 +111,7 @@ class ActionError(Exception):
 # settings -> operations (tools.yaml) -> callback -> reply -> connection -> lifecycle and main.
 # README "Reliability" explains what it does and why. To take a newer engine, replace everything below this line.
 
+VERSION = "0.9.0"  # this engine's version
 Action = Callable[..., Any]  # an async def, or a plain def (run in a thread of its own)
 log = logging.getLogger("bot")
 
@@ -137,8 +139,8 @@ class Settings:
     action_timeout_seconds: float = 10.0
     shutdown_grace_seconds: float = 20.0
     connect_timeout_seconds: float = 10.0
-    # ping every 3 s, pong within 3 s: a dead connection is noticed within 6 s, replaced within about 10
-    keepalive_seconds: float = 3.0
+    # a ping every 5 s, its pong within 10 s: a late pong keeps the connection, a dead one is replaced within 20 s
+    keepalive_seconds: float = 5.0
     webhook_allowed_hosts: frozenset[str] = frozenset()  # local testing only: "host" or "host:port"
     dingtalk_openapi_endpoint: str = "https://api.dingtalk.com"
 
@@ -756,7 +758,7 @@ class CallbackLedger:
         self.ttl, self.capacity, self.max_bytes, self.clock = ttl, capacity, max_bytes, clock
         self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> (status, body), once answered
         self.finished: dict[str, tuple[float, int, str]] = {}  # messageId -> (when, status, body), oldest first
-        self.size = 0  # the finished answers' bodies, in characters
+        self.size = 0  # the finished answers' bodies, in bytes
 
     async def answer_once(self, message_id: str, answer: Callable[[], Awaitable[tuple[int, str]]]) -> tuple[int, str]:
         """`answer()` for the first delivery of `message_id`; for a redelivery, the first one's answer."""
@@ -777,13 +779,13 @@ class CallbackLedger:
             del self.in_flight[message_id]
         result.set_result((status, body))
         self.finished[message_id] = (self.clock(), status, body)
-        self.size += len(body)
+        self.size += len(body.encode())
         while len(self.finished) > self.capacity or self.size > self.max_bytes:  # the caps are exact
             self.forget_oldest()
         return status, body
 
     def forget_oldest(self) -> None:
-        self.size -= len(self.finished.pop(next(iter(self.finished)))[2])
+        self.size -= len(self.finished.pop(next(iter(self.finished)))[2].encode())
 
 
 class ActionHandler(dingtalk_stream.GraphHandler):
@@ -792,6 +794,8 @@ class ActionHandler(dingtalk_stream.GraphHandler):
     def __init__(self, settings: Settings, operations: Mapping[str, Operation], http: Any, ledger: CallbackLedger):
         super().__init__()
         self.settings, self.operations, self.http, self.ledger = settings, operations, http, ledger
+        endpoint = urlsplit(settings.dingtalk_openapi_endpoint)  # e.g. api.dingtalk.io for overseas tenants
+        self.dingtalk_hosts = DINGTALK_WEBHOOK_HOSTS | ({endpoint.hostname} if endpoint.scheme == "https" else set())
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
         message_id = callback.headers.message_id
@@ -811,17 +815,10 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             params = operation.check(params | path_params)
             webhook = None
             if operation.display == "disabled":  # refused before the action runs
-                webhook = check_webhook(params.get(operation.webhook or ""), self.settings.webhook_allowed_hosts)
+                url = params.get(operation.webhook or "")
+                webhook = check_webhook(url, self.settings.webhook_allowed_hosts, self.dingtalk_hosts)
             result = await run_action(operation.action, params, self.settings.action_timeout_seconds)
             status, body = 200, await self.deliver(operation, result, webhook)
-            if len(body) > MAX_ANSWER_BYTES:  # an ack that big might never get through: say so instead
-                log.error(
-                    "action %s answered %d characters, more than %d",
-                    named(operation.action),
-                    len(body),
-                    MAX_ANSWER_BYTES,
-                )
-                raise GraphError(500, "internal error in action: answer too large")
         except GraphError as err:
             log.warning("callback %s: %d %s", message_id, err.status, err.reason)
             status, body = err.status, failure(err.reason)
@@ -856,6 +853,9 @@ MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID  #
 # AI assistant webhooks live on api.dingtalk.com, chatbot ones on oapi.dingtalk.com: accept both.
 DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
 MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; DingTalk's are a few hundred bytes
+# As the official SDKs send them; without Accept, the open may answer XML (the Node SDK says so).
+USER_AGENT = f"DingTalkStream/1.0 SDK/{SDK_VERSION} Python/{platform.python_version()} dingtalk-skill-bot/{VERSION}"
+HEADERS = {"Accept": "application/json", "User-Agent": USER_AGENT}
 SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
 
 
@@ -866,9 +866,9 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     return SESSION_TOKEN.sub(r"\1***", text)
 
 
-def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
-    """`url` if the bot may POST to it, else GraphError(400): https on api.dingtalk.com / oapi.dingtalk.com
-    (default port), or http(s) on a WEBHOOK_ALLOWED_HOSTS entry ("host": any port, "host:port": that one)."""
+def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=DINGTALK_WEBHOOK_HOSTS) -> str:
+    """`url` if the bot may POST to it, else GraphError(400): https on a `dingtalk` host (default port), or http(s)
+    on a WEBHOOK_ALLOWED_HOSTS entry ("host": any port, "host:port": that one)."""
     if not url or not isinstance(url, str):
         raise GraphError(400, "sessionWebhook must be a string" if url else "missing sessionWebhook")
     try:
@@ -881,7 +881,7 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset()) -> str:
     default_port = {"http": 80, "https": 443}[parts.scheme]
     if host_key(host, None) in extra_hosts or host_key(host, port or default_port) in extra_hosts:
         return url
-    if parts.scheme == "https" and host in DINGTALK_WEBHOOK_HOSTS and port in (None, 443):
+    if parts.scheme == "https" and host in dingtalk and port in (None, 443):
         return url
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
@@ -890,7 +890,8 @@ async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_li
     """POST JSON, no redirects, through the environment's proxy; the answer's status and body, read whole within
     `time_limit` seconds and MAX_ANSWER_BYTES. Raises TimeoutError, aiohttp.ClientError or ValueError."""
     proxy, timeout = proxy_for(origin(url)), aiohttp.ClientTimeout(total=time_limit)
-    async with http.post(url, json=payload, allow_redirects=False, proxy=proxy, timeout=timeout) as response:
+    post = http.post(url, json=payload, headers=HEADERS, allow_redirects=False, proxy=proxy, timeout=timeout)
+    async with post as response:
         body = bytearray()
         async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
             body += chunk
@@ -927,6 +928,8 @@ async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, time
             problem = f"HTTP {status}: {body[:200].decode(errors='replace')}"
         elif answer.get("errcode") not in (None, 0, "0"):
             problem = f"errcode {answer['errcode']}: {answer.get('errmsg', '')}"
+        elif answer.get("success") is False:
+            problem = f"success: false: {body[:200].decode(errors='replace')}"
         else:
             return
     log.error("webhook %s failed: %s", redact(webhook), redact(problem))
@@ -940,7 +943,8 @@ HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the bac
 OPENS_PER_MINUTE = 10  # per client, whatever the gateway does
 RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
 RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
-MAX_CALLBACKS_IN_HAND = 500  # per client; past it, new callbacks are left for DingTalk to redeliver
+MAX_CALLBACKS_IN_HAND = 500  # per client; past it, a new callback is answered 503 at once
+MAX_ACK_BYTES = 256 << 10  # as sent: the Java SDK reads at most 256 KiB a frame; DingTalk documents no limit
 MAX_FRAME_BYTES = 16 << 20  # DingTalk's frames are a few KiB; websockets' default limit is 1 MiB
 
 
@@ -966,7 +970,8 @@ def open_wait(opens: deque[float], period: float = 60.0, now: float | None = Non
 
 
 class Connection:
-    """One websocket; once DingTalk retires it (`disconnect`) it takes no new callbacks."""
+    """One websocket. Once DingTalk retires it (`disconnect`), new callbacks come on its replacement, but those that
+    still come on it are answered on it until it closes (DingTalk closes it RETIRE_WINDOW_SECONDS later)."""
 
     def __init__(self, websocket: Any) -> None:
         self.websocket, self.opened_at, self.retired = websocket, time.monotonic(), asyncio.Event()
@@ -979,16 +984,18 @@ class Connection:
 class StreamClient(dingtalk_stream.DingTalkStreamClient):
     """The SDK's client (its credential, register_callback_handler, handlers and frame classes) with start() and
     stop() of its own: the open does not block and has a timeout, keepalive notices a dead connection, reconnects
-    back off, DingTalk's routine `disconnect` loses no ack, stop() finishes the callbacks in hand first; the same
-    on dingtalk-stream 0.24.3 and 0.24.4b1. Its state: `current`, the connection new callbacks arrive on, and
-    `in_hand`, each frame being answered with the connection its ack goes back on."""
+    back off, every callback gets one ack on the connection it came on, stop() finishes the callbacks in hand first;
+    the same on dingtalk-stream 0.24.3 and 0.24.4b1. Its state: `connections`, each open websocket with the task
+    reading it (the newest one not retired takes new callbacks), and `in_hand`, each frame being answered with the
+    connection its ack goes back on."""
 
     def __init__(self, credential: dingtalk_stream.Credential, settings: Settings, name: str = "stream-1") -> None:
         super().__init__(credential, logger=logging.getLogger("dingtalk_stream.client"))
         self.settings, self.name = settings, name
-        self.current: Connection | None = None
+        self.connections: dict[Connection, asyncio.Task] = {}
         self.in_hand: dict[asyncio.Task, Connection] = {}
-        self.stopping = asyncio.Event()  # set by stop(): take no new callbacks, open no new connection
+        self.stopping = asyncio.Event()  # set by stop(): open no new connection
+        self.deadline = math.inf  # set by stop(): a callback that comes later is answered 503 at once
         self.opening: asyncio.Task | None = None  # an open under way, which stop() abandons
         self.accepted = False  # DingTalk accepted the credentials once: a later refusal is retried
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
@@ -997,7 +1004,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
 
     @property
     def connected(self) -> bool:
-        return self.current is not None and self.current.websocket.state is WebSocketState.OPEN
+        live = (conn for conn in self.connections if not conn.retired.is_set())
+        return any(conn.websocket.state is WebSocketState.OPEN for conn in live)
 
     async def start(self) -> None:
         """Stay connected until stop(). Credentials refused before any connection ever succeeded are a
@@ -1012,25 +1020,29 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                 self.stopping.set()
                 for task in self.in_hand:
                     task.cancel()
-                if self.current:
-                    await self.current.close()
+                await self.close_connections()
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Take no new callbacks and open no new connection; give the frames in hand up to `grace` seconds
-        (each one still running then is logged and cancelled); close the connection."""
+        """Open no new connection; answer the callbacks in hand, and those still coming, for up to `grace` seconds
+        (each one still running then is logged and answered 503); close the connections."""
         self.stopping.set()
+        self.deadline = time.monotonic() + grace
         if self.opening is not None:
             self.opening.cancel()
-        if in_hand := list(self.in_hand):
-            log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(in_hand))
-            _, late = await asyncio.wait(in_hand, timeout=grace)
+        if self.in_hand:
+            log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(self.in_hand))
+        while self.in_hand and (left := self.deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self.in_hand), timeout=left)
+        if late := list(self.in_hand):
             for task in late:
                 log.warning("%s abandoned: still running after the %.3g s grace period", task.get_name(), grace)
                 task.cancel()
-            if late:
-                await asyncio.wait(late, timeout=1)
-        if self.current:
-            await self.current.close()
+            await asyncio.wait(late, timeout=1)
+        await self.close_connections()
+
+    async def close_connections(self) -> None:
+        for conn in list(self.connections):  # each one's reader then ends
+            await conn.close()
 
     async def connect_and_serve(self, http: aiohttp.ClientSession) -> None:
         """One connection from open to its end (or retirement), then the pause before the next."""
@@ -1098,12 +1110,12 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             raise OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
         parts = urlsplit(endpoint)  # the ticket as a query parameter of its own, whatever the endpoint carries
         url = urlunsplit(parts._replace(query=urlencode([*parse_qsl(parts.query), ("ticket", ticket)])))
-        keepalive = self.settings.keepalive_seconds  # a silently dead connection is noticed within 2 x keepalive
+        keepalive = self.settings.keepalive_seconds  # a silently dead connection is noticed within 3 x keepalive
         websocket = await websockets.connect(
             url,
             open_timeout=time_limit,
             ping_interval=keepalive,
-            ping_timeout=keepalive,
+            ping_timeout=2 * keepalive,  # a pong on a jittery network may be late: the Java and Go SDKs wait 5 s
             close_timeout=min(keepalive, 5),
             max_size=MAX_FRAME_BYTES,
             proxy=proxy_for(origin(url)),  # the open's and the webhook's rules, not websockets' own
@@ -1111,32 +1123,38 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         return Connection(websocket)
 
     async def serve(self, conn: Connection) -> str:
-        """Read frames until the connection ends or DingTalk retires it; return how it ended."""
-        self.current, self.accepted = conn, True
+        """Read frames until the connection ends or DingTalk retires it; return how it ended. A retired connection
+        goes on being read in the background until it closes."""
+        reader = self.connections[conn] = asyncio.create_task(self.read(conn))
+        self.accepted = True
         self.ready.set()
         log.info("%s: connected", self.name)
-        reader, retired = asyncio.create_task(self.read(conn)), asyncio.create_task(conn.retired.wait())
+        retired = asyncio.create_task(conn.retired.wait())
         try:
             await asyncio.wait([reader, retired], return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # start() was cancelled: let nothing dangle
-            reader.cancel()
-            await conn.close()
-            raise
         finally:
             retired.cancel()
-            self.current = None
-        if not reader.done():  # it goes on reading until retire() closes it, or the peer drops it
+        if not reader.done():
             reader.add_done_callback(lambda task: task.cancelled() or task.exception())  # how it ends is no news
             return "DingTalk retired the connection (disconnect)"
         reader.result()  # raises how it was lost
         return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
 
     async def read(self, conn: Connection) -> None:
-        async for raw in conn.websocket:
-            self.take_frame(raw, conn)
+        """Take frames until the connection closes, or until RETIRE_WINDOW_SECONDS after DingTalk retired it."""
+        try:
+            async with asyncio.timeout(None) as window:
+                async for raw in conn.websocket:
+                    self.take_frame(raw, conn)
+                    if conn.retired.is_set() and window.when() is None:
+                        window.reschedule(asyncio.get_running_loop().time() + RETIRE_WINDOW_SECONDS)
+        finally:
+            del self.connections[conn]
+            await conn.close()
 
     def take_frame(self, raw: str | bytes, conn: Connection) -> None:
-        """Answer one frame in a task of its own, so a slow action never holds up the others."""
+        """Answer one frame in a task of its own, so a slow action never holds up the others. (Reading never pauses:
+        the websocket must go on reading pongs, or keepalive takes the connection down.)"""
         try:
             frame = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
@@ -1146,30 +1164,29 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             return
         headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
         message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
-        # Left unacked, a callback is delivered again to a live connection. (Reading never pauses: the websocket
-        # must go on reading pongs, or keepalive takes the connection down.)
-        if kind == dingtalk_stream.CallbackMessage.TYPE and (why := self.refusal(conn)):
-            level = logging.WARNING if why[0].isdigit() else logging.INFO
-            log.log(level, "%s: callback %s left for another connection: %s", self.name, message_id, why)
-            return
-        retires = kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect"
-        retires = retires and not conn.retired.is_set()  # a second `disconnect` is only acked
-        if retires:
+        if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
             conn.retired.set()
         name = f"{'callback' if kind == dingtalk_stream.CallbackMessage.TYPE else 'frame'} {message_id}"
-        task = asyncio.create_task(self.answer_frame(frame, message_id, conn, retires), name=name)
+        if kind == dingtalk_stream.CallbackMessage.TYPE and (why := self.refusal()):
+            # DingTalk documents redelivery for EVENT frames only: a Graph call left unacked is most likely lost.
+            log.warning("%s: callback %s answered 503: %s", self.name, message_id, why)
+            ack = frame_ack(dingtalk_stream.AckMessage.STATUS_OK, message_id, why, status=503)
+            answer = self.send_ack(conn, ack, message_id)
+        else:
+            answer = self.answer_frame(frame, message_id, conn)
+        task = asyncio.create_task(answer, name=name)
         self.in_hand[task] = conn
         task.add_done_callback(self.in_hand.pop)
 
-    def refusal(self, conn: Connection) -> str | None:
-        """Why a new callback is not taken on `conn`, if it is not."""
-        if self.stopping.is_set():
-            return "stopping"
-        if conn.retired.is_set():
-            return "connection retired"
-        return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand" if len(self.in_hand) >= MAX_CALLBACKS_IN_HAND else None
+    def refusal(self) -> str | None:
+        """Why a new callback is answered 503 at once instead of being served, if it is."""
+        if time.monotonic() >= self.deadline:
+            return "the bot is stopping"
+        if len(self.in_hand) >= MAX_CALLBACKS_IN_HAND:
+            return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand: busy"
+        return None
 
-    async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection, retires: bool) -> None:
+    async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection) -> None:
         """Parse the frame with the SDK, run its handler and send the ack on the connection it came on."""
         kind = frame.get("type")
         if kind not in (dingtalk_stream.SystemMessage.TYPE, dingtalk_stream.CallbackMessage.TYPE):
@@ -1192,33 +1209,35 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             else:
                 try:
                     ack = (await handler.raw_process(message)).to_dict()
+                except asyncio.CancelledError:  # the grace period is over (stop): still one answer
+                    why = "the bot stopped before the action finished"
+                    ack = frame_ack(dingtalk_stream.AckMessage.STATUS_OK, message_id, why, status=503)
+                    await self.send_ack(conn, ack, message_id)
+                    raise
                 except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
                     log.exception("%s: frame %s: unexpected error", self.name, message_id)
                     ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
+        await self.send_ack(conn, ack, message_id)
+
+    async def send_ack(self, conn: Connection, ack: dict[str, Any], message_id: str) -> None:
+        """Send `ack` on the connection its frame came on. An ack too large to get through is replaced by a 500
+        saying so: DingTalk documents no limit, and the Java SDK reads at most 256 KiB a frame."""
+        text = json.dumps(ack)  # ASCII, as the SDK sends it: a CJK character in the answer is 7 bytes here
+        if len(text) > MAX_ACK_BYTES:
+            size, name = len(text), self.name
+            log.error(
+                "%s: callback %s: answer too large: %d bytes as sent, over %d", name, message_id, size, MAX_ACK_BYTES
+            )
+            text = json.dumps(frame_ack(200, message_id, "internal error in action: answer too large", status=500))
         try:
-            await conn.websocket.send(json.dumps(ack))
+            await conn.websocket.send(text)
         except websockets.exceptions.ConnectionClosed:
             log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
-        if retires:
-            await self.retire(conn)
-
-    async def retire(self, conn: Connection) -> None:
-        """A retired connection: let the callbacks it holds finish (within RETIRE_WINDOW_SECONDS), then close it."""
-        held = [
-            task for task, held_on in self.in_hand.items() if held_on is conn and task is not asyncio.current_task()
-        ]
-        try:
-            if held:
-                _, late = await asyncio.wait(held, timeout=RETIRE_WINDOW_SECONDS)
-                for task in late:
-                    log.warning("%s: %s outlived its retired connection: its ack is lost", self.name, task.get_name())
-        finally:
-            await conn.close()
 
 
-def frame_ack(code: int, message_id: str, problem: str) -> dict[str, Any]:
-    """An ack for a frame no handler could answer, with a Graph response saying why."""
-    response = graph_response(code, failure(problem[:300]))
+def frame_ack(code: int, message_id: str, problem: str, status: int | None = None) -> dict[str, Any]:
+    """An ack with `code` and a Graph response of `status` (default: the same) saying what went wrong."""
+    response = graph_response(status or code, failure(problem[:300]))
     headers = {"messageId": message_id, "contentType": "application/json"}
     return {"code": code, "headers": headers, "message": problem[:300], "data": json.dumps({"response": response})}
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shutil
+import ssl
 import sys
 import threading
 import time
@@ -52,14 +53,14 @@ async def _cancel_other_tasks() -> None:
 class FakeThread:
     """Runs a FakeDingTalk on a private loop; `await remote(coro)` runs a fake coroutine there."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.loop, self.tls = asyncio.new_event_loop(), tls
         self.fake = FakeDingTalk()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fake-dingtalk", daemon=True)
 
     def __enter__(self) -> FakeThread:
         self.thread.start()
-        self.sync(self.fake.start())
+        self.sync(self.fake.start(tls=self.tls))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,9 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import socket
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ def free_port() -> int:
 class OpenRequest:
     body: dict[str, Any]
     status: int  # what the fake answered
+    headers: dict[str, str] = field(default_factory=dict)
     received_at: float = field(default_factory=time.monotonic)
 
 
@@ -108,6 +111,8 @@ class Connection:
     transport: Any
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     frozen: bool = False  # stop answering the bot's websocket pings: a silently dead connection
+    retired: bool = False  # sent `disconnect`; closed by the fake `retire_close_after` seconds later
+    pings: int = 0  # websocket pings from the bot
 
 
 class FakeDingTalk:
@@ -120,6 +125,7 @@ class FakeDingTalk:
         self.webhook_latency = 0.0
         self.webhook_status = 200
         self.webhook_errcode = 0
+        self.webhook_answer: dict[str, Any] | None = None  # answer 200 with this JSON instead
         self.webhook_cut_off = False  # close the connection halfway through the response
         self.webhook_endless: float | None = None  # answer 200, then stream a body for ever, a chunk every this many s
         self.webhook_streamed = 0  # bytes of such endless bodies written so far
@@ -130,54 +136,69 @@ class FakeDingTalk:
         self.open_raw_body: str | bytes | None = None  # answer 200 with this instead of endpoint/ticket
         self.open_delay = 0.0  # seconds before answering (a hanging open)
         self.endpoint_query = ""  # a query string the endpoint carries before the bot adds its ticket
-        # gateway faults
+        self.xml_without_accept = True  # answer XML to an open without `Accept: application/json` (Node SDK's note)
+        # gateway habits and faults
         self.reject_websocket = False  # answer the websocket handshake with 403
         self.disconnect_at_once = False  # send `disconnect` on every new connection as soon as it opens
+        self.retire_close_after = 10.0  # DingTalk closes a connection this long after its `disconnect`
+        self.push_to_retired = False  # pushes without a `conn` may go to a retired connection too
+        self.strict_acks = True  # an ack counts only on the connection its frame went out on
+        self.pong_delay = 0.0  # answer each websocket ping this late ...
+        self.pong_jitter = 0.0  # ... give or take up to this much
+        self.chatter = False  # send SYSTEM CONNECTED, REGISTERED and KEEPALIVE frames on every new connection
+        self.max_frame_bytes = 4 << 20  # a bigger frame from the bot closes its connection with 1009 (aiohttp's)
         # what the fake saw
         self.open_requests: list[OpenRequest] = []  # answered ones
         self.open_attempts = 0  # arrived ones, answered or not
         self.webhook_posts: list[WebhookPost] = []
         self.connections: list[Connection] = []  # every connection ever made, in order
         self.acks: dict[str, list[dict[str, Any]]] = {}
+        self.misrouted_acks: list[dict[str, Any]] = []  # acks on another connection than their frame's
         self.frames_out: list[dict[str, Any]] = []
+        self._sent_on: dict[str, set[str]] = {}  # messageId -> the connections its frames went out on
+        self._background: set[asyncio.Task] = set()
         self.trace: Any = None  # optional callable(direction, frame) for --verbose output
         self._tickets: set[str] = set()
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.tls = False
 
     # ----- lifecycle -----
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeDingTalk:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> FakeDingTalk:
+        """Serve on host:port; with `tls`, every part over TLS (https://, wss://), as the real gateway is."""
         app = web.Application()
         app.router.add_post("/v1.0/gateway/connections/open", self._open)
         app.router.add_get("/connect", self._connect)
         app.router.add_post("/agent/send", self._webhook)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=tls)
         await site.start()
-        self.host = host
+        self.host, self.tls = host, tls is not None
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
 
     async def close(self) -> None:
-        for conn in self.live_connections():
+        for conn in self.live_connections(retired=True):
             await conn.ws.close(code=1001, message=b"fake shutting down")
         if self._runner is not None:
             await self._runner.cleanup()
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def webhook_url(self, session: str | None = None, host: str | None = None) -> str:
         session = session or f"aswh_{uuid.uuid4().hex}"
-        return f"http://{host or self.host}:{self.port}/agent/send?session={session}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host or self.host}:{self.port}/agent/send?session={session}"
 
-    def live_connections(self) -> list[Connection]:
-        return [c for c in self.connections if not c.closed.is_set()]
+    def live_connections(self, retired: bool = False) -> list[Connection]:
+        """The open connections, without those sent `disconnect` unless `retired`."""
+        return [c for c in self.connections if not c.closed.is_set() and (retired or not c.retired)]
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -200,26 +221,32 @@ class FakeDingTalk:
         except ValueError:
             body = {}
         self.open_attempts += 1
+        headers = dict(request.headers)
         await self._notify()
         if self.open_delay:
             await asyncio.sleep(self.open_delay)
+        if self.xml_without_accept and request.headers.get("Accept") != "application/json":
+            self.open_requests.append(OpenRequest(body, 200, headers))
+            await self._notify()
+            xml = "<?xml version='1.0' encoding='UTF-8'?><OpenConnectionResponse><endpoint>…</endpoint>"
+            return web.Response(text=f"{xml}</OpenConnectionResponse>", content_type="application/xml")
         if body.get("clientId") != self.client_id or body.get("clientSecret") != self.client_secret:
             status, answer = 401, {"requestid": uuid.uuid4().hex, "code": "authFailed", "message": "鉴权失败"}
         elif self.open_status is not None:
             status, answer = self.open_status, {"requestid": uuid.uuid4().hex, "code": "serverError", "message": "fake"}
         elif self.open_raw_body is not None:
-            self.open_requests.append(OpenRequest(body, 200))
+            self.open_requests.append(OpenRequest(body, 200, headers))
             await self._notify()
             raw = self.open_raw_body
             return web.Response(body=raw.encode() if isinstance(raw, str) else raw, content_type="application/json")
         else:
             ticket = str(uuid.uuid4())
             self._tickets.add(ticket)
-            endpoint = f"ws://{self.host}:{self.port}/connect" + (
+            endpoint = f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}/connect" + (
                 f"?{self.endpoint_query}" if self.endpoint_query else ""
             )
             status, answer = 200, {"endpoint": endpoint, "ticket": ticket}
-        self.open_requests.append(OpenRequest(body, status))
+        self.open_requests.append(OpenRequest(body, status, headers))
         await self._notify()
         return web.json_response(answer, status=status)
 
@@ -233,16 +260,24 @@ class FakeDingTalk:
         if ticket not in self._tickets or any(request.query.get(k) != v for k, v in expected.items()):
             return web.json_response({"code": "invalidTicket"}, status=401)
         self._tickets.discard(ticket)  # a ticket opens one connection only
-        ws = web.WebSocketResponse(autoping=False)  # pongs by hand, so a connection can play dead
+        ws = web.WebSocketResponse(autoping=False, max_msg_size=self.max_frame_bytes)  # pongs by hand: see below
         await ws.prepare(request)
         conn = Connection(id=f"conn-{next(self._ids)}", ws=ws, transport=request.transport)
         self.connections.append(conn)
         await self._notify()
+        if self.chatter:
+            for topic in ("CONNECTED", "REGISTERED", "KEEPALIVE"):
+                await self.send_frame("SYSTEM", topic, {}, conn=conn)
         if self.disconnect_at_once:
-            await self.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn)
+            await self.disconnect(conn)
         try:
             async for msg in ws:
-                if msg.type == WSMsgType.PING and not conn.frozen:
+                if msg.type == WSMsgType.PING:
+                    conn.pings += 1
+                    await self._notify()
+                if msg.type == WSMsgType.PING and not conn.frozen and (self.pong_delay or self.pong_jitter):
+                    self._later(self._late_pong(conn, msg.data))
+                elif msg.type == WSMsgType.PING and not conn.frozen:
                     await ws.pong(msg.data)
                 if msg.type != WSMsgType.TEXT or conn.frozen:
                     continue
@@ -252,17 +287,31 @@ class FakeDingTalk:
                 message_id = ack.get("headers", {}).get("messageId", "")
                 if not isinstance(message_id, str):  # file odd ids under their JSON text
                     message_id = json.dumps(message_id)
-                self.acks.setdefault(message_id, []).append(ack)
+                if self.strict_acks and conn.id not in self._sent_on.get(message_id, {conn.id}):
+                    self.misrouted_acks.append(ack)
+                else:
+                    self.acks.setdefault(message_id, []).append(ack)
                 await self._notify()
         finally:
             conn.closed.set()
             await self._notify()
         return ws
 
+    def _later(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _late_pong(self, conn: Connection, data: bytes) -> None:
+        """Answer a websocket ping `pong_delay` (give or take `pong_jitter`) seconds late: a jittery network."""
+        await asyncio.sleep(max(0.0, self.pong_delay + random.uniform(-self.pong_jitter, self.pong_jitter)))
+        with contextlib.suppress(ConnectionError, RuntimeError):  # closed meanwhile
+            await conn.ws.pong(data)
+
     def _pick(self, conn: Connection | None) -> Connection:
         if conn is not None:
             return conn
-        live = self.live_connections()
+        live = self.live_connections(retired=self.push_to_retired)
         if not live:
             raise RuntimeError("no bot is connected to the fake gateway")
         return live[next(self._ids) % len(live)]  # spread pushes, as DingTalk does
@@ -278,7 +327,7 @@ class FakeDingTalk:
         headers: dict[str, str] | None = None,
     ) -> str:
         """Push one frame; `data` is sent as given if a str, else JSON-encoded; `headers` override the
-        usual ones. Returns the messageId."""
+        usual ones; message_id="" sends none. Returns the messageId."""
         conn = self._pick(conn)
         message_id = f"msg-{uuid.uuid4().hex[:12]}" if message_id is None else message_id
         frame = {
@@ -295,6 +344,9 @@ class FakeDingTalk:
             },
             "data": data if isinstance(data, str) else json.dumps(data, ensure_ascii=False),
         }
+        if not message_id:
+            del frame["headers"]["messageId"]
+        self._sent_on.setdefault(message_id, set()).add(conn.id)
         self.frames_out.append(frame)
         if self.trace:
             self.trace(">", frame)
@@ -331,14 +383,19 @@ class FakeDingTalk:
             raise AssertionError(f"ping ack lost the opaque: {ack}")
         return ack
 
-    async def disconnect(self, conn: Connection | None = None, close_after: float = 10.0) -> None:
-        """Send SYSTEM disconnect; like DingTalk, close the socket ourselves if the bot has not."""
+    async def disconnect(self, conn: Connection | None = None) -> None:
+        """Send SYSTEM disconnect and, like DingTalk, close the connection `retire_close_after` seconds later
+        (unless the bot closed it first); pushes without a `conn` no longer go to it (unless push_to_retired)."""
         conn = self._pick(conn)
+        conn.retired = True
         await self.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn)
-        try:
-            await asyncio.wait_for(conn.closed.wait(), close_after)
-        except TimeoutError:
-            await conn.ws.close()
+
+        async def close_later() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.closed.wait(), self.retire_close_after)
+            await conn.ws.close(code=1000, message=b"connection retired")
+
+        self._later(close_later())
 
     async def drop(self, conn: Connection) -> None:
         """Cut the TCP connection without a websocket close frame."""
@@ -377,6 +434,8 @@ class FakeDingTalk:
             return web.json_response({"errcode": 300001, "errmsg": "session 不存在"})
         if self.webhook_status != 200:
             return web.json_response({"code": "serverError", "message": "fake failure"}, status=self.webhook_status)
+        if self.webhook_answer is not None:
+            return web.json_response(self.webhook_answer)
         if self.webhook_errcode:
             return web.json_response({"errcode": self.webhook_errcode, "errmsg": "fake errcode"})
         return web.json_response({"errcode": 0, "errmsg": "ok"})

@@ -14,7 +14,7 @@ import pytest
 
 import bot
 from tests.conftest import healthz, wait_until
-from tests.fake_dingtalk import free_port, graph_request
+from tests.fake_dingtalk import GraphResult, free_port, graph_request
 
 WEATHER = "/v1/actions/weather"
 RATE = "/v1/actions/exchange-rate"
@@ -247,12 +247,13 @@ async def test_two_instances_open_two_connections_and_both_serve(fake, remote, s
 
 
 async def test_reconnects_after_gateway_disconnect(fake, remote, start_bot):
+    fake.retire_close_after = 1.0
     async with start_bot():
         [first] = fake.live_connections()
         await remote(fake.disconnect(first))
-        assert first.closed.is_set()
         await remote(fake.wait_for(lambda: fake.live_connections() and fake.live_connections()[0] is not first, 15))
         result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+        await remote(fake.wait_for(first.closed.is_set, 5))  # by the fake, as DingTalk does
     assert result.status == 200
     assert len(fake.open_requests) == 2  # a fresh ticket for the new connection
 
@@ -270,7 +271,7 @@ async def test_healthz_is_200_when_all_connected_and_503_while_one_is_down(fake,
         assert (await healthz(port))[0] == 200
 
 
-async def test_stop_waits_for_in_flight_callback_and_takes_no_new_one(fake, remote, start_bot, caplog):
+async def test_stop_finishes_the_callbacks_in_hand_and_serves_those_that_still_come(fake, remote, start_bot, caplog):
     port = free_port()
     fake.webhook_latency = 1.0
     caplog.set_level(logging.INFO, logger="bot")
@@ -289,13 +290,32 @@ async def test_stop_waits_for_in_flight_callback_and_takes_no_new_one(fake, remo
             )
         )
         await asyncio.wait_for(asyncio.shield(running.task), 5)
-    # the first callback got its reply and ack; the late one was left unacked for DingTalk to redeliver
+    # both got their reply and one ack: DingTalk documents no redelivery of a Graph call left unanswered
     assert running.task.result() == 0
-    assert late not in fake.acks and len(fake.webhook_posts) == 1
-    assert f"callback {late} left for another connection: stopping" in caplog.text
-    ack = fake.acks[message_id][0]
-    assert json.loads(json.loads(ack["data"])["response"]["body"]) == {"success": True}
+    assert len(fake.webhook_posts) == 2
+    for ack in (fake.acks[message_id], fake.acks[late]):
+        assert len(ack) == 1 and json.loads(json.loads(ack[0]["data"])["response"]["body"]) == {"success": True}
     assert "waiting up to" in caplog.text and "abandoned" not in caplog.text
+
+
+async def test_a_callback_still_running_when_the_grace_period_ends_is_answered_503(fake, remote, start_bot, caplog):
+    started = asyncio.Event()
+
+    async def get_weather(location: str, sessionWebhook: str) -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "too late"
+
+    bot.ACTIONS["/v1/actions/slow"] = get_weather
+    async with start_bot(shutdown_grace_seconds=0.5) as running:
+        request = graph_request("/v1/actions/slow", {"location": "杭州"}, session_webhook=fake.webhook_url())
+        message_id = await remote(fake.send_frame("CALLBACK", "/v1.0/graph/api/invoke", request))
+        await asyncio.wait_for(started.wait(), 5)
+        running.stop.set()
+        ack = await remote(fake.wait_ack(message_id, timeout=5))
+    result = GraphResult.from_ack(ack, 0)
+    assert (result.status, result.body["error"]) == (503, "the bot stopped before the action finished")
+    assert len(fake.acks[message_id]) == 1 and f"callback {message_id} abandoned" in caplog.text
 
 
 async def test_health_port_in_use_is_a_clear_error(fake, caplog):
@@ -425,11 +445,13 @@ async def test_the_loop_warning_names_the_blocking_action_behind_a_shared_decora
 
 async def test_an_answer_too_large_to_ack_is_a_500_saying_so(fake, remote, start_bot, monkeypatch, caplog):
     async def rate_too_big(currency: str) -> dict:
-        return {"rows": "x" * (bot.MAX_ANSWER_BYTES + 1)}
+        return {"rows": "值" * 40_000}  # 40,000 characters, about 280 KB as the ack sends them (\\uXXXX)
 
     monkeypatch.setitem(bot.ACTIONS, RATE, rate_too_big)
+    fake.max_frame_bytes = 256 << 10  # as the Java SDK reads: a bigger frame is closed with 1009
     async with start_bot():
         result = await remote(fake.invoke(graph_request(RATE, {"currency": "USD"}, method="GET")))
         assert (await remote(fake.invoke(graph_request(ON_CALL, {"team": "运维"})))).status == 200  # still connected
     assert (result.status, result.body["error"]) == (500, "internal error in action: answer too large")
-    assert "action rate_too_big answered 10" in caplog.text and f"more than {bot.MAX_ANSWER_BYTES}" in caplog.text
+    assert len(fake.connections) == 1
+    assert "answer too large: 28" in caplog.text and f"bytes as sent, over {bot.MAX_ACK_BYTES}" in caplog.text

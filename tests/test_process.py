@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import signal
+import ssl
 
 import pytest
+import trustme
 
+from tests.conftest import FakeThread
 from tests.fake_dingtalk import bot_env, graph_request
 from tests.samples import SAMPLE_TOOLS
 
@@ -127,3 +130,26 @@ async def test_an_action_timeout_past_dingtalks_redelivery_gets_a_warning_at_sta
     assert "ACTION_TIMEOUT_SECONDS=30: DingTalk has been seen to redeliver a callback not acked within about 16 s" in (
         process.output
     )
+
+
+async def test_wss_with_a_certificate_from_a_ca_trusted_through_ssl_cert_file(tmp_path, bot_process):
+    """The real gateway is TLS, and behind a TLS-inspecting corporate proxy its certificate comes from the company's
+    CA: the open, the websocket and the webhook all verify against the CA file SSL_CERT_FILE names."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca.cert_pem.write_to_path(str(tmp_path / "company-ca.pem"))
+    with FakeThread(tls=server) as remote:
+        fake = remote.fake
+        assert fake.base_url.startswith("https://")
+        untrusting = await bot_process(bot_env(fake))  # the system's CAs only
+        await untrusting.wait_for_output("CERTIFICATE_VERIFY_FAILED", timeout=15)
+        untrusting.kill()
+        process = await bot_process(bot_env(fake, SSL_CERT_FILE=str(tmp_path / "company-ca.pem")))
+        await remote(fake.wait_connected(1, timeout=15))
+        request = graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())
+        result = await remote(fake.invoke(request))
+        process.proc.send_signal(signal.SIGTERM)
+        assert await process.wait(10) == 0
+    assert result.status == 200 and fake.webhook_posts[0].markdown.startswith("### 杭州")
+    assert fake.webhook_posts[0].host == f"127.0.0.1:{fake.port}"  # over https, as the open and wss:// were
