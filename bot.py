@@ -22,17 +22,14 @@ import logging
 import math
 import os
 import platform
+import queue
 import random
 import re
 import signal
 import sys
 import threading
 import time
-import types
-import typing
-import urllib.request
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
@@ -112,7 +109,7 @@ class ActionError(Exception):
 # README "Reliability" explains what it does and why. To take a newer engine, replace everything below this line.
 
 VERSION = "0.9.0"  # this engine's version
-Action = Callable[..., Any]  # an async def, or a plain def (run in a thread of its own)
+Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
 log = logging.getLogger("bot")
 
 
@@ -150,13 +147,6 @@ RANGES = {"instances": (1, 32), "health_port": (1, 65535), "action_timeout_secon
 RANGES |= {"shutdown_grace_seconds": (0, 3600), "float": (0.1, 300)}  # "float": any other number of seconds
 
 
-def checked(settings: Settings) -> Settings:
-    """Settings made in code, checked and read as load_settings() reads the environment's."""
-    values = {row.name: getattr(settings, row.name) for row in fields(Settings)}
-    env = {k.upper(): ",".join(v) if isinstance(v, frozenset) else str(v) for k, v in values.items() if v is not None}
-    return load_settings(env)
-
-
 def read_dotenv() -> None:
     """The .env beside bot.py (or above it) into the environment; real environment variables win."""
     try:
@@ -177,7 +167,6 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
                 f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
                 " (or try the bot offline first: python -m tests.simulate)"
             )
-    check_proxies(env)
     return Settings(**values)
 
 
@@ -208,85 +197,10 @@ def endpoint(text: str) -> str:
 
 
 def allowed_hosts(text: str) -> frozenset[str]:
-    return frozenset(allowed_host(entry) for entry in text.split(",") if entry.strip())
+    return frozenset(entry.strip().lower() for entry in text.split(",") if entry.strip())
 
 
 READERS = {"log_level": log_level, "dingtalk_openapi_endpoint": endpoint, "webhook_allowed_hosts": allowed_hosts}
-
-
-def allowed_host(entry: str) -> str:
-    """A WEBHOOK_ALLOWED_HOSTS entry as "host" (any port) or "host:port", IPv6 in brackets."""
-    entry = entry.strip().lower()
-    host, port = (entry, None) if entry.count(":") > 1 and "[" not in entry else (None, None)  # bare IPv6
-    with contextlib.suppress(ValueError):
-        parts = urlsplit(f"//{entry}")
-        host, port = host or parts.hostname, parts.port
-    if not host or any(c in entry for c in "/*@") or entry.endswith("."):
-        raise ValueError(f"has an entry that is not a host or host:port (no scheme, path or wildcard): {entry!r}")
-    return host_key(host, port)
-
-
-def host_key(host: str, port: int | None) -> str:
-    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return host if port is None else f"{host}:{port}"
-
-
-def proxy_variables(env: Mapping[str, str]) -> dict[str, str]:
-    """HTTPS_PROXY and HTTP_PROXY as urllib reads them (a lower-case name, even empty, wins): name -> value."""
-    names = [
-        f"{scheme}_proxy" if f"{scheme}_proxy" in env else f"{scheme.upper()}_PROXY" for scheme in ("https", "http")
-    ]
-    return {name: env[name].strip() for name in names if env.get(name, "").strip()}
-
-
-def check_proxies(env: Mapping[str, str]) -> None:
-    """A proxy the libraries cannot use is a ConfigError at start, naming the variable, never the password."""
-    for key, value in proxy_variables(env).items():
-        shown = re.sub(r"^([^/]*//)?.*@", lambda m: f"{m.group(1) or ''}***@", value)  # without user info
-        if value.lower().startswith("socks"):
-            raise ConfigError(
-                f"{key}={shown!r} is a SOCKS proxy, which the bot does not support: "
-                "use an HTTP proxy (HTTPS_PROXY=http://host:port) or unset it"
-            )
-        problem = proxy_problem(value)
-        if problem:
-            raise ConfigError(f"{key}={shown!r} is not a proxy URL like http://[user:password@]host:port: {problem}")
-        parts = urlsplit(value)
-        if (parts.username is None) != (parts.password is None):
-            raise ConfigError(f"{key}={shown!r} has a user without a password: http://user:password@host:port")
-
-
-def proxy_problem(value: str) -> str | None:
-    """What keeps aiohttp and websockets from using `value` as a proxy, if anything."""
-    if "://" not in value:
-        return "write the scheme, http://"
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        return "the port is not a number (in a password, write / : @ as %2F %3A %40)"
-    if parts.scheme.lower() != "http":
-        return f"{parts.scheme}:// proxies do not work with aiohttp; use http://"
-    if not parts.hostname or port == 0:
-        return "no host or port"
-    return "no path or query" if parts.path not in ("", "/") or parts.query or parts.fragment else None
-
-
-@functools.lru_cache(maxsize=64)
-def proxy_for(origin: str) -> str | None:
-    """The proxy for scheme://host[:port], the same for the open, the websocket and the webhook: aiohttp's
-    trust_env rules (HTTPS_PROXY, HTTP_PROXY, NO_PROXY, read by urllib), looked up once per origin, since
-    trust_env reads the whole environment again on every request (~100 µs)."""
-    parts = urlsplit(origin)
-    if urllib.request.proxy_bypass(parts.netloc):  # "host:port" matches NO_PROXY entries with and without a port
-        return None
-    scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
-    return urllib.request.getproxies().get(scheme, "").strip() or None
-
-
-def proxy_passwords(env: Mapping[str, str]) -> tuple[str, ...]:
-    passwords = (urlsplit(value).password for value in proxy_variables(env).values())
-    return tuple(unquote(password) for password in passwords if password)
 
 
 # ----- Operations / 操作：tools.yaml read once at start, each operation joined with its action ---------
@@ -294,13 +208,6 @@ def proxy_passwords(env: Mapping[str, str]) -> tuple[str, ...]:
 TOOLS_FILE = Path(__file__).with_name("tools.yaml")
 DISPLAY_MODES = ("auto", "markdown", "disabled")
 WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
-# Schema keywords fastjsonschema enforces, and those that only describe; formats likewise (int32/int64: bounds).
-CHECKED = {"type", "enum", "const", "format", "nullable", "default", "required", "properties", "additionalProperties"}
-CHECKED |= {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength"}
-CHECKED |= {"pattern", "items", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties"}
-CHECKED |= {"allOf", "anyOf", "oneOf", "not"}
-DESCRIPTIVE = {"title", "description", "example", "deprecated", "readOnly", "writeOnly", "externalDocs"}
-FORMATS = {*fastjsonschema.draft07.CodeGeneratorDraft07.FORMAT_REGEXS, "regex", "float", "double", "password"}
 INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
 
 
@@ -316,6 +223,7 @@ class Operation:
     query: frozenset[str]  # the parameters that come as text, in the query string or the path
     webhook: str | None  # the parameter that carries the sessionWebhook
     validate: Callable[[Any], Any]  # the schema, compiled
+    takes: ActionParameters  # what its action takes
     template: re.Pattern | None = None  # for a path with {name} segments: matches it, one group per segment
     segments: tuple[str, ...] = ()  # those names, in order
 
@@ -361,9 +269,10 @@ def shown(value: Any) -> str:
 
 def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Operation]:
     """tools.yaml as "METHOD /path" -> Operation, each path matched with an action of `actions` (default
-    ACTIONS) and the other way round; anything amiss is a one-line ConfigError naming the file and the path."""
+    ACTIONS) and the other way round; anything amiss is a one-line ConfigError naming the file and the path.
+    (What only protects you while you write a skill is checked by tests/authoring.py: pytest and the simulator.)"""
     try:
-        spec = yaml.load(path.read_text(encoding="utf-8"), UniqueKeyLoader)  # a SafeLoader: safe_load, stricter
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path.name}: cannot read {path} ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -373,21 +282,9 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     return operations_of(spec, ACTIONS if actions is None else actions, path.name)
 
 
-def nearest(route: str, routes: Any) -> str:
-    guess = difflib.get_close_matches(route, [str(r) for r in routes], n=1, cutoff=0.8)
+def nearest(name: str, names: Any, cutoff: float = 0.8) -> str:
+    guess = difflib.get_close_matches(name, [str(n) for n in names], n=1, cutoff=cutoff)
     return f" (did you mean {guess[0]}?)" if guess else ""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, but a key given twice is an error: a second `paths:` pasted in would replace the first."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        for key, (key_node, _) in zip(keys, node.value, strict=True):
-            if keys.count(key) > 1:
-                problem = f"{key!r} appears twice in one mapping"
-                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
 
 
 def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml") -> dict[str, Operation]:
@@ -418,7 +315,7 @@ def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.y
 
 
 def read_operation(spec: dict, name: str, route: str, method: str, action: Action) -> Operation:
-    """One operation: its display mode, and its query and body parameters as one JSON Schema object."""
+    """One operation: its display mode, and its query, path and body parameters as one JSON Schema object."""
     where, op = f"{name}: {method.upper()} {route}", spec["paths"][route][method]
     if not isinstance(op, dict):
         raise ConfigError(f"{where} is not a mapping")
@@ -462,11 +359,20 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
     try:
         validate = fastjsonschema.compile(schema)
     except Exception as exc:  # JsonSchemaDefinitionException, re.error, or TypeError for a value of the wrong kind
-        culprit = next((p for p in props if not compiles(props[p])), None)  # name it, if it is one parameter's
-        raise ConfigError(f"{where}: {f'parameter {culprit}: ' if culprit else ''}{exc}") from None
+        culprit = next((f"parameter {p}: " for p in props if not compiles(props[p])), "")  # name it if it is one's
+        raise ConfigError(f"{where}: {culprit}{exc}") from None
+    takes = action_parameters(action)
     return Operation(
-        method.upper(), route, display, action, schema, frozenset(query), webhook, validate, template, segments
+        method.upper(), route, display, action, schema, frozenset(query), webhook, validate, takes, template, segments
     )
+
+
+def compiles(schema: dict[str, Any]) -> bool:
+    try:
+        fastjsonschema.compile(schema)
+    except Exception:
+        return False
+    return True
 
 
 def listed(value: Any, where: str) -> list:
@@ -491,8 +397,8 @@ def resolve(spec: dict, node: Any, where: str) -> dict:
 
 
 def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, Any]:
-    """An OpenAPI 3.0 schema as JSON Schema draft 7: $refs resolved, `nullable` and the boolean exclusive bounds
-    translated, int32/int64 as bounds; a keyword the validator would not enforce is a ConfigError."""
+    """An OpenAPI 3.0 schema as JSON Schema draft 7, for fastjsonschema: $refs resolved, `nullable` and the boolean
+    exclusive bounds translated, int32/int64 as bounds. Without this, those rules would be enforced wrongly."""
     if depth > 32:
         raise ConfigError(f"{where}: the schema is nested too deeply (or its $refs go round in a circle)")
     out = {}
@@ -503,12 +409,8 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
             out[key] = [json_schema(spec, item, where, depth + 1) for item in value]
         elif key == "properties" and isinstance(value, dict):
             out[key] = {name: json_schema(spec, v, f"{where}.{name}", depth + 1) for name, v in value.items()}
-        elif key == "format" and not (isinstance(value, str) and (value in FORMATS or value in INTEGER_FORMATS)):
-            raise ConfigError(f"{where}: format {value!r} is not one the bot can check; use pattern instead")
-        elif key in CHECKED or key in DESCRIPTIVE or str(key).startswith("x-"):
-            out[key] = value
         else:
-            raise ConfigError(f"{where}: {key!r} is not a schema keyword the bot can check")
+            out[key] = value
     for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(flag := out.get(exclusive), bool):  # OpenAPI 3.0: a flag on the bound; draft 7: a number
             del out[exclusive]
@@ -521,54 +423,17 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
             out["type"] = [*as_list(out["type"]), "null"]
         if isinstance(out.get("enum"), list):
             out["enum"] = [*out["enum"], None]
-    if "default" in out and (rule := broken_rule({k: v for k, v in out.items() if k != "default"}, out["default"])):
-        raise ConfigError(f"{where}: its default {out['default']!r} breaks its own schema: {rule}")
     return out
 
 
-def broken_rule(schema: dict[str, Any], value: Any) -> str | None:
-    """The rule of `schema` that `value` breaks, if it compiles and one does (the default is filled in unchecked)."""
-    try:
-        fastjsonschema.validate(schema, value)
-    except fastjsonschema.JsonSchemaValueException as exc:
-        return exc.message.removeprefix("data ")
-    except Exception:  # a schema that does not compile: read_operation says so, naming the parameter
-        return None
-    return None
-
-
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:
-    """Every parameter the action names is declared, and a plain annotation agrees with the declared type:
-    otherwise a ConfigError naming the function, the parameter and the closest declared name."""
-    if not callable(action) or not isinstance(action, Hashable):
+    """Every parameter the action names is declared: otherwise a ConfigError naming the function, the parameter
+    and the closest declared name."""
+    if not callable(action):
         raise ConfigError(f"{where}: its action {action!r} is not a function")
-    signature = inspect.signature(action)
-    for param in signature.parameters.values():
-        if param.kind is param.POSITIONAL_ONLY:
-            raise ConfigError(f"{described(action)} takes {param.name!r} by position (before /): the bot passes names")
-    for name in action_parameters(action).names:
-        if name not in props:
-            guess = difflib.get_close_matches(name, props, n=1, cutoff=0.5)
-            hint = f" (did you mean {guess[0]}?)" if guess else ""
-            raise ConfigError(f"{described(action)} takes {name!r}, but {where} does not declare it{hint}")
-        declared = next((kind for kind in as_list(props[name].get("type")) if kind != "null"), None)
-        if (
-            declared
-            and (allowed := json_types(annotation(action, signature.parameters[name])))
-            and declared not in allowed
-        ):
-            expected = " or ".join(sorted(allowed))
-            raise ConfigError(f"{described(action)} takes {name!r} as {expected}, but {where} declares {declared}")
-
-
-def annotation(action: Action, param: inspect.Parameter) -> Any:
-    """A parameter's annotation, evaluated if it is text; None for one that does not evaluate (not ours to judge)."""
-    if not isinstance(param.annotation, str):
-        return param.annotation
-    try:
-        return eval(param.annotation, getattr(inspect.unwrap(action), "__globals__", {}))  # what get_type_hints does
-    except Exception:
-        return None
+    for name in action_parameters(action).names - props.keys():
+        hint = nearest(name, props, cutoff=0.5)
+        raise ConfigError(f"{described(action)} takes {name!r}, but {where} does not declare it{hint}")
 
 
 def named(action: Action) -> str:
@@ -581,37 +446,14 @@ def described(action: Action) -> str:
     return f"{name}() ({Path(code.co_filename).name}:{code.co_firstlineno})" if code else f"{name}()"
 
 
-def json_types(hint: Any) -> set[str] | None:
-    """The JSON types a plain annotation (str, int, float, bool, list, dict, Literal[...], X | None) takes."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if not isinstance(hint, Hashable):  # e.g. [int]: not an annotation we judge
-        return None
-    if origin is typing.Literal:
-        return set().union(*(json_types(type(value)) or set() for value in args))
-    if origin in (typing.Union, types.UnionType):
-        parts = [json_types(arg) for arg in args if arg is not type(None)]
-        return None if None in parts else set().union(*parts)
-    plain = {str: {"string"}, bool: {"boolean"}, int: {"integer"}, float: {"number", "integer"}}
-    return plain.get(hint) or {list: {"array"}, dict: {"object"}}.get(origin or hint)
-
-
-def compiles(schema: dict[str, Any]) -> bool:
-    try:
-        fastjsonschema.compile(schema)
-    except Exception:
-        return False
-    return True
-
-
 class ActionParameters(NamedTuple):
     names: frozenset[str]  # the keyword parameters it takes
     required: tuple[str, ...]  # those without a default
     takes_all: bool  # it has **params
 
 
-@functools.cache
 def action_parameters(action: Action) -> ActionParameters:
-    """What `action` takes, read from its signature once."""
+    """What `action` takes, read from its signature."""
     params = inspect.signature(action).parameters.values()
     keyword = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     required = tuple(p.name for p in keyword if p.default is p.empty)
@@ -676,9 +518,12 @@ def finite(text: str) -> float:
     return value
 
 
-async def run_action(action: Action, params: dict[str, Any], time_limit: float) -> Any:
-    """Call `action` with the parameters its signature names, within `time_limit` seconds (a plain def in a thread)."""
-    takes = action_parameters(action)
+async def run_action(
+    action: Action, params: dict[str, Any], time_limit: float, takes: ActionParameters | None = None
+) -> Any:
+    """Call `action` with the parameters its signature names, within `time_limit` seconds (a plain def in a worker
+    thread); GraphError says how it failed."""
+    takes = takes or action_parameters(action)
     if missing := [name for name in takes.required if name not in params]:
         raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
     kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
@@ -686,15 +531,15 @@ async def run_action(action: Action, params: dict[str, Any], time_limit: float) 
         async with asyncio.timeout(time_limit) as deadline:
             if inspect.iscoroutinefunction(action):
                 return await action(**kwargs)
-            result = await in_a_thread(functools.partial(action, **kwargs))
+            result = await ACTION_THREADS.run(functools.partial(action, **kwargs))
             return await result if inspect.isawaitable(result) else result  # an async def behind a plain decorator
-    except ActionError as refusal:
+    except (ActionError, GraphError) as refusal:
         raise GraphError(refusal.status, str(refusal)) from None
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
             raise
         log.exception("action %s failed: something it awaited was cancelled", named(action))
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in an action ends that call, not the bot
         if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
             log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", named(action), time_limit)
             raise GraphError(504, "action timed out") from None
@@ -702,26 +547,43 @@ async def run_action(action: Action, params: dict[str, Any], time_limit: float) 
     raise GraphError(500, "internal error in action")
 
 
-async def in_a_thread(call: functools.partial) -> Any:
-    """`call()` in a daemon thread of its own: a slow or hung plain def holds no pool that others wait for, and
-    not the exit either. (asyncio.to_thread's pool has min(32, cores + 4) threads, 6 on 2 cores.)"""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
+class ActionThreads:
+    """Long-lived daemon threads for plain-def actions, started as they are first needed (never one per call),
+    at most `size` busy at once: past that a call is answered 503. A hung one holds neither the loop nor the exit."""
 
-    def settle(outcome: Callable[[Any], None], value: Any) -> None:
+    def __init__(self, size: int) -> None:
+        self.size, self.busy, self.started = size, 0, 0
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    async def run(self, call: Callable[[], Any]) -> Any:
+        if self.busy >= self.size:
+            raise GraphError(503, f"all {self.size} action threads are busy")
+        self.busy += 1
+        if self.started < self.busy:
+            self.started += 1
+            threading.Thread(target=self.work, name=f"bot-action-{self.started}", daemon=True).start()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self.jobs.put((call, loop, done))
+        return await done
+
+    def work(self) -> None:
+        while True:
+            call, loop, done = self.jobs.get()
+            try:
+                outcome = (True, call())
+            except BaseException as exc:
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(self.settle, done, *outcome)
+
+    def settle(self, done: asyncio.Future, ok: bool, value: Any) -> None:
+        self.busy -= 1
         if not done.done():  # it may have been cancelled: the time limit, or shutdown
-            outcome(value)
+            done.set_result(value) if ok else done.set_exception(value)
 
-    def work() -> None:
-        try:
-            result, outcome = call(), done.set_result
-        except BaseException as exc:
-            result, outcome = exc, done.set_exception
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            loop.call_soon_threadsafe(settle, outcome, result)
 
-    threading.Thread(target=work, name=f"bot-action-{named(call.func)}", daemon=True).start()
-    return await done
+ACTION_THREADS = ActionThreads(32)  # one pool per process
 
 
 def find_operation(operations: Mapping[str, Operation], method: str, path: str) -> tuple[Operation, dict[str, str]]:
@@ -788,6 +650,9 @@ class CallbackLedger:
         self.size -= len(self.finished.pop(next(iter(self.finished)))[2].encode())
 
 
+LEDGER = CallbackLedger()  # one per process, for all its connections: DingTalk may redeliver on another one
+
+
 class ActionHandler(dingtalk_stream.GraphHandler):
     """Serves Graph callbacks: route by tools.yaml to the action, answer as the display mode says, ack the truth."""
 
@@ -817,7 +682,7 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             if operation.display == "disabled":  # refused before the action runs
                 url = params.get(operation.webhook or "")
                 webhook = check_webhook(url, self.settings.webhook_allowed_hosts, self.dingtalk_hosts)
-            result = await run_action(operation.action, params, self.settings.action_timeout_seconds)
+            result = await run_action(operation.action, params, self.settings.action_timeout_seconds, operation.takes)
             status, body = 200, await self.deliver(operation, result, webhook)
         except GraphError as err:
             log.warning("callback %s: %d %s", message_id, err.status, err.reason)
@@ -857,18 +722,19 @@ MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; Di
 USER_AGENT = f"DingTalkStream/1.0 SDK/{SDK_VERSION} Python/{platform.python_version()} dingtalk-skill-bot/{VERSION}"
 HEADERS = {"Accept": "application/json", "User-Agent": USER_AGENT}
 SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
+USER_INFO = re.compile(r"(//)[^/@\s]*@")  # user:password@ in a URL, e.g. a proxy's in a library's error
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Hide webhook session tokens and the given secret values in a log line."""
     for secret in secrets:
         text = text.replace(secret, "***")
-    return SESSION_TOKEN.sub(r"\1***", text)
+    return USER_INFO.sub(r"\1***@", SESSION_TOKEN.sub(r"\1***", text))
 
 
 def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=DINGTALK_WEBHOOK_HOSTS) -> str:
     """`url` if the bot may POST to it, else GraphError(400): https on a `dingtalk` host (default port), or http(s)
-    on a WEBHOOK_ALLOWED_HOSTS entry ("host": any port, "host:port": that one)."""
+    on a WEBHOOK_ALLOWED_HOSTS entry, exactly "host" (any port) or "host:port"."""
     if not url or not isinstance(url, str):
         raise GraphError(400, "sessionWebhook must be a string" if url else "missing sessionWebhook")
     try:
@@ -878,19 +744,24 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=
         raise GraphError(400, "sessionWebhook is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
         raise GraphError(400, "sessionWebhook is not a valid http(s) URL")
-    default_port = {"http": 80, "https": 443}[parts.scheme]
-    if host_key(host, None) in extra_hosts or host_key(host, port or default_port) in extra_hosts:
+    if host in extra_hosts or parts.netloc.lower() in extra_hosts:
         return url
     if parts.scheme == "https" and host in dingtalk and port in (None, 443):
         return url
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
+def proxied() -> bool:
+    """Whether a proxy variable is set. aiohttp's trust_env then reads them (it reads the whole environment again
+    on every request, about 100 µs, so it stays off without one); websockets reads them itself."""
+    return any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
+
+
 async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
-    """POST JSON, no redirects, through the environment's proxy; the answer's status and body, read whole within
-    `time_limit` seconds and MAX_ANSWER_BYTES. Raises TimeoutError, aiohttp.ClientError or ValueError."""
-    proxy, timeout = proxy_for(origin(url)), aiohttp.ClientTimeout(total=time_limit)
-    post = http.post(url, json=payload, headers=HEADERS, allow_redirects=False, proxy=proxy, timeout=timeout)
+    """POST JSON, no redirects; the answer's status and body, read whole within `time_limit` seconds and
+    MAX_ANSWER_BYTES. Raises TimeoutError, aiohttp.ClientError or ValueError."""
+    timeout = aiohttp.ClientTimeout(total=time_limit)
+    post = http.post(url, json=payload, headers=HEADERS, allow_redirects=False, timeout=timeout)
     async with post as response:
         body = bytearray()
         async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
@@ -898,10 +769,6 @@ async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_li
             if len(body) > MAX_ANSWER_BYTES:  # and this while data keeps coming
                 raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
         return response.status, bytes(body)
-
-
-def origin(url: str) -> str:
-    return "/".join(url.split("/", 3)[:3])  # scheme://host[:port], cheaper than urlsplit on every reply
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -940,7 +807,6 @@ async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, time
 
 RECONNECT_MAX_DELAY_SECONDS = 60.0
 HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the backoff
-OPENS_PER_MINUTE = 10  # per client, whatever the gateway does
 RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
 RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
 MAX_CALLBACKS_IN_HAND = 500  # per client; past it, a new callback is answered 503 at once
@@ -960,13 +826,6 @@ def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS)
     """0-1 s after a healthy connection ends, then about 1, 2, 4 … `longest` s, for ever; the jitter keeps
     bots (and the clients of one bot) out of step."""
     return (0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)) + random.uniform(0, 1)
-
-
-def open_wait(opens: deque[float], period: float = 60.0, now: float | None = None) -> float:
-    """Seconds until another open keeps within `opens.maxlen` opens in any `period` seconds."""
-    if len(opens) < (opens.maxlen or 0):
-        return 0.0
-    return max(0.0, opens[0] + period - (time.monotonic() if now is None else now))
 
 
 class Connection:
@@ -999,7 +858,6 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.opening: asyncio.Task | None = None  # an open under way, which stop() abandons
         self.accepted = False  # DingTalk accepted the credentials once: a later refusal is retried
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
-        self.opens: deque[float] = deque(maxlen=OPENS_PER_MINUTE)
         self.ready = asyncio.Event()  # connected once
 
     @property
@@ -1012,7 +870,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         configuration error: CredentialsRejected is raised instead of retrying."""
         self.pre_start()
         try:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(trust_env=proxied()) as http:
                 while not self.stopping.is_set():
                     await self.connect_and_serve(http)
         finally:
@@ -1080,7 +938,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.failures = 0 if lived >= HEALTHY_AFTER_SECONDS else self.failures + 1
         # A routine `disconnect` is no outage: its replacement waits at most ~5 s even after failures.
         longest = RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else RECONNECT_MAX_DELAY_SECONDS
-        delay = max(reconnect_delay(self.failures, longest), open_wait(self.opens))
+        delay = reconnect_delay(self.failures, longest)
         if not self.accepted and level == logging.WARNING:  # never reached DingTalk yet
             problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)"
         log.log(level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
@@ -1090,7 +948,6 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
     async def connect(self, http: aiohttp.ClientSession) -> Connection:
         """An endpoint and a one-time ticket from DingTalk, then the websocket, each within CONNECT_TIMEOUT_SECONDS.
         Not the SDK's open: 0.24.3's blocks the loop without a timeout, and neither says credentials were refused."""
-        self.opens.append(time.monotonic())
         url = f"{self.settings.dingtalk_openapi_endpoint}/v1.0/gateway/connections/open"
         time_limit = self.settings.connect_timeout_seconds
         subscriptions = [{"type": "CALLBACK", "topic": topic} for topic in self.callback_handler_map]
@@ -1118,7 +975,6 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             ping_timeout=2 * keepalive,  # a pong on a jittery network may be late: the Java and Go SDKs wait 5 s
             close_timeout=min(keepalive, 5),
             max_size=MAX_FRAME_BYTES,
-            proxy=proxy_for(origin(url)),  # the open's and the webhook's rules, not websockets' own
         )
         return Connection(websocket)
 
@@ -1260,7 +1116,7 @@ async def running(
     takes no new callbacks, finishes those in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
     if settings is None:
         read_dotenv()
-    settings = load_settings() if settings is None else checked(settings)
+    settings = load_settings() if settings is None else settings
     async with serving(settings, load_operations(Path(tools), actions)) as started:
         deadline = time.monotonic() + connected_within
         for client, task in started.items():
@@ -1310,14 +1166,13 @@ async def serving(settings: Settings, operations: Mapping[str, Operation]) -> As
     register the handler -> start), plus the health endpoint; yields each client's start() task. On exit they
     stop, finishing the callbacks in hand first."""
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
-    ledger = CallbackLedger()  # one for all clients: DingTalk may redeliver on another connection
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
     connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances)
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with aiohttp.ClientSession(connector=connector, trust_env=proxied()) as http:
         clients = [StreamClient(credential, settings, name=f"stream-{n + 1}") for n in range(settings.instances)]
         for client in clients:
             client.register_callback_handler(
-                dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, operations, http, ledger)
+                dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, operations, http, LEDGER)
             )
         async with health_endpoint(settings, clients), watching_the_loop(operations):
             started = {client: asyncio.create_task(client.start(), name=client.name) for client in clients}
@@ -1455,7 +1310,7 @@ class RedactingFilter(logging.Filter):
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter((settings.client_secret, *proxy_passwords(os.environ))))
+    handler.addFilter(RedactingFilter((settings.client_secret,)))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # Per-frame websocket debug output drowns everything else; keep it at INFO or above.
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
@@ -1518,8 +1373,6 @@ def main() -> int:
             "README §4 says what to do with a slower backend",
             settings.action_timeout_seconds,
         )
-    if os.environ.get("ALL_PROXY", os.environ.get("all_proxy")) and not proxy_variables(os.environ):
-        log.warning("ALL_PROXY is not read: set HTTPS_PROXY=http://host:port if DingTalk is reached through a proxy")
     return asyncio.run(run(settings, operations))
 
 

@@ -43,6 +43,12 @@ def lenient_log_formatting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logging, "raiseExceptions", False)
 
 
+@pytest.fixture(autouse=True)
+def fresh_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger is one per process: each test starts with an empty one, as each `python bot.py` does."""
+    monkeypatch.setattr(bot, "LEDGER", bot.CallbackLedger())
+
+
 async def _cancel_other_tasks() -> None:
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for task in tasks:

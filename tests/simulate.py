@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import bot
+from tests import authoring
 from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, WebhookPost, bot_env, graph_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +72,9 @@ class UsageError(Exception):
 
 
 def load_operations() -> dict[str, bot.Operation]:
-    """tools.yaml's operations exactly as bot.py reads them at start ("METHOD /path" -> Operation)."""
-    return bot.load_operations()
+    """tools.yaml's operations exactly as bot.py reads them at start ("METHOD /path" -> Operation), after the
+    authoring check (tests/authoring.py): what you would get wrong while writing a skill is said first."""
+    return authoring.check_file()
 
 
 def pick_operation(operations: dict[str, bot.Operation], path: str | None) -> bot.Operation:
@@ -501,9 +503,9 @@ def main() -> int:
     args = parser.parse_args()
     try:
         operations = load_operations()
-    except bot.ConfigError as exc:  # bot.py would refuse to start the same way
+    except bot.ConfigError as exc:  # bot.py would refuse to start the same way, or the authoring check failed
         print(f"✗ {exc}", file=sys.stderr)
-        return 1
+        return 2
     if args.list:
         print(describe(operations))
         return 0

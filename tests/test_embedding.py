@@ -148,12 +148,6 @@ async def test_the_readme_example_reads_dotenv_as_python_bot_py_does(fake, remot
         await asyncio.wait_for(app.communicate(), 15)
 
 
-async def test_settings_made_in_code_are_checked_like_the_environments(fake):
-    with pytest.raises(bot.ConfigError, match=re.escape("INSTANCES='0' must be between 1 and 32")):
-        async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake, instances=0)):
-            pytest.fail("running() must not yield with settings out of range")
-
-
 async def test_cancelled_again_while_draining_running_still_closes_its_connection(fake, remote, caplog):
     caplog.set_level(logging.INFO, logger="bot")
     fake.webhook_latency = 3.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import json
 import logging
@@ -400,16 +399,6 @@ async def test_http_proxy_carries_the_open_the_websocket_and_the_webhook(fake, r
     assert [r for r in proxy.requests if r.startswith(f"POST {base}/agent/send?session=")]
 
 
-async def test_socks_proxy_is_one_line_and_exit_2_before_any_network_call(fake, bot_process):
-    process = await bot_process(bot_env(fake, https_proxy="socks5h://127.0.0.1:1080", NO_PROXY="", no_proxy=""))
-    assert await process.wait(10) == 2
-    assert process.lines == [
-        "error: https_proxy='socks5h://127.0.0.1:1080' is a SOCKS proxy, which the bot does not support: "
-        "use an HTTP proxy (HTTPS_PROXY=http://host:port) or unset it"
-    ]
-    assert fake.open_attempts == 0
-
-
 # ----- long outages: the backoff stays bounded for ever, and a flapping gateway gets no storm -----
 
 
@@ -420,16 +409,6 @@ def test_backoff_stays_bounded_after_any_number_of_failures():
         assert 0 < delay <= bot.RECONNECT_MAX_DELAY_SECONDS + 1
     assert bot.reconnect_delay(1_025) >= bot.RECONNECT_MAX_DELAY_SECONDS
     assert len({bot.reconnect_delay(0) for _ in range(20)}) > 1  # always jittered, even right after a healthy link
-
-
-def test_opens_per_minute_are_bounded_whatever_the_gateway_does():
-    opens: collections.deque[float] = collections.deque(maxlen=3)
-    for _ in range(3):
-        assert bot.open_wait(opens, period=60, now=0.0) == 0
-        opens.append(0.0)
-    assert bot.open_wait(opens, period=60, now=0.0) == 60
-    assert bot.open_wait(opens, period=60, now=45.0) == 15
-    assert bot.open_wait(opens, period=60, now=60.0) == 0
 
 
 async def test_gateway_that_disconnects_every_connection_gets_backoff_not_a_storm(fake, remote, start_bot):

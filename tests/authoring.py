@@ -1,0 +1,176 @@
+"""The authoring check: what protects you while you write a skill, run where you work, like a linter.
+
+bot.py checks at start only what a running bot needs (paths and actions in step, parameters it can read, a schema
+that compiles). This adds what only helps while you write: an annotation that disagrees with the declared type,
+a schema keyword or format the validator would not enforce, `multipleOf` <= 0, keywords beside a `$ref` (ignored),
+a default that breaks its own schema, a key given twice, and OpenAPI's own structural rules. `python -m pytest`
+runs it on your tools.yaml and ACTIONS (tests/test_authoring.py); `python -m tests.simulate` runs it before it
+simulates. Each problem is one line: the file, the function or parameter, and the fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+import yaml
+from openapi_spec_validator import validate as validate_openapi
+
+import bot
+from bot import ConfigError
+
+# Schema keywords fastjsonschema enforces, and those that only describe; formats likewise (int32/int64: bounds).
+CHECKED = {"type", "enum", "const", "format", "nullable", "default", "required", "properties", "additionalProperties"}
+CHECKED |= {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength"}
+CHECKED |= {"pattern", "items", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties"}
+CHECKED |= {"allOf", "anyOf", "oneOf", "not"}
+DESCRIPTIVE = {"title", "description", "example", "deprecated", "readOnly", "writeOnly", "externalDocs"}
+FORMATS = {*fastjsonschema.draft07.CodeGeneratorDraft07.FORMAT_REGEXS, "regex", "float", "double", "password"}
+FORMATS |= set(bot.INTEGER_FORMATS)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice is an error: a second `paths:` pasted in would replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        for key, (key_node, _) in zip(keys, node.value, strict=True):
+            if keys.count(key) > 1:
+                problem = f"{key!r} appears twice in one mapping"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, bot.Action] | None = None) -> dict[str, Any]:
+    """The operations of the tools file at `path` for `actions` (default bot.ACTIONS), as bot.py reads them, after
+    every authoring rule: ConfigError, one line, for the first one broken."""
+    try:
+        spec = yaml.load(path.read_text(encoding="utf-8"), UniqueKeyLoader)
+    except yaml.constructor.ConstructorError as exc:
+        raise ConfigError(f"{path.name} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        spec = None  # bot.py says what is wrong, as it would at start
+    operations = bot.load_operations(path, actions)
+    check_spec(spec, bot.ACTIONS if actions is None else actions, path.name)
+    try:
+        validate_openapi(spec)
+    except Exception as exc:  # openapi-spec-validator's errors carry the whole schema: its first line is enough
+        raise ConfigError(f"{path.name} is not valid OpenAPI 3.0: {str(exc).splitlines()[0]}") from None
+    return operations
+
+
+def check_spec(spec: Any, actions: Mapping[str, bot.Action], name: str = "tools.yaml") -> dict[str, Any]:
+    """The schema rules, bot.operations_of(spec, actions), then the signature rules (not OpenAPI's structural ones)."""
+    try:
+        check_schemas(spec, name)
+    except ConfigError:
+        raise
+    except Exception:  # a tools.yaml bot.py cannot read: it says why, below
+        pass
+    operations = bot.operations_of(spec, actions, name)
+    for operation in operations.values():
+        check_signature(
+            operation.action, operation.schema["properties"], f"{name}: {operation.method} {operation.path}"
+        )
+    return operations
+
+
+def check_schemas(spec: dict, name: str) -> None:
+    for route, item in spec["paths"].items():
+        for method, op in item.items():
+            if method not in ("get", "post"):
+                continue
+            where = f"{name}: {method.upper()} {route}"
+            for entry in [*(item.get("parameters") or []), *(op.get("parameters") or [])]:
+                entry = bot.resolve(spec, entry, where)
+                check_schema(spec, entry.get("schema") or {}, f"{where}: parameter {entry['name']}")
+            if op.get("requestBody") is not None:
+                check_schema(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
+
+
+def check_schema(spec: dict, node: Any, where: str, depth: int = 0) -> None:
+    """Every keyword of an OpenAPI schema (its $refs followed) is one the validator enforces or one that only
+    describes; a default keeps its own schema."""
+    if depth > 32 or not isinstance(node, dict):
+        return  # bot.py says so
+    if "$ref" in node and (beside := sorted(set(node) - {"$ref", *DESCRIPTIVE})):
+        raise ConfigError(f"{where}: {', '.join(beside)} beside a $ref is ignored: move it into {node['$ref']}")
+    schema = bot.resolve(spec, node, where)
+    for key, value in schema.items():
+        if key in ("items", "not", "additionalProperties"):
+            check_schema(spec, value, where, depth + 1)
+        elif key in ("allOf", "anyOf", "oneOf") and isinstance(value, list):
+            for item in value:
+                check_schema(spec, item, where, depth + 1)
+        elif key == "properties" and isinstance(value, dict):
+            for name, item in value.items():
+                check_schema(spec, item, f"{where}.{name}", depth + 1)
+        elif key == "format" and not (isinstance(value, str) and value in FORMATS):
+            raise ConfigError(f"{where}: format {value!r} is not one the bot can check; use pattern instead")
+        elif key == "multipleOf" and isinstance(value, int | float) and value <= 0:
+            raise ConfigError(f"{where}: multipleOf must be greater than 0, not {value!r}")
+        elif key not in CHECKED and key not in DESCRIPTIVE and not str(key).startswith("x-"):
+            raise ConfigError(f"{where}: {key!r} is not a schema keyword the bot can check")
+    if "default" in schema:
+        translated = bot.json_schema(spec, schema, where)
+        if rule := broken_rule({k: v for k, v in translated.items() if k != "default"}, translated["default"]):
+            raise ConfigError(f"{where}: its default {schema['default']!r} breaks its own schema: {rule}")
+
+
+def broken_rule(schema: dict[str, Any], value: Any) -> str | None:
+    """The rule of `schema` that `value` breaks, if it compiles and one does (the default is filled in unchecked)."""
+    try:
+        fastjsonschema.validate(schema, value)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        return exc.message.removeprefix("data ")
+    except Exception:  # a schema that does not compile: bot.py says so, naming the parameter
+        return None
+    return None
+
+
+def check_signature(action: bot.Action, props: dict[str, Any], where: str) -> None:
+    """The bot passes parameters by name, and a plain annotation agrees with the declared type."""
+    signature = inspect.signature(action)
+    for param in signature.parameters.values():
+        if param.kind is param.POSITIONAL_ONLY:
+            raise ConfigError(
+                f"{bot.described(action)} takes {param.name!r} by position (before /): the bot passes names"
+            )
+        if param.name not in props:
+            continue
+        declared = next((kind for kind in bot.as_list(props[param.name].get("type")) if kind != "null"), None)
+        allowed = json_types(annotation(action, param))
+        if declared and allowed and declared not in allowed:
+            expected = " or ".join(sorted(allowed))
+            raise ConfigError(
+                f"{bot.described(action)} takes {param.name!r} as {expected}, but {where} declares {declared}"
+            )
+
+
+def annotation(action: bot.Action, param: inspect.Parameter) -> Any:
+    """A parameter's annotation, evaluated if it is text; None for one that does not evaluate (not ours to judge)."""
+    if not isinstance(param.annotation, str):
+        return param.annotation
+    try:
+        return eval(param.annotation, getattr(inspect.unwrap(action), "__globals__", {}))  # what get_type_hints does
+    except Exception:
+        return None
+
+
+def json_types(hint: Any) -> set[str] | None:
+    """The JSON types a plain annotation (str, int, float, bool, list, dict, Literal[...], X | None) takes."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if not isinstance(hint, Hashable):  # e.g. [int]: not an annotation we judge
+        return None
+    if origin is typing.Literal:
+        return set().union(*(json_types(type(value)) or set() for value in args))
+    if origin in (typing.Union, types.UnionType):
+        parts = [json_types(arg) for arg in args if arg is not type(None)]
+        return None if None in parts else set().union(*parts)
+    plain = {str: {"string"}, bool: {"boolean"}, int: {"integer"}, float: {"number", "integer"}}
+    return plain.get(hint) or {list: {"array"}, dict: {"object"}}.get(origin or hint)
