@@ -1174,7 +1174,7 @@ async def serving(settings: Settings, operations: Mapping[str, Operation]) -> As
             client.register_callback_handler(
                 dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, operations, http, LEDGER)
             )
-        async with health_endpoint(settings, clients), watching_the_loop(operations):
+        async with health_endpoint(settings, clients), watching_the_loop():
             started = {client: asyncio.create_task(client.start(), name=client.name) for client in clients}
             log.info("serving %d action(s) with %d stream client(s)", len(operations), len(clients))
             try:
@@ -1238,28 +1238,22 @@ BLOCKED_SECONDS = 1.0  # code that holds the event loop this long gets a warning
 
 
 @contextlib.asynccontextmanager
-async def watching_the_loop(operations: Mapping[str, Operation]) -> AsyncIterator[None]:
-    """Notices a held event loop (a blocking call inside an async def stalls keepalive and every other callback):
-    the loop renews a mark every 0.25 s; a thread that finds it late names what is on the loop's stack, and warns
-    once the loop is back. Nothing per callback."""
-    unwrapped = {inspect.unwrap(op.action): named(op.action) for op in operations.values()}
-    actions = {action.__code__: name for action, name in unwrapped.items() if hasattr(action, "__code__")}
+async def watching_the_loop() -> AsyncIterator[None]:
+    """Warns once when an action holds the event loop (a blocking call inside an async def stalls keepalive and every
+    other callback): the loop renews a mark every 0.25 s, and a thread that finds it late names the action the loop is
+    running. Said while the loop is held, since it may never let go. Nothing per callback."""
     loop_thread, mark, done = threading.get_ident(), [time.monotonic()], threading.Event()
 
     def watch() -> None:  # in a thread of its own: it must run while the loop does not
-        warned = False
+        held = False
         while not done.wait(0.25):
-            late = time.monotonic() - mark[0]
-            if late > BLOCKED_SECONDS and not warned:  # said now: a loop held for good would never say it later
-                warned = True
-                if holder := held_by(sys._current_frames().get(loop_thread), actions):
-                    log.warning(
-                        "%s has held the event loop for over %.3g s, stalling keepalive and every other callback: use "
-                        "an async client, or make the action a plain def (it then runs in a thread)",
-                        holder,
-                        BLOCKED_SECONDS,
-                    )
-            warned = warned and late > BLOCKED_SECONDS
+            was_held, held = held, time.monotonic() - mark[0] > BLOCKED_SECONDS
+            if held and not was_held and (action := running_action(sys._current_frames().get(loop_thread))):
+                log.warning(
+                    "action %s has held the event loop for over %.3g s, stalling keepalive and every other callback: "
+                    "use an async client, or make the action a plain def (it then runs in a worker thread)",
+                    *(action, BLOCKED_SECONDS),
+                )
 
     async def renew() -> None:
         while True:
@@ -1275,14 +1269,12 @@ async def watching_the_loop(operations: Mapping[str, Operation]) -> AsyncIterato
         renewing.cancel()
 
 
-def held_by(frame: Any, actions: Mapping[Any, str]) -> str | None:
-    """What on the loop's stack holds it: an action, or the callback the engine is answering; None when neither is
-    (the loop waits in select: the process was paused, or another thread holds the GIL)."""
+def running_action(frame: Any) -> str | None:
+    """The action of the callback the loop is answering, from its stack; None when it runs none (it may wait in
+    select: the process was paused, or another thread holds the GIL)."""
     while frame is not None:
-        if frame.f_code in actions:
-            return f"action {actions[frame.f_code]}"
-        if frame.f_code is ActionHandler.answer.__code__:
-            return f"callback {frame.f_locals.get('message_id')}"
+        if frame.f_code is run_action.__code__:
+            return named(frame.f_locals["action"])
         frame = frame.f_back
     return None
 
