@@ -896,7 +896,10 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                 log.warning("%s abandoned: still running after the %.3g s grace period", task.get_name(), grace)
                 task.cancel()
             await asyncio.wait(late, timeout=1)
+        self.deadline = time.monotonic()  # a frame read while the connections close is answered 503, not served
         await self.close_connections()
+        if self.in_hand:  # those answers: nothing is left running once stopped
+            await asyncio.wait(list(self.in_hand), timeout=1)
 
     async def close_connections(self) -> None:
         for conn in list(self.connections):  # each one's reader then ends
