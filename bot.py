@@ -579,8 +579,12 @@ class ActionThreads:
 
     def settle(self, done: asyncio.Future, ok: bool, value: Any) -> None:
         self.busy -= 1
-        if not done.done():  # it may have been cancelled: the time limit, or shutdown
-            done.set_result(value) if ok else done.set_exception(value)
+        if done.done():  # it may have been cancelled: the time limit, or shutdown
+            return
+        if ok:
+            done.set_result(value)
+        else:
+            done.set_exception(value)
 
 
 ACTION_THREADS = ActionThreads(32)  # one pool per process
@@ -619,7 +623,7 @@ class CallbackLedger:
     ):
         self.ttl, self.capacity, self.max_bytes, self.clock = ttl, capacity, max_bytes, clock
         self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> (status, body), once answered
-        self.finished: dict[str, tuple[float, int, str]] = {}  # messageId -> (when, status, body), oldest first
+        self.finished: dict[str, tuple[float, int, str, int]] = {}  # messageId -> (when, status, body, its bytes)
         self.size = 0  # the finished answers' bodies, in bytes
 
     async def answer_once(self, message_id: str, answer: Callable[[], Awaitable[tuple[int, str]]]) -> tuple[int, str]:
@@ -640,14 +644,15 @@ class CallbackLedger:
         finally:
             del self.in_flight[message_id]
         result.set_result((status, body))
-        self.finished[message_id] = (self.clock(), status, body)
-        self.size += len(body.encode())
+        size = len(body.encode())
+        self.finished[message_id] = (self.clock(), status, body, size)
+        self.size += size
         while len(self.finished) > self.capacity or self.size > self.max_bytes:  # the caps are exact
             self.forget_oldest()
         return status, body
 
     def forget_oldest(self) -> None:
-        self.size -= len(self.finished.pop(next(iter(self.finished)))[2].encode())
+        self.size -= self.finished.pop(next(iter(self.finished)))[3]
 
 
 LEDGER = CallbackLedger()  # one per process, for all its connections: DingTalk may redeliver on another one
@@ -1083,11 +1088,12 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         saying so: DingTalk documents no limit, and the Java SDK reads at most 256 KiB a frame."""
         text = json.dumps(ack)  # ASCII, as the SDK sends it: a CJK character in the answer is 7 bytes here
         if len(text) > MAX_ACK_BYTES:
-            size, name = len(text), self.name
             log.error(
-                "%s: callback %s: answer too large: %d bytes as sent, over %d", name, message_id, size, MAX_ACK_BYTES
+                "%s: callback %s: answer too large: %d bytes as sent, over %d",
+                *(self.name, message_id, len(text), MAX_ACK_BYTES),
             )
-            text = json.dumps(frame_ack(200, message_id, "internal error in action: answer too large", status=500))
+            why = "internal error in action: answer too large"
+            text = json.dumps(frame_ack(dingtalk_stream.AckMessage.STATUS_OK, message_id, why, status=500))
         try:
             await conn.websocket.send(text)
         except websockets.exceptions.ConnectionClosed:
@@ -1119,7 +1125,7 @@ async def running(
     takes no new callbacks, finishes those in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
     if settings is None:
         read_dotenv()
-    settings = load_settings() if settings is None else settings
+        settings = load_settings()
     async with serving(settings, load_operations(Path(tools), actions)) as started:
         deadline = time.monotonic() + connected_within
         for client, task in started.items():

@@ -54,9 +54,8 @@ def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, bot.Action] | 
     except yaml.constructor.ConstructorError as exc:
         raise ConfigError(f"{path.name} is not valid YAML: {' '.join(str(exc).split())}") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
-        spec = None  # bot.py says what is wrong, as it would at start
-    operations = bot.load_operations(path, actions)
-    check_spec(spec, bot.ACTIONS if actions is None else actions, path.name)
+        return bot.load_operations(path, actions)  # it says what is wrong, as it would at start
+    operations = check_spec(spec, bot.ACTIONS if actions is None else actions, path.name)
     try:
         validate_openapi(spec)
     except Exception as exc:  # openapi-spec-validator's errors carry the whole schema: its first line is enough
