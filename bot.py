@@ -211,6 +211,12 @@ WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"
 INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
 
 
+class ActionParameters(NamedTuple):
+    names: frozenset[str]  # the keyword parameters it takes
+    required: tuple[str, ...]  # those without a default
+    takes_all: bool  # it has **params
+
+
 @dataclass(frozen=True)
 class Operation:
     """One operation of tools.yaml, joined with its action."""
@@ -219,11 +225,11 @@ class Operation:
     path: str
     display: str  # x-dingtalk-display-result: auto, markdown or disabled
     action: Action
-    schema: dict[str, Any]  # its parameters, query and body, as one JSON Schema object (draft 7)
+    takes: ActionParameters  # what its action takes
+    schema: dict[str, Any]  # its parameters, query, path and body, as one JSON Schema object (draft 7)
+    validate: Callable[[Any], Any]  # the schema, compiled
     query: frozenset[str]  # the parameters that come as text, in the query string or the path
     webhook: str | None  # the parameter that carries the sessionWebhook
-    validate: Callable[[Any], Any]  # the schema, compiled
-    takes: ActionParameters  # what its action takes
     template: re.Pattern | None = None  # for a path with {name} segments: matches it, one group per segment
     segments: tuple[str, ...] = ()  # those names, in order
 
@@ -268,9 +274,8 @@ def shown(value: Any) -> str:
 
 
 def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Operation]:
-    """tools.yaml as "METHOD /path" -> Operation, each path matched with an action of `actions` (default
-    ACTIONS) and the other way round; anything amiss is a one-line ConfigError naming the file and the path.
-    (What only protects you while you write a skill is checked by tests/authoring.py: pytest and the simulator.)"""
+    """tools.yaml as "METHOD /path" -> Operation, its paths and `actions` (default ACTIONS) matched both ways. What a
+    running bot cannot use is a one-line ConfigError; tests/authoring.py checks the rest while you write."""
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -282,73 +287,59 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     return operations_of(spec, ACTIONS if actions is None else actions, path.name)
 
 
+def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml") -> dict[str, Operation]:
+    """The operations of an OpenAPI description already read (see load_operations)."""
+    if not (isinstance(spec, dict) and str(spec.get("openapi", "")).startswith("3.") and spec.get("paths")):
+        raise ConfigError(f"{name} is not an OpenAPI 3 description with paths (openapi: 3.0.1, paths: ...)")
+    for route in spec["paths"].keys() - actions.keys():
+        hint = nearest(route, actions)
+        raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it{hint}")
+    for route in actions.keys() - spec["paths"].keys():
+        hint = nearest(route, spec["paths"])
+        raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it{hint}")
+    operations = {}
+    for route, method in [(route, method) for route in spec["paths"] for method in ("get", "post")]:
+        where = f"{name}: {method.upper()} {route}"
+        try:
+            if method in spec["paths"][route]:
+                operations[f"{method.upper()} {route}"] = read_operation(spec, where, route, method, actions[route])
+        except ConfigError:
+            raise
+        except (ValueError, re.error) as exc:  # a schema fastjsonschema cannot compile
+            raise ConfigError(f"{where}: {exc}") from None
+        except Exception as exc:  # a shape bot.py cannot read; tests/authoring.py (python -m pytest) says more
+            raise ConfigError(f"{where}: cannot read it ({exc!r})") from None
+    if missing := sorted(actions.keys() - {operation.path for operation in operations.values()}):
+        raise ConfigError(f"{name}: {missing[0]} has no get or post operation")
+    return operations
+
+
 def nearest(name: str, names: Any, cutoff: float = 0.8) -> str:
     guess = difflib.get_close_matches(name, [str(n) for n in names], n=1, cutoff=cutoff)
     return f" (did you mean {guess[0]}?)" if guess else ""
 
 
-def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml") -> dict[str, Operation]:
-    """The operations of an OpenAPI description already read (see load_operations)."""
-    if not (isinstance(spec, dict) and str(spec.get("openapi", "")).startswith("3.") and spec.get("paths")):
-        raise ConfigError(f"{name} is not an OpenAPI 3 description with paths (openapi: 3.0.1, paths: ...)")
-    if not isinstance(spec["paths"], dict):
-        raise ConfigError(f"{name}: paths must be a mapping of path -> operations")
-    for route in spec["paths"].keys() - actions.keys():
-        raise ConfigError(
-            f"{name} declares {route}, but ACTIONS in bot.py has no action for it{nearest(route, actions)}"
-        )
-    for route in actions.keys() - spec["paths"].keys():
-        raise ConfigError(
-            f"ACTIONS in bot.py has {route}, but {name} does not declare it{nearest(route, spec['paths'])}"
-        )
-    operations = {}
-    for route, item in spec["paths"].items():
-        for method in item if isinstance(item, dict) else ():
-            if method in ("parameters", "summary", "description", "servers") or str(method).startswith("x-"):
-                continue
-            if method not in ("get", "post"):
-                raise ConfigError(f"{name}: {route}: {method!r} is not an operation DingTalk calls (get or post)")
-            operations[f"{method.upper()} {route}"] = read_operation(spec, name, route, method, actions[route])
-        if not any(key.endswith(f" {route}") for key in operations):
-            raise ConfigError(f"{name}: {route} has no get or post operation")
-    return operations
-
-
-def read_operation(spec: dict, name: str, route: str, method: str, action: Action) -> Operation:
+def read_operation(spec: dict, where: str, route: str, method: str, action: Action) -> Operation:
     """One operation: its display mode, and its query, path and body parameters as one JSON Schema object."""
-    where, op = f"{name}: {method.upper()} {route}", spec["paths"][route][method]
-    if not isinstance(op, dict):
-        raise ConfigError(f"{where} is not a mapping")
+    op = spec["paths"][route][method]
     if (display := op.get("x-dingtalk-display-result", "auto")) not in DISPLAY_MODES:  # auto: DingTalk's default
         raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(DISPLAY_MODES)}")
     schema: dict[str, Any] = {"type": "object", "properties": {}}
-    if (body := op.get("requestBody")) is not None:
-        try:
-            body_schema = body["content"]["application/json"]["schema"]
-        except (KeyError, TypeError):
-            raise ConfigError(f"{where}: requestBody needs content: application/json: schema") from None
-        schema = json_schema(spec, body_schema, f"{where}: the body")
+    if "requestBody" in op:
+        schema = json_schema(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
         if schema.get("type") != "object" or not isinstance(schema.setdefault("properties", {}), dict):
             raise ConfigError(f"{where}: the body schema must be type: object with properties")
     query = []
-    for entry in listed(spec["paths"][route].get("parameters"), where) + listed(op.get("parameters"), where):
+    for entry in [*spec["paths"][route].get("parameters", []), *op.get("parameters", [])]:
         entry = resolve(spec, entry, where)
-        if entry.get("in") not in ("query", "path") or not isinstance(entry.get("name"), str):
-            raise ConfigError(f"{where}: only query and path parameters (in: query or path, with a name) are supported")
-        if (entry["in"] == "path") != (f"{{{entry['name']}}}" in route):
-            raise ConfigError(
-                f"{where}: parameter {entry['name']} is in: path exactly when the path has {{{entry['name']}}}"
-            )
+        if entry["in"] not in ("query", "path"):
+            raise ConfigError(f"{where}: only query and path parameters (in: query or path) are supported")
         extras = {k: v for k, v in entry.items() if k == "example" or str(k).startswith("x-")}
-        schema["properties"][entry["name"]] = json_schema(spec, entry.get("schema") or {}, where) | extras
+        schema["properties"][entry["name"]] = json_schema(spec, entry.get("schema", {}), where) | extras
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
-    segments = tuple(re.findall(r"{([^}/]+)}", route))
-    if missing := [segment for segment in segments if segment not in query]:
-        raise ConfigError(f"{where}: the path's {{{missing[0]}}} needs a parameter with in: path")
-    template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if segments else None
-    props = schema["properties"]
+    props, segments = schema["properties"], tuple(re.findall(r"{([^}/]+)}", route))
     webhook = next((p for p in props if props[p].get("x-dingtalk-context") == WEBHOOK_CONTEXT), None)
     if display == "disabled" and webhook is None:
         raise ConfigError(
@@ -356,29 +347,12 @@ def read_operation(spec: dict, name: str, route: str, method: str, action: Actio
             "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
         )
     check_action(action, props, where)
-    try:
-        validate = fastjsonschema.compile(schema)
-    except Exception as exc:  # JsonSchemaDefinitionException, re.error, or TypeError for a value of the wrong kind
-        culprit = next((f"parameter {p}: " for p in props if not compiles(props[p])), "")  # name it if it is one's
-        raise ConfigError(f"{where}: {culprit}{exc}") from None
+    template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if segments else None
+    validate = fastjsonschema.compile(schema)
     takes = action_parameters(action)
     return Operation(
-        method.upper(), route, display, action, schema, frozenset(query), webhook, validate, takes, template, segments
+        method.upper(), route, display, action, takes, schema, validate, frozenset(query), webhook, template, segments
     )
-
-
-def compiles(schema: dict[str, Any]) -> bool:
-    try:
-        fastjsonschema.compile(schema)
-    except Exception:
-        return False
-    return True
-
-
-def listed(value: Any, where: str) -> list:
-    if value is not None and not isinstance(value, list):
-        raise ConfigError(f"{where}: parameters must be a list")
-    return value or []
 
 
 def resolve(spec: dict, node: Any, where: str) -> dict:
@@ -429,8 +403,6 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:
     """Every parameter the action names is declared: otherwise a ConfigError naming the function, the parameter
     and the closest declared name."""
-    if not callable(action):
-        raise ConfigError(f"{where}: its action {action!r} is not a function")
     for name in action_parameters(action).names - props.keys():
         hint = nearest(name, props, cutoff=0.5)
         raise ConfigError(f"{described(action)} takes {name!r}, but {where} does not declare it{hint}")
@@ -444,12 +416,6 @@ def described(action: Action) -> str:
     """`name() (file.py:12)`, pointing at the code."""
     name, code = named(action), getattr(inspect.unwrap(action), "__code__", None)
     return f"{name}() ({Path(code.co_filename).name}:{code.co_firstlineno})" if code else f"{name}()"
-
-
-class ActionParameters(NamedTuple):
-    names: frozenset[str]  # the keyword parameters it takes
-    required: tuple[str, ...]  # those without a default
-    takes_all: bool  # it has **params
 
 
 def action_parameters(action: Action) -> ActionParameters:

@@ -11,6 +11,7 @@ simulates. Each problem is one line: the file, the function or parameter, and th
 from __future__ import annotations
 
 import inspect
+import re
 import types
 import typing
 from collections.abc import Hashable, Mapping
@@ -66,6 +67,7 @@ def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, bot.Action] | 
 def check_spec(spec: Any, actions: Mapping[str, bot.Action], name: str = "tools.yaml") -> dict[str, Any]:
     """The schema rules, bot.operations_of(spec, actions), then the signature rules (not OpenAPI's structural ones)."""
     try:
+        check_structure(spec, name)
         check_schemas(spec, name)
     except ConfigError:
         raise
@@ -79,6 +81,38 @@ def check_spec(spec: Any, actions: Mapping[str, bot.Action], name: str = "tools.
     return operations
 
 
+def check_structure(spec: dict, name: str) -> None:
+    """OpenAPI's structure where bot.py reads it, in tools.yaml's terms."""
+    for route, item in spec["paths"].items():
+        for method, op in item.items():
+            if method in ("parameters", "summary", "description", "servers") or str(method).startswith("x-"):
+                continue
+            if method not in ("get", "post"):
+                raise ConfigError(f"{name}: {route}: {method!r} is not an operation DingTalk calls (get or post)")
+            where = f"{name}: {method.upper()} {route}"
+            if not isinstance(op, dict):
+                raise ConfigError(f"{where} is not a mapping")
+            body = op.get("requestBody")
+            if body is not None and not isinstance(((body or {}).get("content") or {}).get("application/json"), dict):
+                raise ConfigError(f"{where}: requestBody needs content: application/json: schema")
+            names = []
+            for entries in (item.get("parameters"), op.get("parameters")):
+                if entries is not None and not isinstance(entries, list):
+                    raise ConfigError(f"{where}: parameters must be a list")
+                for entry in entries or []:
+                    entry = bot.resolve(spec, entry, where)
+                    if entry.get("in") not in ("query", "path") or not isinstance(entry.get("name"), str):
+                        raise ConfigError(f"{where}: only query and path parameters (in: query or path, with a name)")
+                    segment = f"{{{entry['name']}}}"
+                    if (entry["in"] == "path") != (segment in route):
+                        problem = f"parameter {entry['name']} is in: path exactly when the path has {segment}"
+                        raise ConfigError(f"{where}: {problem}")
+                    names.append(entry["name"])
+            for segment in re.findall(r"{([^}/]+)}", route):
+                if segment not in names:
+                    raise ConfigError(f"{where}: the path's {{{segment}}} needs a parameter with in: path")
+
+
 def check_schemas(spec: dict, name: str) -> None:
     for route, item in spec["paths"].items():
         for method, op in item.items():
@@ -87,9 +121,23 @@ def check_schemas(spec: dict, name: str) -> None:
             where = f"{name}: {method.upper()} {route}"
             for entry in [*(item.get("parameters") or []), *(op.get("parameters") or [])]:
                 entry = bot.resolve(spec, entry, where)
-                check_schema(spec, entry.get("schema") or {}, f"{where}: parameter {entry['name']}")
+                check_compiles(spec, entry.get("schema") or {}, f"{where}: parameter {entry['name']}")
             if op.get("requestBody") is not None:
-                check_schema(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
+                body = bot.resolve(spec, op["requestBody"]["content"]["application/json"]["schema"], where)
+                for prop, schema in (body.get("properties") or {}).items():
+                    check_compiles(spec, schema, f"{where}: parameter {prop}")
+                check_schema(spec, body, f"{where}: the body")
+
+
+def check_compiles(spec: dict, node: Any, where: str) -> None:
+    """One parameter's schema compiles (named here; bot.py names only the operation), and keeps the rules above."""
+    check_schema(spec, node, where)
+    try:
+        fastjsonschema.compile(bot.json_schema(spec, node, where))
+    except ConfigError:
+        raise
+    except Exception as exc:  # JsonSchemaDefinitionException, re.error, or TypeError for a value of the wrong kind
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def check_schema(spec: dict, node: Any, where: str, depth: int = 0) -> None:

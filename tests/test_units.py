@@ -682,7 +682,7 @@ async def item_action(id: int, view: str = "short") -> dict:
 
 def item_operations(parameters: list) -> dict[str, bot.Operation]:
     spec = {"openapi": "3.0.1", "paths": {"/items/{id}": {"get": {"parameters": parameters}}}}
-    return bot.operations_of(spec, {"/items/{id}": item_action})
+    return authoring.check_spec(spec, {"/items/{id}": item_action})  # at start, and as you write
 
 
 ITEM_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
