@@ -1084,11 +1084,10 @@ async def running(
     settings: Settings | None = None,
     connected_within: float = 30.0,
 ) -> AsyncIterator[list[StreamClient]]:
-    """The skill inside your own asyncio service: your actions (default: ACTIONS above) and tools file (default: the
-    tools.yaml beside bot.py), settings from the environment and .env (unless you pass them). Yields the clients once
-    every one is connected, or after `connected_within` seconds (saying so); raises ConfigError at once with the line
-    `python bot.py` would print (settings, tools.yaml, code, credentials refused, HEALTH_PORT busy). On exit it
-    takes no new callbacks, finishes those in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
+    """The skill inside your own asyncio service, with your actions and tools file (default: ACTIONS and tools.yaml
+    here) and settings (default: the environment and .env). Yields the clients once each is connected, or after
+    `connected_within` seconds (saying so); raises ConfigError with the line `python bot.py` would print. On exit it
+    finishes the callbacks in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
     if settings is None:
         read_dotenv()
         settings = load_settings()
@@ -1113,8 +1112,7 @@ async def running(
 
 
 async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation] | None = None) -> int:
-    """What `python bot.py` runs: serving() until `stop` is set. Return an exit code: 0, or 2 (credentials refused,
-    HEALTH_PORT busy) or 1 (a bug) when the bot could not go on serving."""
+    """serving() until `stop` is set; the exit code: 0, 2 (credentials refused, HEALTH_PORT busy) or 1 (a bug)."""
     try:
         async with serving(settings, load_operations() if operations is None else operations) as started:
             stopped = asyncio.create_task(stop.wait())
@@ -1138,17 +1136,16 @@ async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str
 @contextlib.asynccontextmanager
 async def serving(settings: Settings, operations: Mapping[str, Operation]) -> AsyncIterator[dict[Any, asyncio.Task]]:
     """settings.instances clients started in this loop, as the official example does (credential -> client ->
-    register the handler -> start), plus the health endpoint; yields each client's start() task. On exit they
-    stop, finishing the callbacks in hand first."""
+    register the handler -> start), and the health endpoint; yields each client's start() task. On exit they stop,
+    finishing the callbacks in hand first."""
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
     connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances)
     async with aiohttp.ClientSession(connector=connector, trust_env=proxied()) as http:
         clients = [StreamClient(credential, settings, name=f"stream-{n + 1}") for n in range(settings.instances)]
         for client in clients:
-            client.register_callback_handler(
-                dingtalk_stream.GraphMessage.TOPIC, ActionHandler(settings, operations, http, LEDGER)
-            )
+            handler = ActionHandler(settings, operations, http, LEDGER)
+            client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, handler)
         async with health_endpoint(settings, clients), watching_the_loop():
             started = {client: asyncio.create_task(client.start(), name=client.name) for client in clients}
             log.info("serving %d action(s) with %d stream client(s)", len(operations), len(clients))
@@ -1165,7 +1162,6 @@ async def serving(settings: Settings, operations: Mapping[str, Operation]) -> As
 
 
 async def stop_all(started: Mapping[StreamClient, asyncio.Task], grace: float) -> None:
-    """Stop every client, giving the callbacks in hand `grace` seconds, and collect how each start() ended."""
     await asyncio.gather(*(client.stop(grace) for client in started))
     await asyncio.wait(started.values(), timeout=10)
     for task in started.values():  # every outcome collected, so none is reported as "never retrieved"
@@ -1284,43 +1280,42 @@ def configure_logging(settings: Settings) -> None:
 
 
 async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
-    """serve() until SIGINT, SIGTERM or SIGHUP; a second one exits at once. Threads still running after the grace period
-    do not hold the exit."""
+    """serve() until SIGINT, SIGTERM or SIGHUP; a second one exits at once. Whatever actions do, the process ends
+    within the grace period and a few seconds."""
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
 
-    def on_signal(signum: int) -> None:
+    def on_signal(signum: int, _: Any) -> None:  # Python's own handler: it runs even while an action holds the loop
         if stop.is_set():
             log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
             logging.shutdown()
             os._exit(128 + signum)
         log.info("%s received: finishing in-flight callbacks, then exiting", signal.Signals(signum).name)
-        stop.set()
+        loop.call_soon_threadsafe(stop.set)
 
     for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):  # HUP: terminal closed
-        try:
-            loop.add_signal_handler(signum, on_signal, signum)
-        except NotImplementedError:  # Windows: no loop signal handlers
-            signal.signal(signum, lambda s, _f: loop.call_soon_threadsafe(on_signal, s))
-    # asyncio.run and the interpreter would wait for threads (an action's asyncio.to_thread, or any other)
-    # without limit (3.11) or 300 s (3.12+). Our own default pool lets its idle workers go at the end; threads
-    # still busy a second later are left behind.
+        signal.signal(signum, on_signal)
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
-    loop.set_default_executor(threads)
+    loop.set_default_executor(threads)  # for an action's asyncio.to_thread: its idle workers go at the end
     exit_code = await serve(settings, stop, operations)
     threads.shutdown(wait=False, cancel_futures=True)
-    busy = [t for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
     deadline = time.monotonic() + 1.0
-    while (busy := [t for t in busy if t.is_alive()]) and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)  # a thread offers nothing to await: poll
-    if busy:
-        names = ", ".join(t.name for t in busy)
+    while any(left := leftovers()) and time.monotonic() < deadline:  # noqa: ASYNC110 (threads offer nothing to await)
+        await asyncio.sleep(0.05)
+    if any(left):  # asyncio.run and the interpreter would wait for them without limit
+        threads_left, tasks_left = left
         log.warning(
-            "exiting with %d thread(s) still running (e.g. an action in asyncio.to_thread): %s", len(busy), names
+            "exiting with %d thread(s) still running, and %d task(s) (an action that did not stop): %s",
+            *(len(threads_left), len(tasks_left), ", ".join(threads_left + tasks_left)),
         )
         logging.shutdown()
-        sys.stdout.flush()
         os._exit(exit_code)
     return exit_code
+
+
+def leftovers() -> tuple[list[str], list[str]]:
+    """The threads and tasks that would hold the exit."""
+    threads = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
+    return threads, [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
 
 def main() -> int:
