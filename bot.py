@@ -173,34 +173,22 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
 def setting_value(key: str, text: str) -> Any:
     """Setting `key` written as `text`, read as its field's type (numbers within RANGES), or ConfigError."""
     name, kind = key.lower(), Settings.__dataclass_fields__[key.lower()].type.split(" ")[0]  # "int | None": int
-    read = READERS.get(name) or {"int": int, "float": float}.get(kind, str)
-    try:
-        value = read(text)
-    except ValueError as exc:
-        raise ConfigError(f"{key}={text!r} {f'is not a valid {kind}' if read in (int, float) else exc}") from None
-    low, high = RANGES.get(name, RANGES["float"] if kind == "float" else (value, value))
-    if not low <= value <= high:
-        raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
-    return value
-
-
-def log_level(text: str) -> str:
-    if text.upper() not in LOG_LEVELS:
-        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
-    return text.upper()
-
-
-def endpoint(text: str) -> str:
-    if urlsplit(text).scheme not in ("http", "https"):
-        raise ValueError("must start with https:// (or http://)")
-    return text.rstrip("/")
-
-
-def allowed_hosts(text: str) -> frozenset[str]:
-    return frozenset(entry.strip().lower() for entry in text.split(",") if entry.strip())
-
-
-READERS = {"log_level": log_level, "dingtalk_openapi_endpoint": endpoint, "webhook_allowed_hosts": allowed_hosts}
+    if kind in ("int", "float"):
+        try:
+            value = int(text) if kind == "int" else float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not a valid {kind}") from None
+        low, high = RANGES.get(name, RANGES["float"])
+        if not low <= value <= high:
+            raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
+        return value
+    if name == "log_level" and text.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{key}={text!r} must be one of {', '.join(LOG_LEVELS)}")
+    if name == "dingtalk_openapi_endpoint" and urlsplit(text).scheme not in ("http", "https"):
+        raise ConfigError(f"{key}={text!r} must start with https:// (or http://)")
+    if name == "webhook_allowed_hosts":
+        return frozenset(entry.strip().lower() for entry in text.split(",") if entry.strip())
+    return {"log_level": text.upper(), "dingtalk_openapi_endpoint": text.rstrip("/")}.get(name, text)
 
 
 # ----- Operations / 操作：tools.yaml read once at start, each operation joined with its action ---------
@@ -446,13 +434,7 @@ class GraphError(Exception):
         self.status, self.reason = status, reason[:1000]  # an ActionError's message can be anything
 
 
-class GraphCall(NamedTuple):
-    method: str
-    path: str
-    params: dict[str, Any]
-
-
-def parse_graph_request(data: Any) -> GraphCall:
+def parse_graph_request(data: Any) -> tuple[str, str, dict[str, Any]]:
     """Callback data as method, path and parameters (the query string's and a JSON body's)."""
     if not isinstance(data, dict):
         raise GraphError(400, "callback data is not a JSON object")
@@ -474,7 +456,7 @@ def parse_graph_request(data: Any) -> GraphCall:
     if not isinstance(body, dict):
         raise GraphError(400, "body is not a JSON object")
     path = unquote(url.path)  # "/v1/%E5%A4%A9" routes as "/v1/天"
-    return GraphCall(method.upper(), path, dict(parse_qsl(url.query, keep_blank_values=True)) | body)
+    return method.upper(), path, dict(parse_qsl(url.query, keep_blank_values=True)) | body
 
 
 def finite(text: str) -> float:
@@ -482,6 +464,16 @@ def finite(text: str) -> float:
     if not math.isfinite(value := float(text)):
         raise ValueError(f"{text} is not a JSON number")
     return value
+
+
+def find_operation(operations: Mapping[str, Operation], method: str, path: str) -> tuple[Operation, dict[str, str]]:
+    """The operation for `method` and `path`, with the values of its path's {name} segments; GraphError(404)."""
+    if (operation := operations.get(f"{method} {path}")) is not None and operation.template is None:
+        return operation, {}  # (a template's own text, "/items/{id}", is not a path of it)
+    for operation in operations.values():
+        if operation.method == method and operation.template and (match := operation.template.fullmatch(path)):
+            return operation, dict(zip(operation.segments, match.groups(), strict=True))
+    raise GraphError(404, f"no action for {method} {path}")
 
 
 async def run_action(
@@ -556,33 +548,10 @@ class ActionThreads:
 ACTION_THREADS = ActionThreads(32)  # one pool per process
 
 
-def find_operation(operations: Mapping[str, Operation], method: str, path: str) -> tuple[Operation, dict[str, str]]:
-    """The operation for `method` and `path`, with the values of its path's {name} segments; GraphError(404)."""
-    if (operation := operations.get(f"{method} {path}")) is not None and operation.template is None:
-        return operation, {}  # (a template's own text, "/items/{id}", is not a path of it)
-    for operation in operations.values():
-        if operation.method == method and operation.template and (match := operation.template.fullmatch(path)):
-            return operation, dict(zip(operation.segments, match.groups(), strict=True))
-    raise GraphError(404, f"no action for {method} {path}")
-
-
-def graph_response(status: int, body: str) -> dict[str, Any]:
-    """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
-    response = dingtalk_stream.GraphResponse()
-    response.status_line.code, response.status_line.reason_phrase = status, HTTPStatus(status).phrase
-    response.headers["Content-Type"], response.body = "application/json", body
-    return response.to_dict()
-
-
-def failure(reason: str) -> str:
-    return json.dumps({"success": False, "error": reason}, ensure_ascii=False)
-
-
 class CallbackLedger:
-    """This process's answers by messageId, for all its connections: a redelivered callback gets the first
-    answer, so the user never gets a second reply. A callback in flight is never forgotten; a finished one is
-    kept `ttl` seconds, at most `capacity` of them and `max_bytes` of their answers. (Other processes do not see
-    it: keep actions idempotent.)"""
+    """This process's answers by messageId: a redelivered callback gets the first answer, so the user never gets a
+    second reply. One in flight is never forgotten; a finished one is kept `ttl` seconds, at most `capacity` of them
+    and `max_bytes` of their answers. (Other processes do not see it: keep actions idempotent.)"""
 
     def __init__(
         self, ttl=REMEMBER_SECONDS, capacity=REMEMBERED_CALLBACKS, max_bytes=REMEMBERED_BYTES, clock=time.monotonic
@@ -610,9 +579,8 @@ class CallbackLedger:
         finally:
             del self.in_flight[message_id]
         result.set_result((status, body))
-        size = len(body.encode())
-        self.finished[message_id] = (self.clock(), status, body, size)
-        self.size += size
+        self.finished[message_id] = (self.clock(), status, body, len(body.encode()))
+        self.size += len(body.encode())
         while len(self.finished) > self.capacity or self.size > self.max_bytes:  # the caps are exact
             self.forget_oldest()
         return status, body
@@ -668,19 +636,31 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         """The action's result as its operation's display mode asks: the Graph response body."""
         if operation.display == "auto" and isinstance(result, dict | list):
             with contextlib.suppress(TypeError, ValueError, RecursionError):  # not JSON: said below
-                return json.dumps(result, ensure_ascii=False)
+                return json.dumps(result, ensure_ascii=False, allow_nan=False)
         elif operation.display == "markdown" and isinstance(result, str):
             return json.dumps({"content": result}, ensure_ascii=False)
         elif operation.display == "disabled" and isinstance(result, str | Card) and webhook:
             card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
             await reply_card(self.http, webhook, card, self.settings.webhook_timeout_seconds)
             return '{"success": true}'
-        expected, action = EXPECTED_RESULT[operation.display], named(operation.action)
         log.error(
             "action %s returned %s, but %s %s is x-dingtalk-display-result: %s, which expects %s",
-            *(action, type(result).__name__, operation.method, operation.path, operation.display, expected),
+            *(named(operation.action), type(result).__name__, operation.method, operation.path, operation.display),
+            EXPECTED_RESULT[operation.display],
         )
         raise GraphError(500, "internal error in action")
+
+
+def graph_response(status: int, body: str) -> dict[str, Any]:
+    """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
+    response = dingtalk_stream.GraphResponse()
+    response.status_line.code, response.status_line.reason_phrase = status, HTTPStatus(status).phrase
+    response.headers["Content-Type"], response.body = "application/json", body
+    return response.to_dict()
+
+
+def failure(reason: str) -> str:
+    return json.dumps({"success": False, "error": reason}, ensure_ascii=False)
 
 
 # ----- Reply / 回复：an AI card to the sessionWebhook, only to DingTalk, without blocking the loop -----------
@@ -697,7 +677,7 @@ USER_INFO = re.compile(r"(//)[^/@\s]*@")  # user:password@ in a URL, e.g. a prox
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Hide webhook session tokens and the given secret values in a log line."""
+    """Hide webhook session tokens, URLs' user:password@ and the given secret values in a log line."""
     for secret in secrets:
         text = text.replace(secret, "***")
     return USER_INFO.sub(r"\1***@", SESSION_TOKEN.sub(r"\1***", text))
@@ -761,13 +741,13 @@ async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, time
     except (aiohttp.ClientError, ValueError) as exc:
         problem = str(exc) or type(exc).__name__
     else:
-        answer = json_object(body)  # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200
-        if not 200 <= status < 300:
-            problem = f"HTTP {status}: {body[:200].decode(errors='replace')}"
+        answer, text = json_object(body), body[:200].decode(errors="replace")
+        if not 200 <= status < 300:  # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200
+            problem = f"HTTP {status}: {text}"
         elif answer.get("errcode") not in (None, 0, "0"):
             problem = f"errcode {answer['errcode']}: {answer.get('errmsg', '')}"
         elif answer.get("success") is False:
-            problem = f"success: false: {body[:200].decode(errors='replace')}"
+            problem = f"success: false: {text}"
         else:
             return
     log.error("webhook %s failed: %s", redact(webhook), redact(problem))
