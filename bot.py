@@ -792,12 +792,9 @@ class Connection:
 
 
 class StreamClient(dingtalk_stream.DingTalkStreamClient):
-    """The SDK's client (its credential, register_callback_handler, handlers and frame classes) with start() and
-    stop() of its own: the open does not block and has a timeout, keepalive notices a dead connection, reconnects
-    back off, every callback gets one ack on the connection it came on, stop() finishes the callbacks in hand first;
-    the same on dingtalk-stream 0.24.3 and 0.24.4b1. Its state: `connections`, each open websocket with the task
-    reading it (the newest one not retired takes new callbacks), and `in_hand`, each frame being answered with the
-    connection its ack goes back on."""
+    """The SDK's client (credential, register_callback_handler, handlers, frame classes) with a start() and stop() of
+    its own, the same on dingtalk-stream 0.24.3 and 0.24.4b1. Its state: `connections`, each open websocket with the
+    task reading it, and `in_hand`, each frame being answered with the connection its ack goes back on."""
 
     def __init__(self, credential: dingtalk_stream.Credential, settings: Settings, name: str = "stream-1") -> None:
         super().__init__(credential, logger=logging.getLogger("dingtalk_stream.client"))
@@ -817,8 +814,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         return any(conn.websocket.state is WebSocketState.OPEN for conn in live)
 
     async def start(self) -> None:
-        """Stay connected until stop(). Credentials refused before any connection ever succeeded are a
-        configuration error: CredentialsRejected is raised instead of retrying."""
+        """Stay connected until stop(). Credentials refused before any connection ever succeeded raise
+        CredentialsRejected (a configuration error) instead of being retried."""
         self.pre_start()
         try:
             async with aiohttp.ClientSession(trust_env=proxied()) as http:
@@ -865,7 +862,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                 conn = await self.opening
             except asyncio.CancelledError:
                 if self.stopping.is_set() and not asyncio.current_task().cancelling():
-                    return  # stop() abandoned the open: no connection opens while stopping
+                    return  # stop() abandoned the open
                 raise
             if self.stopping.is_set():  # the open finished as stop() began
                 await conn.close()
@@ -886,14 +883,12 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             self.opening = None
         if self.stopping.is_set():
             return
-        # Only a connection that stayed up a while resets the backoff: a gateway that closes every new
-        # connection at once must not make the bot reconnect in a tight loop.
-        lived = time.monotonic() - conn.opened_at if conn else 0.0
-        self.failures = 0 if lived >= HEALTHY_AFTER_SECONDS else self.failures + 1
-        # A routine `disconnect` is no outage: its replacement waits at most ~5 s even after failures.
+        # Only a connection that stayed up a while resets the backoff, so a gateway that closes every new connection
+        # at once does not make the bot reconnect in a tight loop; a routine `disconnect` waits at most ~5 s.
+        self.failures = 0 if conn and time.monotonic() - conn.opened_at >= HEALTHY_AFTER_SECONDS else self.failures + 1
         longest = RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else RECONNECT_MAX_DELAY_SECONDS
         delay = reconnect_delay(self.failures, longest)
-        if not self.accepted and level == logging.WARNING:  # never reached DingTalk yet
+        if not self.accepted and level == logging.WARNING:
             problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)"
         log.log(level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
         with contextlib.suppress(TimeoutError):
@@ -921,16 +916,11 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             raise OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
         parts = urlsplit(endpoint)  # the ticket as a query parameter of its own, whatever the endpoint carries
         url = urlunsplit(parts._replace(query=urlencode([*parse_qsl(parts.query), ("ticket", ticket)])))
-        keepalive = self.settings.keepalive_seconds  # a silently dead connection is noticed within 3 x keepalive
-        websocket = await websockets.connect(
-            url,
-            open_timeout=time_limit,
-            ping_interval=keepalive,
-            ping_timeout=2 * keepalive,  # a pong on a jittery network may be late: the Java and Go SDKs wait 5 s
-            close_timeout=min(keepalive, 5),
-            max_size=MAX_FRAME_BYTES,
-        )
-        return Connection(websocket)
+        # A ping every KEEPALIVE_SECONDS; a pong may be late on a jittery network (the Java and Go SDKs wait 5 s),
+        # so a silently dead connection is noticed within 3 x keepalive.
+        keepalive = self.settings.keepalive_seconds
+        limits = {"ping_interval": keepalive, "ping_timeout": 2 * keepalive, "close_timeout": min(keepalive, 5)}
+        return Connection(await websockets.connect(url, open_timeout=time_limit, max_size=MAX_FRAME_BYTES, **limits))
 
     async def serve(self, conn: Connection) -> str:
         """Read frames until the connection ends or DingTalk retires it; return how it ended. A retired connection
@@ -963,7 +953,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             await conn.close()
 
     def take_frame(self, raw: str | bytes, conn: Connection) -> None:
-        """Answer one frame in a task of its own, so a slow action never holds up the others. (Reading never pauses:
+        """Answer one frame in a task of its own, so a slow action holds up no other frame. (Reading never pauses:
         the websocket must go on reading pongs, or keepalive takes the connection down.)"""
         try:
             frame = json.loads(raw)
@@ -976,15 +966,14 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
         if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
             conn.retired.set()
-        name = f"{'callback' if kind == dingtalk_stream.CallbackMessage.TYPE else 'frame'} {message_id}"
-        if kind == dingtalk_stream.CallbackMessage.TYPE and (why := self.refusal()):
+        is_callback = kind == dingtalk_stream.CallbackMessage.TYPE
+        if is_callback and (why := self.refusal()):
             # DingTalk documents redelivery for EVENT frames only: a Graph call left unacked is most likely lost.
             log.warning("%s: callback %s answered 503: %s", self.name, message_id, why)
-            ack = frame_ack(dingtalk_stream.AckMessage.STATUS_OK, message_id, why, status=503)
-            answer = self.send_ack(conn, ack, message_id)
+            answer = self.send_ack(conn, frame_ack(message_id, why, status=503), message_id)
         else:
             answer = self.answer_frame(frame, message_id, conn)
-        task = asyncio.create_task(answer, name=name)
+        task = asyncio.create_task(answer, name=f"{'callback' if is_callback else 'frame'} {message_id}")
         self.in_hand[task] = conn
         task.add_done_callback(self.in_hand.pop)
 
@@ -997,57 +986,54 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         return None
 
     async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection) -> None:
-        """Parse the frame with the SDK, run its handler and send the ack on the connection it came on."""
-        kind = frame.get("type")
-        if kind not in (dingtalk_stream.SystemMessage.TYPE, dingtalk_stream.CallbackMessage.TYPE):
-            log.warning("%s: ignored a %r frame", self.name, kind)  # EVENT frames come only to event subscribers
-            return
+        """Answer one frame with its handler and send the ack on the connection it came on."""
         try:
-            if kind == dingtalk_stream.SystemMessage.TYPE:  # ping, disconnect
-                message: Any = dingtalk_stream.SystemMessage.from_dict(frame)
-                handler: Any = self.system_handler
-            else:
-                message = dingtalk_stream.CallbackMessage.from_dict(frame)
-                handler = self.callback_handler_map.get(message.headers.topic)
+            ack = await self.ack_for(frame, message_id)
+        except asyncio.CancelledError:  # the grace period is over (stop): still one answer
+            why = "the bot stopped before the action finished"
+            await self.send_ack(conn, frame_ack(message_id, why, status=503), message_id)
+            raise
+        except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
+            log.exception("%s: frame %s: unexpected error", self.name, message_id)
+            ack = frame_ack(message_id, "internal error", dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION)
+        if ack is not None:
+            await self.send_ack(conn, ack, message_id)
+
+    async def ack_for(self, frame: dict[str, Any], message_id: str) -> dict[str, Any] | None:
+        """The frame parsed by the SDK's classes and answered by its handler (the system one for ping, disconnect)."""
+        kind = frame.get("type")
+        try:
+            if kind == dingtalk_stream.SystemMessage.TYPE:
+                system = dingtalk_stream.SystemMessage.from_dict(frame)
+                return (await self.system_handler.raw_process(system)).to_dict()
+            if kind != dingtalk_stream.CallbackMessage.TYPE:
+                log.warning("%s: ignored a %r frame", self.name, kind)  # EVENT frames come only to event subscribers
+                return None
+            message = dingtalk_stream.CallbackMessage.from_dict(frame)
         except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # e.g. `data` not JSON
             log.warning("%s: frame %s is malformed (%s): 400", self.name, message_id, exc)
-            ack = frame_ack(dingtalk_stream.AckMessage.STATUS_BAD_REQUEST, message_id, f"malformed frame: {exc}")
-        else:
-            if handler is None:
-                log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
-                ack = frame_ack(dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT, message_id, "topic not subscribed")
-            else:
-                try:
-                    ack = (await handler.raw_process(message)).to_dict()
-                except asyncio.CancelledError:  # the grace period is over (stop): still one answer
-                    why = "the bot stopped before the action finished"
-                    ack = frame_ack(dingtalk_stream.AckMessage.STATUS_OK, message_id, why, status=503)
-                    await self.send_ack(conn, ack, message_id)
-                    raise
-                except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
-                    log.exception("%s: frame %s: unexpected error", self.name, message_id)
-                    ack = frame_ack(dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION, message_id, "internal error")
-        await self.send_ack(conn, ack, message_id)
+            return frame_ack(message_id, f"malformed frame: {exc}", dingtalk_stream.AckMessage.STATUS_BAD_REQUEST)
+        if (handler := self.callback_handler_map.get(message.headers.topic)) is None:
+            log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
+            return frame_ack(message_id, "topic not subscribed", dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT)
+        return (await handler.raw_process(message)).to_dict()
 
     async def send_ack(self, conn: Connection, ack: dict[str, Any], message_id: str) -> None:
         """Send `ack` on the connection its frame came on. An ack too large to get through is replaced by a 500
         saying so: DingTalk documents no limit, and the Java SDK reads at most 256 KiB a frame."""
         text = json.dumps(ack)  # ASCII, as the SDK sends it: a CJK character in the answer is 7 bytes here
         if len(text) > MAX_ACK_BYTES:
-            log.error(
-                "%s: callback %s: answer too large: %d bytes as sent, over %d",
-                *(self.name, message_id, len(text), MAX_ACK_BYTES),
-            )
-            why = "internal error in action: answer too large"
-            text = json.dumps(frame_ack(dingtalk_stream.AckMessage.STATUS_OK, message_id, why, status=500))
+            problem = f"answer too large: {len(text)} bytes as sent, over {MAX_ACK_BYTES}"
+            log.error("%s: callback %s: %s", self.name, message_id, problem)
+            text = json.dumps(frame_ack(message_id, "internal error in action: answer too large", status=500))
         try:
             await conn.websocket.send(text)
         except websockets.exceptions.ConnectionClosed:
             log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
 
 
-def frame_ack(code: int, message_id: str, problem: str, status: int | None = None) -> dict[str, Any]:
-    """An ack with `code` and a Graph response of `status` (default: the same) saying what went wrong."""
+def frame_ack(message_id: str, problem: str, code: int = 200, status: int | None = None) -> dict[str, Any]:
+    """An ack with `code` and a Graph response of `status` (default: `code`) saying what went wrong."""
     response = graph_response(status or code, failure(problem[:300]))
     headers = {"messageId": message_id, "contentType": "application/json"}
     return {"code": code, "headers": headers, "message": problem[:300], "data": json.dumps({"response": response})}
