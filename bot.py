@@ -94,8 +94,7 @@ class Card:
 
 
 class ActionError(Exception):
-    """Raise it to refuse a call: the caller gets `status` (a 4xx, 400 unless you say) and your message, no
-    traceback; in `auto` mode the assistant's model reads the message. E.g. raise ActionError("工单号格式不对")."""
+    """Refuses a call with your message and a 4xx `status`, no traceback: raise ActionError("工单号格式不对")."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         if isinstance(status, bool) or status not in {code.value for code in HTTPStatus if 400 <= code < 500}:
@@ -122,8 +121,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, from the environment variable of its name in upper case (or .env); no default: required.
-    .env.example and the README's table list the same ones, with the same defaults (a test keeps them in step)."""
+    """Each from the environment variable of its name in upper case, or .env (README's table, .env.example)."""
 
     client_id: str
     client_secret: str  # never logged
@@ -148,7 +146,7 @@ RANGES |= {"shutdown_grace_seconds": (0, 3600), "float": (0.1, 300)}  # "float":
 
 
 def read_dotenv() -> None:
-    """The .env beside bot.py (or above it) into the environment; real environment variables win."""
+    """The .env beside bot.py (or above) into the environment; real environment variables win."""
     try:
         load_dotenv(override=False)
     except UnicodeDecodeError as exc:  # e.g. saved by PowerShell 5 (UTF-16) or Notepad's "ANSI" (GBK)
@@ -222,8 +220,7 @@ class Operation:
     segments: tuple[str, ...] = ()  # those names, in order
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """`params` typed (query text as its declared type) and validated, or GraphError(400) naming the
-        parameter and the rule it broke."""
+        """`params` typed and validated, or GraphError(400) naming the parameter and the rule it broke."""
         values = {}
         for name, value in params.items():
             kind = self.schema["properties"].get(name, {}).get("type")
@@ -268,10 +265,10 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path.name}: cannot read {path} ({exc.strerror or exc})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path.name} is not valid YAML: {' '.join(str(exc).split())}") from None
-    except RecursionError:
-        raise ConfigError(f"{path.name} is nested too deeply to read") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise ConfigError(
+            f"{path.name} is not valid YAML: {' '.join(str(exc).split()) or 'nested too deeply'}"
+        ) from None
     return operations_of(spec, ACTIONS if actions is None else actions, path.name)
 
 
@@ -389,8 +386,7 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
 
 
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:
-    """Every parameter the action names is declared: otherwise a ConfigError naming the function, the parameter
-    and the closest declared name."""
+    """Every parameter the action names is declared, or ConfigError naming it and the nearest declared name."""
     for name in action_parameters(action).names - props.keys():
         hint = nearest(name, props, cutoff=0.5)
         raise ConfigError(f"{described(action)} takes {name!r}, but {where} does not declare it{hint}")
@@ -506,8 +502,8 @@ async def run_action(
 
 
 class ActionThreads:
-    """Long-lived daemon threads for plain-def actions, started as they are first needed (never one per call),
-    at most `size` busy at once: past that a call is answered 503. A hung one holds neither the loop nor the exit."""
+    """At most `size` long-lived daemon threads for plain-def actions, started as first needed (never one per call);
+    past that a call is answered 503. A hung one holds neither the loop nor the exit."""
 
     def __init__(self, size: int) -> None:
         self.size, self.busy, self.started = size, 0, 0
@@ -684,8 +680,7 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
 
 
 def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=DINGTALK_WEBHOOK_HOSTS) -> str:
-    """`url` if the bot may POST to it, else GraphError(400): https on a `dingtalk` host (default port), or http(s)
-    on a WEBHOOK_ALLOWED_HOSTS entry, exactly "host" (any port) or "host:port"."""
+    """`url` if the bot may POST to it (https on a `dingtalk` host, or an `extra_hosts` "host" or "host:port")."""
     if not url or not isinstance(url, str):
         raise GraphError(400, "sessionWebhook must be a string" if url else "missing sessionWebhook")
     try:
@@ -709,8 +704,7 @@ def proxied() -> bool:
 
 
 async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
-    """POST JSON, no redirects; the answer's status and body, read whole within `time_limit` seconds and
-    MAX_ANSWER_BYTES. Raises TimeoutError, aiohttp.ClientError or ValueError."""
+    """POST JSON, no redirects: the status and body within `time_limit` s and MAX_ANSWER_BYTES, or an exception."""
     timeout = aiohttp.ClientTimeout(total=time_limit)
     post = http.post(url, json=payload, headers=HEADERS, allow_redirects=False, timeout=timeout)
     async with post as response:
@@ -774,8 +768,7 @@ class OpenFailed(Exception):
 
 
 def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS) -> float:
-    """0-1 s after a healthy connection ends, then about 1, 2, 4 … `longest` s, for ever; the jitter keeps
-    bots (and the clients of one bot) out of step."""
+    """0, then about 1, 2, 4 … `longest` s, each + 0-1 s of jitter that keeps bots and clients out of step."""
     return (0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)) + random.uniform(0, 1)
 
 
@@ -814,8 +807,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         return any(conn.websocket.state is WebSocketState.OPEN for conn in live)
 
     async def start(self) -> None:
-        """Stay connected until stop(). Credentials refused before any connection ever succeeded raise
-        CredentialsRejected (a configuration error) instead of being retried."""
+        """Stay connected until stop(); credentials refused before the first connection raise CredentialsRejected."""
         self.pre_start()
         try:
             async with aiohttp.ClientSession(trust_env=proxied()) as http:
@@ -829,8 +821,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                 await self.close_connections()
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Open no new connection; answer the callbacks in hand, and those still coming, for up to `grace` seconds
-        (each one still running then is logged and answered 503); close the connections."""
+        """Open no new connection, answer callbacks for up to `grace` seconds (then 503), close the connections."""
         self.stopping.set()
         self.deadline = time.monotonic() + grace
         if self.opening is not None:
@@ -923,8 +914,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         return Connection(await websockets.connect(url, open_timeout=time_limit, max_size=MAX_FRAME_BYTES, **limits))
 
     async def serve(self, conn: Connection) -> str:
-        """Read frames until the connection ends or DingTalk retires it; return how it ended. A retired connection
-        goes on being read in the background until it closes."""
+        """Read frames until the connection ends or is retired (then read on in the background); how it ended."""
         reader = self.connections[conn] = asyncio.create_task(self.read(conn))
         self.accepted = True
         self.ready.set()
@@ -953,8 +943,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             await conn.close()
 
     def take_frame(self, raw: str | bytes, conn: Connection) -> None:
-        """Answer one frame in a task of its own, so a slow action holds up no other frame. (Reading never pauses:
-        the websocket must go on reading pongs, or keepalive takes the connection down.)"""
+        """Answer one frame in a task of its own: reading never pauses, or keepalive would miss pongs."""
         try:
             frame = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
@@ -1019,8 +1008,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         return (await handler.raw_process(message)).to_dict()
 
     async def send_ack(self, conn: Connection, ack: dict[str, Any], message_id: str) -> None:
-        """Send `ack` on the connection its frame came on. An ack too large to get through is replaced by a 500
-        saying so: DingTalk documents no limit, and the Java SDK reads at most 256 KiB a frame."""
+        """Send `ack` on the connection its frame came on; one over MAX_ACK_BYTES is replaced by a 500 saying so."""
         text = json.dumps(ack)  # ASCII, as the SDK sends it: a CJK character in the answer is 7 bytes here
         if len(text) > MAX_ACK_BYTES:
             problem = f"answer too large: {len(text)} bytes as sent, over {MAX_ACK_BYTES}"
@@ -1101,9 +1089,8 @@ async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str
 
 @contextlib.asynccontextmanager
 async def serving(settings: Settings, operations: Mapping[str, Operation]) -> AsyncIterator[dict[Any, asyncio.Task]]:
-    """settings.instances clients started in this loop, as the official example does (credential -> client ->
-    register the handler -> start), and the health endpoint; yields each client's start() task. On exit they stop,
-    finishing the callbacks in hand first."""
+    """The clients (credential -> client -> handler -> start, as the official example) and the health endpoint;
+    yields each client's start() task; on exit they stop, finishing the callbacks in hand first."""
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
     connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances)
@@ -1207,8 +1194,7 @@ async def watching_the_loop() -> AsyncIterator[None]:
 
 
 def running_action(frame: Any) -> str | None:
-    """The action of the callback the loop is answering, from its stack; None when it runs none (it may wait in
-    select: the process was paused, or another thread holds the GIL)."""
+    """The action of the callback the loop is answering, from its stack; None when it runs none."""
     while frame is not None:
         if frame.f_code is run_action.__code__:
             return named(frame.f_locals["action"])
@@ -1292,9 +1278,6 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
-    for key in ("CLIENT_ID", "CLIENT_SECRET"):
-        if os.environ[key] != os.environ[key].strip():  # a common paste error that DingTalk rejects
-            log.warning("%s had surrounding whitespace; using it without", key)
     if settings.action_timeout_seconds > 16:
         log.warning(
             "ACTION_TIMEOUT_SECONDS=%g: DingTalk has been seen to redeliver a callback not acked within about 16 s; "
