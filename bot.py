@@ -195,6 +195,8 @@ TOOLS_FILE = Path(__file__).with_name("tools.yaml")
 DISPLAY_MODES = ("auto", "markdown", "disabled")
 WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
 INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
+JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", type(None): "null"}
+ASCII_ONLY = "(?a)"  # JSON Schema's patterns are ECMA 262's, where \d is 0-9; in Python's re it is any digit
 
 
 class ActionParameters(NamedTuple):
@@ -215,6 +217,7 @@ class Operation:
     schema: dict[str, Any]  # its parameters, query, path and body, as one JSON Schema object (draft 7)
     validate: Callable[[Any], Any]  # the schema, compiled
     query: frozenset[str]  # the parameters that come as text, in the query string or the path
+    types: dict[str, frozenset[str] | None]  # the JSON types each parameter allows (None: any)
     webhook: str | None  # the parameter that carries the sessionWebhook
     template: re.Pattern | None = None  # for a path with {name} segments: matches it, one group per segment
     segments: tuple[str, ...] = ()  # those names, in order
@@ -223,16 +226,16 @@ class Operation:
         """`params` typed and validated, or GraphError(400) naming the parameter and the rule it broke."""
         values = {}
         for name, value in params.items():
-            kind = self.schema["properties"].get(name, {}).get("type")
-            if value is not None or "null" in as_list(kind):  # null means "not given"
-                values[name] = typed(value, kind, name in self.query)
+            types = self.types.get(name) or frozenset()
+            if value is not None or "null" in types:  # null means "not given"
+                values[name] = typed(value, types, name in self.query)
         if missing := [name for name in self.schema.get("required", ()) if name not in values]:
             raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
         try:
             return self.validate(values)
         except fastjsonschema.JsonSchemaValueException as exc:
             name = exc.name.removeprefix("data.") if exc.name != "data" else "parameters"
-            rule = exc.message.removeprefix(f"{exc.name} ")
+            rule = exc.message.removeprefix(f"{exc.name} ").replace(ASCII_ONLY, "")
             raise GraphError(400, f"parameter {name} {rule}, got {shown(exc.value)}") from None
 
 
@@ -240,15 +243,29 @@ def as_list(kind: Any) -> list:
     return kind if isinstance(kind, list) else [kind]
 
 
-def typed(value: Any, kind: Any, from_query: bool) -> Any:
-    """Query text as its declared type, by JSON's rules ("3", "2.5", "true", "[1]"); 3.0 for an integer is 3.
-    A value that does not convert is left as it is, for the validator to refuse."""
-    if from_query and isinstance(value, str) and "string" not in as_list(kind):
+def typed(value: Any, types: frozenset[str], from_query: bool) -> Any:
+    """Query text read by JSON's rules ("3", "2.5", "true", "[1]") where its schema allows only types other than
+    string; 3.0 for an integer is 3. A value that does not convert is left as it is, for the validator to refuse."""
+    if from_query and isinstance(value, str) and types and "string" not in types:
         with contextlib.suppress(ValueError, RecursionError):
             converted = json.loads(value, parse_constant=str)  # NaN, Infinity: not numbers
             value = converted if not isinstance(converted, float) or math.isfinite(converted) else value
     is_integral = isinstance(value, float) and value.is_integer()
-    return int(value) if is_integral and "integer" in as_list(kind) else value
+    return int(value) if is_integral and "integer" in types else value
+
+
+def allowed_types(schema: Any) -> frozenset[str] | None:
+    """The JSON types a schema allows, as its type, enum, allOf, anyOf and oneOf say; None when they do not."""
+    if not isinstance(schema, dict):
+        return None
+    known = [frozenset(as_list(schema["type"]))] if "type" in schema else []
+    if isinstance(schema.get("enum"), list):
+        known.append(frozenset(JSON_TYPES.get(type(value), "object") for value in schema["enum"]))
+    known += [types for sub in schema.get("allOf") or () if (types := allowed_types(sub)) is not None]
+    for key in ("anyOf", "oneOf"):
+        if (parts := [allowed_types(sub) for sub in schema.get(key) or ()]) and None not in parts:
+            known.append(frozenset().union(*parts))
+    return frozenset.intersection(*known) if known else None
 
 
 def shown(value: Any) -> str:
@@ -320,7 +337,10 @@ def read_operation(spec: dict, where: str, route: str, method: str, action: Acti
         if entry["in"] not in ("query", "path"):
             raise ConfigError(f"{where}: only query and path parameters (in: query or path) are supported")
         extras = {k: v for k, v in entry.items() if k == "example" or str(k).startswith("x-")}
-        schema["properties"][entry["name"]] = json_schema(spec, entry.get("schema", {}), where) | extras
+        described = next(iter(entry["content"].values())) if "content" in entry else entry  # content: {type: {schema}}
+        schema["properties"][entry["name"]] = (
+            json_schema(spec, described.get("schema", {}), f"{where}: parameter {entry['name']}") | extras
+        )
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
@@ -333,10 +353,21 @@ def read_operation(spec: dict, where: str, route: str, method: str, action: Acti
         )
     check_action(action, props, where)
     template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if segments else None
-    validate = fastjsonschema.compile(schema)
-    takes = action_parameters(action)
+    validate, takes = fastjsonschema.compile(schema), action_parameters(action)
+    types = {name: allowed_types(prop) for name, prop in props.items()}
     return Operation(
-        method.upper(), route, display, action, takes, schema, validate, frozenset(query), webhook, template, segments
+        method.upper(),
+        route,
+        display,
+        action,
+        takes,
+        schema,
+        validate,
+        frozenset(query),
+        types,
+        webhook,
+        template,
+        segments,
     )
 
 
@@ -360,6 +391,11 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
     exclusive bounds translated, int32/int64 as bounds. Without this, those rules would be enforced wrongly."""
     if depth > 32:
         raise ConfigError(f"{where}: the schema is nested too deeply (or its $refs go round in a circle)")
+    if isinstance(node, dict) and "$ref" in node and len(node) > 1:  # OpenAPI 3.0 would ignore the others: keep both
+        beside = {key: value for key, value in node.items() if key != "$ref"}
+        return {
+            "allOf": [json_schema(spec, {"$ref": node["$ref"]}, where, depth + 1), json_schema(spec, beside, where)]
+        }
     out = {}
     for key, value in resolve(spec, node, where).items():
         if key in ("items", "not") or (key == "additionalProperties" and isinstance(value, dict)):
@@ -377,6 +413,10 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
                 out[exclusive] = out.pop(bound)
     if limit := INTEGER_FORMATS.get(out.get("format")):
         out = {"minimum": -limit, "maximum": limit - 1} | out
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = ASCII_ONLY + out["pattern"]
+    if isinstance(step := out.get("multipleOf"), int | float) and step <= 0:  # fastjsonschema would divide by it
+        raise ConfigError(f"{where}: multipleOf must be greater than 0, not {step!r}")
     if out.pop("nullable", False) is True:
         if "type" in out:
             out["type"] = [*as_list(out["type"]), "null"]

@@ -146,7 +146,9 @@ def check_schema(spec: dict, node: Any, where: str, depth: int = 0) -> None:
     if depth > 32 or not isinstance(node, dict):
         return  # bot.py says so
     if "$ref" in node and (beside := sorted(set(node) - {"$ref", *DESCRIPTIVE})):
-        raise ConfigError(f"{where}: {', '.join(beside)} beside a $ref is ignored: move it into {node['$ref']}")
+        raise ConfigError(
+            f"{where}: {', '.join(beside)} beside a $ref is ignored by OpenAPI 3.0 tools: move it into {node['$ref']}"
+        )
     schema = bot.resolve(spec, node, where)
     for key, value in schema.items():
         if key in ("items", "not", "additionalProperties"):

@@ -37,7 +37,7 @@ def copy_of_the_project(tmp_path: Path, tools: str) -> Path:
 
 def test_a_rule_bot_py_leaves_to_the_check_starts_the_bot_but_stops_the_simulator(tmp_path):
     tools = (ROOT / "tools.yaml").read_text(encoding="utf-8")
-    broken = tools.replace("type: integer", "type: integer\n                  multipleOf: 0", 1)
+    broken = tools.replace("type: integer", "type: integer\n                  format: week-number", 1)
     assert broken != tools
     project = copy_of_the_project(tmp_path, broken)
     assert bot.load_operations(project / "tools.yaml")  # bot.py would start: it checks what a running bot needs
@@ -45,4 +45,4 @@ def test_a_rule_bot_py_leaves_to_the_check_starts_the_bot_but_stops_the_simulato
     result = subprocess.run(run, cwd=project, env=bot_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     [line] = result.stderr.splitlines()
-    assert line.startswith("✗ tools.yaml: ") and "multipleOf must be greater than 0, not 0" in line
+    assert line.startswith("✗ tools.yaml: ") and "format 'week-number' is not one the bot can check" in line

@@ -801,3 +801,56 @@ def test_a_templates_own_text_is_routed_as_a_path_of_it():
     assert values == {"id": "{id}"}  # the value comes from the path, and is then checked like any other
     with pytest.raises(bot.GraphError):
         operation.check(values)
+
+
+# ----- parameter rules: query text typed only where the schema allows no string; every rule enforced -----
+
+CODE = {"type": "string", "maxLength": 8}
+
+
+def query_operation(schema: dict, **entry: Any) -> bot.Operation:
+    parameter = {"name": "code", "in": "query", "schema": schema} | entry
+    spec = {"openapi": "3.0.1", "paths": {"/q": {"get": {"parameters": [parameter]}}}}
+    spec["components"] = {"schemas": {"Code": CODE}}
+    return bot.operations_of(spec, {"/q": query_action})["GET /q"]
+
+
+@pytest.mark.parametrize(
+    ("schema", "text", "expected"),
+    [
+        ({"allOf": [{"$ref": "#/components/schemas/Code"}]}, "1234", "1234"),
+        ({"enum": ["1", "2", "3"]}, "2", "2"),
+        ({"pattern": r"^\d{6}$"}, "123456", "123456"),
+        ({"allOf": [{"type": "integer"}], "maximum": 9}, "7", 7),
+        ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "true", True),
+    ],
+    ids=["allOf-ref-string", "enum-of-text", "pattern-only", "allOf-integer", "anyOf-no-string"],
+)
+def test_query_text_is_converted_only_where_the_schema_allows_no_string(schema, text, expected):
+    assert query_operation(schema).check({"code": text}) == {"code": expected}
+
+
+@pytest.mark.parametrize(
+    ("schema", "entry", "text", "rule"),
+    [
+        ({"$ref": "#/components/schemas/Code", "maxLength": 3}, {}, "1234", "shorter than or equal to 3"),
+        ({"pattern": r"^\d{6}$"}, {}, "１２３４５６", r"must match pattern ^\d{6}$"),  # full-width digits
+        ({}, {"content": {"application/json": {"schema": {"type": "integer", "maximum": 5}}}}, "9", "smaller than"),
+    ],
+    ids=["maxLength-beside-ref", "ascii-digits", "content-not-schema"],
+)
+def test_every_rule_a_parameter_carries_is_enforced(schema, entry, text, rule):
+    operation = query_operation(schema, **entry)
+    with pytest.raises(bot.GraphError) as err:
+        operation.check({"code": text})
+    assert err.value.status == 400 and rule in err.value.reason, err.value.reason
+
+
+def test_a_parameter_described_by_content_is_typed_by_its_schema():
+    content = {"application/json": {"schema": {"type": "integer", "maximum": 5}}}
+    assert query_operation({}, content=content).check({"code": "3"}) == {"code": 3}
+
+
+def test_multiple_of_zero_stops_the_start_instead_of_failing_every_call():
+    with pytest.raises(bot.ConfigError, match="code: multipleOf must be greater than 0, not 0"):
+        query_operation({"type": "number", "multipleOf": 0})
