@@ -147,7 +147,7 @@ def check_schema(spec: dict, node: Any, where: str, depth: int = 0) -> None:
         return  # bot.py says so
     if "$ref" in node and (beside := sorted(set(node) - {"$ref", *DESCRIPTIVE})):
         raise ConfigError(
-            f"{where}: {', '.join(beside)} beside a $ref is ignored by OpenAPI 3.0 tools: move it into {node['$ref']}"
+            f"{where}: {', '.join(beside)} beside a $ref is ignored: move it into {node['$ref']} (OpenAPI 3.0)"
         )
     schema = bot.resolve(spec, node, where)
     for key, value in schema.items():
