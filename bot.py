@@ -521,12 +521,17 @@ async def run_action(
     if missing := [name for name in takes.required if name not in params]:
         raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
     kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(time_limit) as deadline:
             if inspect.iscoroutinefunction(action):
-                return await action(**kwargs)
-            result = await ACTION_THREADS.run(functools.partial(action, **kwargs))
-            return await result if inspect.isawaitable(result) else result  # an async def behind a plain decorator
+                result = await action(**kwargs)
+            else:
+                result = await ACTION_THREADS.run(functools.partial(action, **kwargs))
+                result = await result if inspect.isawaitable(result) else result  # an async def behind a decorator
+        if loop.time() <= deadline.when():
+            return result
+        raise TimeoutError  # it held the loop past its time limit, so the timer could not fire: too late all the same
     except (ActionError, GraphError) as refusal:
         raise GraphError(refusal.status, str(refusal)) from None
     except asyncio.CancelledError:
@@ -534,7 +539,7 @@ async def run_action(
             raise
         log.exception("action %s failed: something it awaited was cancelled", named(action))
     except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in an action ends that call, not the bot
-        if isinstance(exc, TimeoutError) and deadline.expired():  # ours; a TimeoutError from inside is a failure
+        if isinstance(exc, TimeoutError) and loop.time() >= deadline.when():  # ours, not one from inside the action
             log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", named(action), time_limit)
             raise GraphError(504, "action timed out") from None
         log.exception("action %s failed", named(action))
@@ -737,10 +742,19 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
-def proxied() -> bool:
-    """Whether a proxy variable is set. aiohttp's trust_env then reads them (it reads the whole environment again
-    on every request, about 100 µs, so it stays off without one); websockets reads them itself."""
-    return any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"))
+def proxies() -> list[str]:
+    """The proxy variables set. aiohttp's trust_env reads them (it reads the whole environment again on every request,
+    about 100 µs, so it stays off without one); websockets reads them itself."""
+    return [url for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy") if (url := os.environ.get(name))]
+
+
+def secrets_of(settings: Settings) -> tuple[str, ...]:
+    """What no log line may show: CLIENT_SECRET and each proxy's password, as written and decoded."""
+    passwords = []
+    for url in proxies():
+        with contextlib.suppress(ValueError):
+            passwords.append(urlsplit(url).password or "")
+    return (settings.client_secret, *passwords, *map(unquote, passwords))
 
 
 async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
@@ -839,7 +853,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.opening: asyncio.Task | None = None  # an open under way, which stop() abandons
         self.accepted = False  # DingTalk accepted the credentials once: a later refusal is retried
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
-        self.ready = asyncio.Event()  # connected once
+        self.tried = asyncio.Event()  # the first open has ended: connected, or not
 
     @property
     def connected(self) -> bool:
@@ -850,7 +864,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         """Stay connected until stop(); credentials refused before the first connection raise CredentialsRejected."""
         self.pre_start()
         try:
-            async with aiohttp.ClientSession(trust_env=proxied()) as http:
+            async with aiohttp.ClientSession(trust_env=bool(proxies())) as http:
                 while not self.stopping.is_set():
                     await self.connect_and_serve(http)
         finally:
@@ -874,7 +888,12 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             for task in late:
                 log.warning("%s abandoned: still running after the %.3g s grace period", task.get_name(), grace)
                 task.cancel()
-            await asyncio.wait(late, timeout=1)
+            _, stubborn = await asyncio.wait(late, timeout=1)
+            for task in stubborn:  # its action ignored the cancellation: answered here, and left behind
+                kind, _, message_id = task.get_name().partition(" ")
+                why = "the bot stopped before the action finished"
+                if kind == "callback":
+                    await self.send_ack(self.in_hand[task], frame_ack(message_id, why, status=503), message_id)
         self.deadline = time.monotonic()  # a frame read while the connections close is answered 503, not served
         await self.close_connections()
         if self.in_hand:  # those answers: nothing is left running once stopped
@@ -912,6 +931,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             level, problem = logging.WARNING, str(exc) or type(exc).__name__
         finally:
             self.opening = None
+        self.tried.set()
         if self.stopping.is_set():
             return
         # Only a connection that stayed up a while resets the backoff, so a gateway that closes every new connection
@@ -957,7 +977,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         """Read frames until the connection ends or is retired (then read on in the background); how it ended."""
         reader = self.connections[conn] = asyncio.create_task(self.read(conn))
         self.accepted = True
-        self.ready.set()
+        self.tried.set()
         log.info("%s: connected", self.name)
         retired = asyncio.create_task(conn.retired.wait())
         try:
@@ -1085,24 +1105,34 @@ async def running(
     if settings is None:
         read_dotenv()
         settings = load_settings()
-    async with serving(settings, load_operations(Path(tools), actions)) as started:
-        deadline = time.monotonic() + connected_within
-        for client, task in started.items():
-            ready = asyncio.create_task(client.ready.wait())
-            try:
-                timeout = max(0.0, deadline - time.monotonic())
-                done, _ = await asyncio.wait([ready, task], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ready.cancel()
-            if task in done:  # it ended before it connected
-                error = task.exception()
-                if isinstance(error, CredentialsRejected):
-                    raise ConfigError(rejected(error))
-                raise error or ConfigError(f"{client.name} stopped before it connected")
-            if not done:
-                log.warning("%s not connected within %.3g s: going on; it keeps trying", client.name, connected_within)
-                break
-        yield list(started)
+    operations, redacting = load_operations(Path(tools), actions), RedactingFilter(secrets_of(settings))
+    log.addFilter(redacting)  # the app's handlers print the bot's lines: without its secrets
+    try:
+        async with serving(settings, operations) as started:
+            await connected(started, connected_within)
+            yield list(started)
+    finally:
+        log.removeFilter(redacting)
+
+
+async def connected(started: Mapping[StreamClient, asyncio.Task], within: float) -> None:
+    """Once each client's first open has ended, for up to `within` seconds: ConfigError if it cannot start (e.g.
+    credentials refused); one that could not connect (a network down) is said so and keeps trying."""
+    deadline = time.monotonic() + within
+    for client, task in started.items():
+        tried = asyncio.create_task(client.tried.wait())
+        try:
+            timeout = max(0.0, deadline - time.monotonic())
+            await asyncio.wait([tried, task], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            tried.cancel()
+        if task.done():  # it ended before it connected
+            error = task.exception()
+            if isinstance(error, CredentialsRejected):
+                raise ConfigError(rejected(error))
+            raise error or ConfigError(f"{client.name} stopped before it connected")
+        if not client.accepted:
+            log.warning("%s not connected yet: going on; it keeps trying in the background", client.name)
 
 
 async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation] | None = None) -> int:
@@ -1134,7 +1164,7 @@ async def serving(settings: Settings, operations: Mapping[str, Operation]) -> As
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
     connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances)
-    async with aiohttp.ClientSession(connector=connector, trust_env=proxied()) as http:
+    async with aiohttp.ClientSession(connector=connector, trust_env=bool(proxies())) as http:
         clients = [StreamClient(credential, settings, name=f"stream-{n + 1}") for n in range(settings.instances)]
         for client in clients:
             handler = ActionHandler(settings, operations, http, LEDGER)
@@ -1265,7 +1295,7 @@ class RedactingFilter(logging.Filter):
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter((settings.client_secret,)))
+    handler.addFilter(RedactingFilter(secrets_of(settings)))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # Per-frame websocket debug output drowns everything else; keep it at INFO or above.
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
