@@ -1304,13 +1304,14 @@ def configure_logging(settings: Settings) -> None:
 async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
     """serve() until SIGINT, SIGTERM or SIGHUP; a second one exits at once. Whatever actions do, the process ends
     within the grace period and a few seconds."""
-    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    loop, stop, received = asyncio.get_running_loop(), asyncio.Event(), []
 
     def on_signal(signum: int, _: Any) -> None:  # Python's own handler: it runs even while an action holds the loop
-        if stop.is_set():
+        if received:
             log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
             logging.shutdown()
             os._exit(128 + signum)
+        received.append(signum)
         log.info("%s received: finishing in-flight callbacks, then exiting", signal.Signals(signum).name)
         loop.call_soon_threadsafe(stop.set)
 

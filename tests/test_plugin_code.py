@@ -1,0 +1,185 @@
+"""Plugin code cannot take the bot down: actions that exit, hang, hold the loop, ignore a stop, or return odd data."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import pytest
+
+import bot
+from tests.conftest import settings_for
+from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, graph_request
+from tests.samples import RATE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
+
+
+def weather(fake: Any) -> dict[str, Any]:
+    return graph_request(WEATHER, {"location": "杭州"}, session_webhook=fake.webhook_url())
+
+
+def rate(currency: str = "USD") -> dict[str, Any]:
+    return graph_request(RATE, {"currency": currency}, method="GET")
+
+
+# ----- an action that exits ends its call, not the bot -----
+
+
+async def exits_async(location: str) -> str:
+    sys.exit(3)
+
+
+def exits_plain(location: str) -> str:
+    sys.exit(3)
+
+
+async def interrupted(location: str) -> str:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("action", [exits_async, exits_plain, interrupted])
+async def test_sys_exit_or_keyboard_interrupt_in_an_action_is_a_500_for_that_call(action, caplog):
+    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
+        await bot.run_action(action, {"location": "杭州"}, 2)
+    assert err.value.status == 500 and f"action {action.__name__} failed" in caplog.text
+
+
+EXITS = """
+import sys, time, threading
+import bot
+
+async def get_weather(location: str) -> str:
+    sys.exit(1)
+
+def get_on_call(team: str) -> str:
+    sys.exit(1)
+
+bot.ACTIONS["/v1/actions/weather"] = get_weather
+bot.ACTIONS["/v1/actions/on-call"] = get_on_call
+"""
+
+
+async def test_a_bot_whose_actions_call_sys_exit_keeps_serving(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake), prelude=EXITS)
+    await remote(fake.wait_connected(1, timeout=10))
+    on_call = graph_request("/v1/actions/on-call", {"team": "运维"})
+    results = await remote(fake.invoke_many([weather(fake), on_call, rate()], timeout=10))
+    assert [result.status for result in results] == [500, 500, 200]
+    assert (await remote(fake.invoke(rate("EUR")))).status == 200  # still serving, on the same connection
+    assert process.proc.returncode is None and len(fake.connections) == 1
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(10) == 0
+
+
+# ----- shutdown is bounded whatever actions do; a second signal exits at once -----
+
+STUBBORN = """
+import asyncio, time
+import bot
+
+async def get_weather(location: str) -> str:
+    print("action started", flush=True)
+    while True:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            pass  # swallowed: the task never ends
+
+bot.ACTIONS["/v1/actions/weather"] = get_weather
+"""
+
+
+async def test_an_action_that_swallows_cancellation_neither_loses_its_ack_nor_holds_the_exit(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake, SHUTDOWN_GRACE_SECONDS="1"), prelude=STUBBORN)
+    await remote(fake.wait_connected(1, timeout=10))
+    message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake)))
+    await process.wait_for_output("action started")
+    process.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert await process.wait(15) == 0
+    assert time.monotonic() - started < 6  # grace 1 s plus a few, not for ever
+    ack = await remote(fake.wait_ack(message_id))
+    assert "the bot stopped before the action finished" in ack["message"]
+    assert "exiting with 0 thread(s) still running, and 1 task(s)" in process.output
+
+
+HOLDS_THE_LOOP = """
+import time
+import bot
+
+async def get_weather(location: str) -> str:
+    print("action started", flush=True)
+    time.sleep(30)  # a blocking call in an async def: the event loop is held
+    return "late"
+
+bot.ACTIONS["/v1/actions/weather"] = get_weather
+"""
+
+
+async def test_a_second_signal_exits_at_once_even_while_an_action_holds_the_loop(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake), prelude=HOLDS_THE_LOOP)
+    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake)))
+    await process.wait_for_output("action started")
+    process.proc.send_signal(signal.SIGINT)
+    await process.wait_for_output("SIGINT received")  # said at once, though the loop is held
+    started = time.monotonic()
+    process.proc.send_signal(signal.SIGINT)
+    assert await process.wait(10) == 128 + signal.SIGINT
+    assert time.monotonic() - started < 3  # not when the 30 s call returns
+    assert "second SIGINT: exiting without waiting" in process.output
+
+
+# ----- what an action returns, and how long it takes -----
+
+
+async def test_auto_data_that_is_not_json_is_a_500_naming_the_action(fake, remote, start_bot, caplog):
+    async def not_a_number(currency: str) -> dict:
+        return {"rate": float("nan")}  # json.dumps would write NaN, which is not JSON
+
+    bot.ACTIONS[RATE] = not_a_number
+    async with start_bot():
+        result = await remote(fake.invoke(rate()))
+    assert (result.status, result.body) == (500, {"success": False, "error": "internal error in action"})
+    assert "action not_a_number returned dict, but GET /v1/actions/exchange-rate is" in caplog.text
+
+
+async def test_a_blocking_async_def_past_its_time_limit_is_a_504_like_any_other(caplog):
+    async def blocks(location: str) -> str:
+        time.sleep(0.3)  # noqa: ASYNC251 (it holds the loop: the time limit cannot interrupt it)
+        return location
+
+    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
+        await bot.run_action(blocks, {"location": "杭州"}, 0.1)
+    assert err.value.status == 504
+    assert "action blocks timed out after 0.1 s (ACTION_TIMEOUT_SECONDS)" in caplog.text
+
+
+# ----- one ledger per process: a redelivery is never replied to twice -----
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one-after-the-other", "open-at-once"])
+async def test_a_redelivery_across_two_running_blocks_is_not_replied_to_twice(fake, remote, together):
+    settings = settings_for(fake)
+    first = bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings)
+    async with first:
+        connection = (await remote(fake.wait_connected(1)))[0]
+        message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=connection))
+        await remote(fake.wait_ack(message_id))
+        if together:
+            async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings):
+                second = await remote(fake.wait_for(lambda: fake.live_connections()[1:] and fake.live_connections()[1]))
+                await remote(
+                    fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), message_id=message_id, conn=second)
+                )
+                await remote(fake.wait_ack(message_id, count=2))
+    if not together:
+        async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings):
+            connection = await remote(fake.wait_for(lambda: fake.live_connections() and fake.live_connections()[0]))
+            await remote(
+                fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), message_id=message_id, conn=connection)
+            )
+            await remote(fake.wait_ack(message_id, count=2))
+    assert len(fake.webhook_posts) == 1
