@@ -26,6 +26,7 @@ import queue
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
+import aiohttp.abc
 import dingtalk_stream
 import fastjsonschema
 import websockets
@@ -527,7 +529,7 @@ async def run_action(
             if inspect.iscoroutinefunction(action):
                 result = await action(**kwargs)
             else:
-                result = await ACTION_THREADS.run(functools.partial(action, **kwargs))
+                result = await ACTION_THREADS.run(functools.partial(action, **kwargs), named(action))
                 result = await result if inspect.isawaitable(result) else result  # an async def behind a decorator
         if loop.time() <= deadline.when():
             return result
@@ -546,46 +548,106 @@ async def run_action(
     raise GraphError(500, "internal error in action")
 
 
+class Job:
+    """A plain-def call handed to a thread: who, since when, and the thread's CPU clock and reading as it began."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.started, self.cpu = name, time.monotonic(), None
+
+
 class ActionThreads:
-    """At most `size` long-lived daemon threads for plain-def actions, started as first needed (never one per call);
-    past that a call is answered 503. A hung one holds neither the loop nor the exit."""
+    """Plain-def actions run in `size` long-lived daemon threads, all started at first use (never one per call). A
+    thread running Python code holds the GIL, which the event loop needs to answer every ping: so a call waits its
+    turn while CPU_BOUND_AT_ONCE calls burn CPU (or may: they began under 20 ms ago). When every thread is taken,
+    e.g. by calls hung past their time limit, a call is answered 503 at once. A hung thread never holds the exit."""
 
     def __init__(self, size: int) -> None:
-        self.size, self.busy, self.started = size, 0, 0
+        self.size, self.threads, self.ticking = size, [], False
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: list[tuple[Callable[[], Any], asyncio.Future, str]] = []
+        self.running: dict[asyncio.Future, Job] = {}  # until its thread is done with it, time limit or not
+        self.said: set[str] = set()  # warnings given, each once
 
-    async def run(self, call: Callable[[], Any]) -> Any:
-        if self.busy >= self.size:
+    async def run(self, call: Callable[[], Any], name: str) -> Any:
+        if len(self.running) >= self.size:
+            hung = sum(future.done() for future in self.running)
+            why = "plain-def calls are answered 503 until one returns"
+            self.warn(
+                "full", "all %d action threads are taken, %d by calls past their time limit: %s", self.size, hung, why
+            )
             raise GraphError(503, f"all {self.size} action threads are busy")
-        self.busy += 1
-        if self.started < self.busy:
-            self.started += 1
-            threading.Thread(target=self.work, name=f"bot-action-{self.started}", daemon=True).start()
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self.jobs.put((call, loop, done))
-        return await done
+        while len(self.threads) < self.size:
+            self.threads.append(
+                threading.Thread(target=self.work, name=f"bot-action-{len(self.threads) + 1}", daemon=True)
+            )
+            self.threads[-1].start()
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((call, future, name))
+        self.dispatch()
+        return await future
+
+    def dispatch(self) -> None:
+        """Hand waiting calls to threads while fewer than CPU_BOUND_AT_ONCE running ones burn CPU."""
+        self.waiting = [waiting for waiting in self.waiting if not waiting[1].done()]  # timed out while waiting
+        burning = sum(self.burns_cpu(job) for job in list(self.running.values()))
+        while self.waiting and burning < CPU_BOUND_AT_ONCE and len(self.running) < self.size:
+            call, future, name = self.waiting.pop(0)
+            self.running[future] = job = Job(name)
+            self.jobs.put((call, job, future))
+            burning += 1
+        if self.waiting and not self.ticking:  # look again soon: a call that began may turn out to wait on I/O
+            self.ticking = True
+            asyncio.get_running_loop().call_later(0.01, self.tick)
+
+    def tick(self) -> None:
+        self.ticking = False
+        self.dispatch()
+
+    def burns_cpu(self, job: Job) -> bool:
+        """Whether the call began under 20 ms ago, or its thread has been on a CPU a tenth of the time since."""
+        elapsed = time.monotonic() - job.started
+        if elapsed < 0.02 or job.cpu is None:
+            return elapsed < 0.02  # (no per-thread CPU clocks, e.g. on Windows: only the first 20 ms count)
+        with contextlib.suppress(OSError):  # the thread is gone
+            if time.clock_gettime(job.cpu[0]) - job.cpu[1] > 0.1 * elapsed:
+                why = "it takes the GIL from the event loop, so plain-def calls wait their turn"
+                self.warn(
+                    job.name, "action %s is CPU-bound: %s; run such work in a process pool (README §4)", job.name, why
+                )
+                return True
+        return False
+
+    def warn(self, key: str, message: str, *args: Any) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            log.warning(message, *args)
 
     def work(self) -> None:
+        clock = time.pthread_getcpuclockid(threading.get_ident()) if hasattr(time, "pthread_getcpuclockid") else None
         while True:
-            call, loop, done = self.jobs.get()
+            call, job, future = self.jobs.get()
+            job.cpu = (clock, time.clock_gettime(clock)) if clock is not None else None
             try:
                 outcome = (True, call())
             except BaseException as exc:
                 outcome = (False, exc)
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(self.settle, done, *outcome)
+            try:
+                future.get_loop().call_soon_threadsafe(self.settle, future, *outcome)
+            except RuntimeError:  # its loop is closed: nobody is waiting any more
+                self.running.pop(future, None)
 
-    def settle(self, done: asyncio.Future, ok: bool, value: Any) -> None:
-        self.busy -= 1
-        if done.done():  # it may have been cancelled: the time limit, or shutdown
-            return
-        if ok:
-            done.set_result(value)
-        else:
-            done.set_exception(value)
+    def settle(self, future: asyncio.Future, ok: bool, value: Any) -> None:
+        del self.running[future]
+        self.said.discard("full")
+        if not future.done():  # it may have been cancelled: the time limit, or shutdown
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        self.dispatch()
 
 
+CPU_BOUND_AT_ONCE = 2  # plain-def calls burning CPU at a time: each more delays the event loop's every step
 ACTION_THREADS = ActionThreads(32)  # one pool per process
 
 
@@ -757,6 +819,39 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
     return (settings.client_secret, *passwords, *map(unquote, passwords))
 
 
+async def lookup(host: str, port: int, family: int = 0) -> list[tuple]:
+    """getaddrinfo in a daemon thread of its own. aiohttp and websockets would look up in the loop's default pool,
+    where actions' asyncio.to_thread calls run too: six of those hung would hold every lookup of the bot's."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def look_up() -> None:
+        try:
+            outcome = (done.set_result, socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
+        except OSError as exc:
+            outcome = (done.set_exception, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(lambda: done.done() or outcome[0](outcome[1]))
+
+    threading.Thread(target=look_up, name="bot-lookup", daemon=True).start()
+    return await done
+
+
+class Resolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's lookups, through lookup()."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        found = await lookup(host, port, family)
+        return [
+            {"hostname": host, "host": a[0], "port": a[1], "family": f, "proto": p, "flags": flags}
+            for f, _, p, _, a in found
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
 async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
     """POST JSON, no redirects: the status and body within `time_limit` s and MAX_ANSWER_BYTES, or an exception."""
     timeout = aiohttp.ClientTimeout(total=time_limit)
@@ -864,7 +959,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         """Stay connected until stop(); credentials refused before the first connection raise CredentialsRejected."""
         self.pre_start()
         try:
-            async with aiohttp.ClientSession(trust_env=bool(proxies())) as http:
+            connector = aiohttp.TCPConnector(resolver=Resolver())
+            async with aiohttp.ClientSession(connector=connector, trust_env=bool(proxies())) as http:
                 while not self.stopping.is_set():
                     await self.connect_and_serve(http)
         finally:
@@ -970,8 +1066,18 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         # A ping every KEEPALIVE_SECONDS; a pong may be late on a jittery network (the Java and Go SDKs wait 5 s),
         # so a silently dead connection is noticed within 3 x keepalive.
         keepalive = self.settings.keepalive_seconds
-        limits = {"ping_interval": keepalive, "ping_timeout": 2 * keepalive, "close_timeout": min(keepalive, 5)}
-        return Connection(await websockets.connect(url, open_timeout=time_limit, max_size=MAX_FRAME_BYTES, **limits))
+        options = {"ping_interval": keepalive, "ping_timeout": 2 * keepalive, "close_timeout": min(keepalive, 5)}
+        options |= {"open_timeout": time_limit, "max_size": MAX_FRAME_BYTES}
+        if proxies():  # websockets looks up the proxy itself
+            return Connection(await websockets.connect(url, **options))
+        failed = OSError(f"no address for {parts.hostname}")
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        for *_, address in await lookup(parts.hostname or "", port):  # each in turn, e.g. IPv6's, then IPv4's
+            try:
+                return Connection(await websockets.connect(url, host=address[0], port=address[1], **options))
+            except OSError as exc:
+                failed = exc
+        raise failed
 
     async def serve(self, conn: Connection) -> str:
         """Read frames until the connection ends or is retired (then read on in the background); how it ended."""
@@ -1163,7 +1269,7 @@ async def serving(settings: Settings, operations: Mapping[str, Operation]) -> As
     yields each client's start() task; on exit they stop, finishing the callbacks in hand first."""
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
-    connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances)
+    connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances, resolver=Resolver())
     async with aiohttp.ClientSession(connector=connector, trust_env=bool(proxies())) as http:
         clients = [StreamClient(credential, settings, name=f"stream-{n + 1}") for n in range(settings.instances)]
         for client in clients:

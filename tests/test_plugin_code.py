@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
 import pytest
 
 import bot
-from tests.conftest import settings_for
+from tests.conftest import settings_for, wait_until
 from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, graph_request
 from tests.samples import RATE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
@@ -183,3 +185,119 @@ async def test_a_redelivery_across_two_running_blocks_is_not_replied_to_twice(fa
             )
             await remote(fake.wait_ack(message_id, count=2))
     assert len(fake.webhook_posts) == 1
+
+
+# ----- plain-def actions: a bounded pool that neither piles up threads nor lets CPU-bound calls starve the loop -----
+
+CPU_BOUND = """
+import time
+import bot
+
+def get_on_call(team: str) -> str:
+    print("burning", flush=True)
+    end = time.thread_time() + 3
+    while time.thread_time() < end:  # 3 s of CPU, as a report or an image might take
+        pass
+    return "done"
+
+bot.ACTIONS["/v1/actions/on-call"] = get_on_call
+"""
+
+
+async def test_a_burst_of_cpu_bound_plain_def_calls_leaves_the_loop_answering(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake, ACTION_TIMEOUT_SECONDS="4"), prelude=CPU_BOUND)
+    await remote(fake.wait_connected(1, timeout=10))
+    burst = [graph_request("/v1/actions/on-call", {"team": f"team {n}"}) for n in range(60)]
+    calls = asyncio.ensure_future(remote(fake.invoke_many(burst, timeout=30)))
+    await process.wait_for_output("burning")
+    started = time.monotonic()
+    await remote(fake.ping(timeout=8))
+    pinged = time.monotonic() - started
+    fast = await remote(fake.invoke(rate(), timeout=8))  # an async def action, beside the burst
+    results = await calls
+    print(f"ping answered in {pinged:.3f} s, a fast action in {fast.elapsed:.3f} s")  # shown with -s
+    assert fast.status == 200 and {result.status for result in results} <= {200, 504}
+    assert process.output.count("action get_on_call is CPU-bound") == 1  # one warning, with the advice
+    assert "run such work in a process pool (README §4)" in process.output
+    assert len(fake.connections) == 1  # keepalive never gave up on it
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(15) == 0
+
+
+async def test_hung_plain_def_calls_take_at_most_the_pool_then_503_at_once_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))
+    release = threading.Event()
+
+    def hangs(location: str) -> str:
+        release.wait(30)  # like requests.get without a timeout
+        return location
+
+    def quick(location: str) -> str:
+        return location
+
+    before = threading.active_count()
+    try:
+        for _ in range(4):
+            with pytest.raises(bot.GraphError) as err:
+                await bot.run_action(hangs, {"location": "x"}, 0.05)
+            assert err.value.status == 504
+        for _ in range(50):  # more calls to the hung backend: refused at once, no thread more
+            started = time.monotonic()
+            with pytest.raises(bot.GraphError) as err:
+                await bot.run_action(hangs, {"location": "x"}, 5)
+            assert err.value.status == 503 and time.monotonic() - started < 0.5
+        assert threading.active_count() - before == 4
+        assert caplog.text.count("all 4 action threads are taken, 4 by calls past their time limit") == 1
+        assert await bot.run_action(samples_weather, {"location": "杭州"}, 1)  # an async def is not affected
+    finally:
+        release.set()
+    await wait_until(lambda: not bot.ACTION_THREADS.running)  # the hung calls returned
+    assert await bot.run_action(quick, {"location": "fine"}, 5) == "fine"  # served again
+
+
+async def samples_weather(location: str) -> str:
+    return location
+
+
+async def test_the_bots_lookups_do_not_wait_behind_actions_threads():
+    loop, release = asyncio.get_running_loop(), threading.Event()
+    hung = [loop.run_in_executor(None, release.wait, 30) for _ in range(40)]  # actions' asyncio.to_thread calls
+    try:
+        assert await asyncio.wait_for(bot.lookup("localhost", 80), 5)
+        [first, *_] = await asyncio.wait_for(bot.Resolver().resolve("localhost", 80), 5)
+        assert first["hostname"] == "localhost" and first["port"] == 80
+    finally:
+        release.set()
+        await asyncio.gather(*hung)
+
+
+HUNG_THREADS = """
+import asyncio, threading
+import bot
+
+release = threading.Event()
+
+async def get_on_call(team: str) -> str:
+    await asyncio.to_thread(release.wait, 60)  # hangs a thread of the loop's default pool
+    return "late"
+
+bot.ACTIONS["/v1/actions/on-call"] = get_on_call
+"""
+
+
+async def test_replies_and_reconnects_need_no_thread_of_the_loops_default_pool(fake, remote, bot_process):
+    local = f"localhost:{fake.port}"  # a name to look up, where 127.0.0.1 would need none
+    env = bot_env(fake, DINGTALK_OPENAPI_ENDPOINT=f"http://{local}", WEBHOOK_ALLOWED_HOSTS=local)
+    process = await bot_process(env, prelude=HUNG_THREADS)
+    [connection] = await remote(fake.wait_connected(1, timeout=10))
+    for n in range(8):  # more than the default pool's workers (6 on 2 cores)
+        await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, graph_request("/v1/actions/on-call", {"team": str(n)})))
+    webhook = fake.webhook_url().replace(f"127.0.0.1:{fake.port}", local)
+    reply = await remote(fake.invoke(graph_request(WEATHER, {"location": "杭州"}, session_webhook=webhook)))
+    assert reply.status == 200 and len(fake.webhook_posts) == 1
+    await remote(fake.drop(connection))
+    await remote(
+        fake.wait_for(lambda: len(fake.live_connections()) == 1 and fake.live_connections()[0] is not connection, 15)
+    )
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(15) == 0
