@@ -1370,12 +1370,15 @@ async def watching_the_loop() -> AsyncIterator[None]:
 
 
 def running_action(frame: Any) -> str | None:
-    """The action of the callback the loop is answering, from its stack; None when it runs none."""
+    """The action of the callback the loop is answering, and its route, from the stack; None when it runs none."""
+    action = None
     while frame is not None:
         if frame.f_code is run_action.__code__:
-            return named(frame.f_locals["action"])
+            action = named(frame.f_locals["action"])
+        elif frame.f_code is ActionHandler.answer.__code__ and action:
+            return f"{action} ({frame.f_locals['route']})"  # actions a factory made may share a name
         frame = frame.f_back
-    return None
+    return action
 
 
 class RedactingFilter(logging.Filter):

@@ -445,8 +445,9 @@ class ForwardProxy:
     """A plain HTTP proxy on 127.0.0.1 that records what passes through it: absolute-form requests
     (plain http://) are forwarded, CONNECT (websockets, https://) is tunnelled."""
 
-    def __init__(self) -> None:
+    def __init__(self, require_auth: bool = False) -> None:
         self.requests: list[str] = []  # "POST http://127.0.0.1:1234/v1.0/gateway/...", "CONNECT 127.0.0.1:1234"
+        self.require_auth = require_auth  # answer every request 407, as a proxy refusing the credentials does
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -469,6 +470,11 @@ class ForwardProxy:
             request_line, rest = head.split(b"\r\n", 1)
             method, target, version = request_line.decode().split(" ", 2)
             self.requests.append(f"{method} {target}")
+            if self.require_auth:
+                writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=p\r\n")
+                writer.write(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                return
             if method == "CONNECT":
                 host, port = target.rsplit(":", 1)
                 upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))

@@ -396,7 +396,7 @@ async def test_a_blocking_call_in_an_async_action_is_named_in_one_warning(fake, 
         assert (await remote(fake.invoke(request))).status == 200
         await wait_until(lambda: "held the event loop" in caplog.text)
     [warning] = [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
-    assert warning.startswith("action get_ticket has held the event loop for over 1 s")
+    assert warning.startswith("action get_ticket (POST /v1/actions/ticket) has held the event loop for over 1 s")
     assert "use an async client, or make the action a plain def" in warning
 
 
@@ -440,7 +440,27 @@ async def test_the_loop_warning_names_the_blocking_action_behind_a_shared_decora
         request = graph_request("/v1/actions/blocker", PARAMS, session_webhook=fake.webhook_url())
         assert (await remote(fake.invoke(request))).status == 200
         await wait_until(lambda: "held the event loop" in caplog.text)
-    assert "action blocker has held the event loop" in caplog.text and "innocent" not in caplog.text
+    assert "action blocker (POST /v1/actions/blocker) has held the event loop" in caplog.text
+    assert "innocent" not in caplog.text
+
+
+def made_by_a_factory(blocks: bool):  # one code object and one name for every action it makes
+    async def action(location: str) -> str:
+        if blocks:
+            time.sleep(1.6)  # noqa: ASYNC251 -- the mistake under test
+        return location
+
+    return action
+
+
+async def test_the_loop_warning_names_the_route_of_actions_a_factory_made(fake, remote, start_bot, monkeypatch, caplog):
+    monkeypatch.setitem(bot.ACTIONS, "/v1/actions/first", made_by_a_factory(blocks=False))
+    monkeypatch.setitem(bot.ACTIONS, "/v1/actions/second", made_by_a_factory(blocks=True))
+    async with start_bot():
+        request = graph_request("/v1/actions/second", PARAMS, session_webhook=fake.webhook_url())
+        assert (await remote(fake.invoke(request))).status == 200
+        await wait_until(lambda: "held the event loop" in caplog.text)
+    assert "action action (POST /v1/actions/second) has held the event loop" in caplog.text
 
 
 async def test_an_answer_too_large_to_ack_is_a_500_saying_so(fake, remote, start_bot, monkeypatch, caplog):

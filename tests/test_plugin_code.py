@@ -14,7 +14,7 @@ import pytest
 
 import bot
 from tests.conftest import settings_for, wait_until
-from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, graph_request
+from tests.fake_dingtalk import GRAPH_TOPIC, ForwardProxy, bot_env, graph_request
 from tests.samples import RATE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
 
@@ -301,3 +301,56 @@ async def test_replies_and_reconnects_need_no_thread_of_the_loops_default_pool(f
     )
     process.proc.send_signal(signal.SIGTERM)
     assert await process.wait(15) == 0
+
+
+# ----- no password from a proxy URL reaches a log line, as written or decoded -----
+
+PASSWORD, ENCODED = "p@ss:w0rd/x", "p%40ss%3Aw0rd%2Fx"
+
+
+async def test_a_proxys_password_never_reaches_the_log_of_python_bot_py(fake, remote, bot_process):
+    proxy = await remote(ForwardProxy(require_auth=True).start())
+    try:
+        proxied = {"HTTP_PROXY": f"http://bot:{ENCODED}@127.0.0.1:{proxy.port}", "NO_PROXY": "localhost"}
+        env = (
+            bot_env(fake, DINGTALK_OPENAPI_ENDPOINT=f"http://localhost:{fake.port}")
+            | proxied
+            | {"no_proxy": "localhost"}
+        )
+        process = await bot_process(env | {"LOG_LEVEL": "DEBUG"})  # the open direct, the websocket through the proxy
+        await process.wait_for_output("reconnecting in")
+        process.proc.send_signal(signal.SIGTERM)
+        assert await process.wait(10) == 0
+    finally:
+        await remote(proxy.close())
+    assert "proxy rejected connection: HTTP 407" in process.output
+    assert PASSWORD not in process.output and ENCODED not in process.output
+
+
+async def test_a_proxys_password_never_reaches_the_apps_log_when_embedded(fake, remote, monkeypatch, caplog):
+    proxy = await remote(ForwardProxy(require_auth=True).start())
+    monkeypatch.setenv("HTTP_PROXY", f"http://bot:{ENCODED}@127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("no_proxy", "")
+    try:
+        with caplog.at_level(logging.DEBUG):  # as an app's own logging set-up would see the bot's lines
+            async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake)):
+                bot.log.info("an action's own line with %s and %s", PASSWORD, ENCODED)
+                await wait_until(lambda: "reconnecting in" in caplog.text)
+    finally:
+        await remote(proxy.close())
+    assert proxy.requests and "***" in caplog.text
+    assert PASSWORD not in caplog.text and ENCODED not in caplog.text
+
+
+def test_the_redaction_hides_a_proxys_password_in_library_error_text(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", f"http://bot:{ENCODED}@proxy.example:3128")
+    settings = bot.Settings(client_id="id", client_secret="client-secret")
+    texts = [
+        f"407, message='Proxy Authentication Required', url=URL('http://bot:{ENCODED}@proxy.example:3128')",
+        f"Cannot connect to proxy with BasicAuth(login='bot', password='{PASSWORD}', encoding='latin1')",
+    ]
+    for text in texts:
+        record = logging.LogRecord("aiohttp", logging.ERROR, __file__, 1, "%s", (text,), None)
+        assert bot.RedactingFilter(bot.secrets_of(settings)).filter(record)
+        assert PASSWORD not in record.getMessage() and ENCODED not in record.getMessage()
