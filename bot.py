@@ -109,7 +109,7 @@ class ActionError(Exception):
 # settings -> operations (tools.yaml) -> callback -> reply -> connection -> lifecycle and main.
 # README "Reliability" explains what it does and why. To take a newer engine, replace everything below this line.
 
-VERSION = "0.9.0"  # this engine's version
+VERSION = "1.0.0"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
 Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
 log = logging.getLogger("bot")
 
@@ -1277,7 +1277,10 @@ async def serving(settings: Settings, operations: Mapping[str, Operation]) -> As
             client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, handler)
         async with health_endpoint(settings, clients), watching_the_loop():
             started = {client: asyncio.create_task(client.start(), name=client.name) for client in clients}
-            log.info("serving %d action(s) with %d stream client(s)", len(operations), len(clients))
+            log.info(
+                "dingtalk-skill-bot %s (dingtalk-stream %s): serving %d action(s) with %d stream client(s)",
+                *(VERSION, SDK_VERSION, len(operations), len(clients)),
+            )
             try:
                 yield started
             finally:
@@ -1451,6 +1454,9 @@ def leftovers() -> tuple[list[str], list[str]]:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--version"]:
+        print(f"dingtalk-skill-bot {VERSION} (dingtalk-stream {SDK_VERSION}, Python {platform.python_version()})")
+        return 0
     try:
         read_dotenv()
         settings, operations = load_settings(), load_operations()
