@@ -7,16 +7,25 @@ One aiohttp server plays three parts:
 
 Point the bot at it with DINGTALK_OPENAPI_ENDPOINT=fake.base_url and allow the loopback webhook
 host (WEBHOOK_ALLOWED_HOSTS=127.0.0.1). Used by the tests and by `python -m tests.simulate`.
+
+On its own, for a bot or an app of yours (README section 9):
+
+    python -m tests.fake_dingtalk [--port 8765]
+
+prints the environment lines that point a bot or app at it, then waits; `python -m tests.simulate --fake URL`
+sends calls to whatever is connected to it (through POST /simulator/invoke).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
 import json
 import os
 import random
+import signal
 import socket
 import ssl
 import time
@@ -173,6 +182,8 @@ class FakeDingTalk:
         app.router.add_post("/v1.0/gateway/connections/open", self._open)
         app.router.add_get("/connect", self._connect)
         app.router.add_post("/agent/send", self._webhook)
+        app.router.add_get("/simulator/status", self._simulator_status)
+        app.router.add_post("/simulator/invoke", self._simulator_invoke)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=tls)
@@ -440,6 +451,24 @@ class FakeDingTalk:
             return web.json_response({"errcode": self.webhook_errcode, "errmsg": "fake errcode"})
         return web.json_response({"errcode": 0, "errmsg": "ok"})
 
+    # ----- HTTP: for the simulator, when the fake runs on its own -----
+
+    async def _simulator_status(self, _: web.Request) -> web.Response:
+        return web.json_response({"connections": len(self.live_connections())})
+
+    async def _simulator_invoke(self, request: web.Request) -> web.Response:
+        """Push one Graph callback to a connected bot or app; answer with its ack and what was posted to the
+        callback's sessionWebhook (the session given)."""
+        call = await request.json()
+        try:
+            result = await self.invoke(call["request"], timeout=float(call.get("timeout", 15)))
+        except RuntimeError as exc:  # nothing connected
+            return web.json_response({"error": str(exc)}, status=503)
+        except TimeoutError:
+            return web.json_response({"error": "no ack: the bot did not answer"}, status=504)
+        posts = [vars(post) for post in self.webhook_posts if post.session == call.get("session")]
+        return web.json_response({"ack": result.ack, "elapsed": result.elapsed, "posts": posts})
+
 
 class ForwardProxy:
     """A plain HTTP proxy on 127.0.0.1 that records what passes through it: absolute-form requests
@@ -519,3 +548,35 @@ def graph_request(
         "headers": {"content-type": "application/json"},
         "body": body,
     }
+
+
+async def serve_alone(port: int) -> None:
+    """The fake on its own until Ctrl+C: prints what points a bot or app at it, and each connection as it comes."""
+    fake = await FakeDingTalk(client_id="fake-client-id", client_secret="fake-client-secret").start(port=port)
+    print("# The local fake DingTalk is listening. Point a bot or app at it (run these in its terminal, or put the")
+    print("# lines without `export` in its .env):")
+    for key, value in bot_env(fake).items():
+        if key.startswith(("CLIENT_", "DINGTALK_", "WEBHOOK_")) or key in ("NO_PROXY", "no_proxy"):
+            print(f"export {key}={value}")
+    print(f"# Then send calls from another terminal: python -m tests.simulate --fake {fake.base_url} [values...]")
+    print("# Ctrl+C stops the fake.", flush=True)
+    stop, loop, seen = asyncio.Event(), asyncio.get_running_loop(), 0
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+        if len(fake.connections) != seen:
+            seen = len(fake.connections)
+            print(f"# connected: {len(fake.live_connections())} connection(s) open", flush=True)
+    await fake.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.fake_dingtalk", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0, help="the port to listen on (default: a free one)")
+    asyncio.run(serve_alone(parser.parse_args().port))
+
+
+if __name__ == "__main__":
+    main()

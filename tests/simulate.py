@@ -9,9 +9,15 @@
     python -m tests.simulate '{"location": "杭州"}'                    # or as a JSON object
     python -m tests.simulate -i                                        # interactive: each line you type is one call
     python -m tests.simulate --verbose 杭州                            # also show the frames on the wire
+    python -m tests.simulate --context userId=manager-01 杭州          # a value DingTalk fills in (x-dingtalk-context)
+    python -m tests.simulate --repeat 50 --concurrency 10 杭州         # 50 calls, 10 at a time: statuses, latencies
+    python -m tests.simulate --tools my_tools.yaml --actions my_skills:ACTIONS ...  # skills of your own module
+    python -m tests.simulate --fake http://127.0.0.1:8765 ...          # to the bot or app connected to a fake
+                                                                       # started by python -m tests.fake_dingtalk
 
 It starts the fake DingTalk from tests/fake_dingtalk.py on 127.0.0.1, runs the unmodified bot.py
-against it (as `python bot.py`, with dummy credentials), builds the Graph callback for the operation
+against it (as `python bot.py`, with dummy credentials; with --tools or --actions, those skills through
+bot.running(), as tests/serve_skills.py does), builds the Graph callback for the operation
 as bot.py itself reads tools.yaml (bot.load_operations), and prints what the user would see for the
 operation's x-dingtalk-display-result: the card posted to the sessionWebhook (disabled), the markdown
 result card (markdown) or the data for the assistant's model (auto); then the Graph response in the ack.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import re
@@ -35,9 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 import bot
 from tests import authoring
 from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, WebhookPost, bot_env, graph_request
+from tests.serve_skills import actions_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECT_TIMEOUT = 15.0
@@ -71,10 +81,10 @@ class UsageError(Exception):
 # ----- the operations of tools.yaml, as bot.py reads them -----
 
 
-def load_operations() -> dict[str, bot.Operation]:
-    """tools.yaml's operations exactly as bot.py reads them at start ("METHOD /path" -> Operation), after the
+def load_operations(tools: Path = bot.TOOLS_FILE, actions: dict[str, Any] | None = None) -> dict[str, bot.Operation]:
+    """The tools file's operations exactly as bot.py reads them at start ("METHOD /path" -> Operation), after the
     authoring check (tests/authoring.py): what you would get wrong while writing a skill is said first."""
-    return authoring.check_file()
+    return authoring.check_file(tools, actions)
 
 
 def pick_operation(operations: dict[str, bot.Operation], path: str | None) -> bot.Operation:
@@ -101,6 +111,7 @@ class Parameter:
     maximum: float | None
     context: dict | None  # x-dingtalk-context: DingTalk fills it in
     example: Any
+    rules: dict[str, Any]  # its other rules: pattern, lengths, format, items ...
 
 
 def parameters(operation: bot.Operation) -> list[Parameter]:
@@ -112,8 +123,24 @@ def parameters(operation: bot.Operation) -> list[Parameter]:
         low, high = prop.get("minimum", prop.get("exclusiveMinimum")), prop.get("maximum", prop.get("exclusiveMaximum"))
         location = "query" if name in operation.query else "body"
         context, example = prop.get("x-dingtalk-context"), prop.get("example")
-        found.append(Parameter(name, location, kind, name in required, prop.get("enum"), low, high, context, example))
+        rules = {key: value for key, value in prop.items() if key not in SHOWN and not str(key).startswith("x-")}
+        found.append(
+            Parameter(name, location, kind, name in required, prop.get("enum"), low, high, context, example, rules)
+        )
     return found
+
+
+SHOWN = {
+    "type",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "example",
+    "description",
+    "title",
+}
 
 
 def user_parameters(operation: bot.Operation) -> list[Parameter]:
@@ -141,12 +168,15 @@ def parse_args(operation: bot.Operation, words: list[str]) -> dict[str, Any]:
             raise UsageError("the JSON argument must be an object")
         return value
     declared = {p.name: p for p in user_parameters(operation)}
+    filled_in = {p.name for p in context_parameters(operation)}
     if not words:  # nothing typed: the examples tools.yaml gives, so a bare `python -m tests.simulate` works
         return {p.name: convert(p, str(p.example)) for p in declared.values() if p.example is not None}
     params: dict[str, Any] = {}
     positional = iter(declared.values())
     for word in words:
         key, sep, value = word.partition("=")
+        if sep and key in filled_in:
+            raise UsageError(f"{key} is filled in by DingTalk (x-dingtalk-context): set it with --context {word}")
         if sep and key in declared:
             param = declared[key]
         else:
@@ -188,12 +218,41 @@ def convert(param: Parameter, value: str) -> Any:
     return typed
 
 
-def build_callback(operation: bot.Operation, params: dict[str, Any], raw_input: str, webhook: str) -> dict[str, Any]:
+def context_values(operation: bot.Operation, pairs: list[str]) -> dict[str, str]:
+    """--context NAME=VALUE pairs, each a context parameter the operation declares and its action takes."""
+    declared = {p.name for p in context_parameters(operation)}
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        where = f"{operation.method} {operation.path}"
+        if not sep:
+            raise UsageError(f"--context {pair}: write it as NAME=VALUE")
+        if name not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise UsageError(
+                f"--context {name}: {where} declares no x-dingtalk-context parameter {name} (it has: {known})"
+            )
+        if name not in operation.takes.names and not operation.takes.takes_all:
+            action = bot.named(operation.action)
+            raise UsageError(f"--context {name}: {action}() does not take {name}, so it would never see the value")
+        values[name] = value
+    return values
+
+
+def build_callback(
+    operation: bot.Operation,
+    params: dict[str, Any],
+    raw_input: str,
+    webhook: str,
+    context: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The Graph callback DingTalk would push for this call, with its context parameters filled in."""
     values = dict(params)
     for param in context_parameters(operation):
         prop, fmt = param.context.get("property"), param.context.get("format")  # type: ignore[union-attr]
-        if param.name == operation.webhook:
+        if param.name in (context or {}):
+            values[param.name] = context[param.name]  # type: ignore[index]
+        elif param.name == operation.webhook:
             values[param.name] = webhook
         elif (prop, fmt) == ("currentInput", "raw"):
             values[param.name] = raw_input
@@ -202,9 +261,9 @@ def build_callback(operation: bot.Operation, params: dict[str, Any], raw_input: 
     return graph_request(operation.path, values, method=operation.method)
 
 
-def describe(operations: dict[str, bot.Operation]) -> str:
-    """--list: each operation's method, path, display mode and parameters."""
-    blocks = [f"tools.yaml declares {len(operations)} operation(s):"]
+def describe(operations: dict[str, bot.Operation], name: str = "tools.yaml") -> str:
+    """--list: each operation's method, path, display mode and parameters, with every rule they carry."""
+    blocks = [f"{name} declares {len(operations)} operation(s):"]
     for operation in operations.values():
         lines = [f"{operation.method} {operation.path}"]
         lines.append(f"    display: {operation.display} — {DISPLAY_LABELS[operation.display]}")
@@ -235,6 +294,11 @@ def describe_parameter(param: Parameter) -> str:
         parts.append(f"≥ {low}")
     elif high is not None:
         parts.append(f"≤ {high}")
+    rules = dict(param.rules)
+    low, high = rules.pop("minLength", None), rules.pop("maxLength", None)
+    if low is not None or high is not None:
+        parts.append(f"length {low or 0}–{high if high is not None else '∞'}")
+    parts += [f"{key} {value if isinstance(value, str) else json.dumps(value)}" for key, value in rules.items()]
     return ", ".join(parts)
 
 
@@ -308,14 +372,43 @@ def show_webhook_post(post: WebhookPost) -> None:
 
 
 class Simulator:
-    def __init__(self, operation: bot.Operation, verbose: bool, timeout: float) -> None:
-        self.operation, self.verbose, self.timeout = operation, verbose, timeout
+    """Calls as DingTalk makes them, to a bot it starts against a fake of its own, or (with `fake_url`) to whatever
+    is connected to a fake running on its own."""
+
+    def __init__(
+        self,
+        operation: bot.Operation,
+        verbose: bool,
+        timeout: float,
+        context: dict[str, str] | None = None,
+        fake_url: str | None = None,
+        serve: list[str] | None = None,
+    ) -> None:
+        self.operation, self.verbose, self.timeout, self.context = operation, verbose, timeout, context or {}
+        self.fake_url, self.serve = fake_url, serve  # serve: `python -m tests.serve_skills` arguments, or None
         self.fake = FakeDingTalk(client_id="simulator-client-id", client_secret="simulator-client-secret")
         self.bot: asyncio.subprocess.Process | None = None
         self.bot_output: list[str] = []
         self._reader: asyncio.Task | None = None
+        self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        if self.fake_url is not None:
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout + 5))
+            try:
+                async with self.http.get(f"{self.fake_url}/simulator/status") as response:
+                    connections = (await response.json())["connections"]
+            except (aiohttp.ClientError, ValueError, KeyError, TimeoutError) as exc:
+                raise RuntimeError(
+                    f"no fake DingTalk answers at {self.fake_url} ({exc or type(exc).__name__})"
+                ) from None
+            if not connections:
+                raise RuntimeError(
+                    f"nothing is connected to the fake at {self.fake_url}: start your bot or app with the lines "
+                    "python -m tests.fake_dingtalk printed"
+                )
+            print(f"sending calls to the {connections} connection(s) of the fake DingTalk at {self.fake_url}")
+            return
         await self.fake.start()
         if self.verbose:
             self.fake.trace = lambda direction, frame: print(
@@ -323,9 +416,10 @@ class Simulator:
             )
         # set even where empty, so a .env beside bot.py cannot turn them back on
         env = bot_env(self.fake, INSTANCES="1", HEALTH_PORT="", LOG_LEVEL="INFO" if self.verbose else "WARNING")
+        command = ["-m", "tests.serve_skills", *self.serve] if self.serve is not None else [str(ROOT / "bot.py")]
         started = time.monotonic()
         self.bot = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "bot.py"), cwd=ROOT, env=env,
+            sys.executable, *command, cwd=Path.cwd() if self.serve is not None else ROOT, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl+C reaches the simulator only; it stops the bot with SIGTERM
         )  # fmt: skip
@@ -347,28 +441,46 @@ class Simulator:
             self.bot_output.append(line)
             print(f"  bot| {line}")
 
+    async def invoke(self, params: dict[str, Any], raw_input: str) -> tuple[GraphResult, list[WebhookPost]]:
+        """One callback pushed as DingTalk pushes it: its ack and what was posted to its sessionWebhook.
+        Raises TimeoutError when no ack came."""
+        session = f"aswh_sim_{uuid.uuid4().hex[:16]}"
+        base = self.fake_url or self.fake.base_url
+        request = build_callback(
+            self.operation, params, raw_input, f"{base}/agent/send?session={session}", self.context
+        )
+        if self.http is None:
+            started = time.monotonic()
+            message_id = await self.fake.send_frame("CALLBACK", GRAPH_TOPIC, request)
+            ack = await self.fake.wait_ack(message_id, self.timeout)
+            posts = [post for post in self.fake.webhook_posts if post.session == session]
+            return GraphResult.from_ack(ack, time.monotonic() - started), posts
+        call = {"request": request, "session": session, "timeout": self.timeout}
+        async with self.http.post(f"{self.fake_url}/simulator/invoke", json=call) as response:
+            answer = await response.json()
+        if response.status != 200:
+            if response.status == 504:
+                raise TimeoutError
+            raise RuntimeError(answer.get("error", f"the fake answered HTTP {response.status}"))
+        posts = [WebhookPost(**post) for post in answer["posts"]]
+        return GraphResult.from_ack(answer["ack"], answer["elapsed"]), posts
+
     async def call(self, params: dict[str, Any], raw_input: str) -> bool:
         """One call as DingTalk makes it; print what the user would see. True when answered 200 as the
         operation's display mode expects."""
         op = self.operation
-        session = f"aswh_sim_{uuid.uuid4().hex[:16]}"
-        request = build_callback(op, params, raw_input, self.fake.webhook_url(session))
         if op.method == "GET":
             print(f"\n▶ GET {op.path}  query {'&'.join(f'{k}={v}' for k, v in params.items()) or '(none)'}")
         else:
             print(f"\n▶ {op.method} {op.path}  body {json.dumps(params, ensure_ascii=False)}")
         if context := context_parameters(op):
-            print(f"  + filled in by DingTalk: {', '.join(p.name for p in context)}")
-        posts_before = len(self.fake.webhook_posts)
-        started = time.monotonic()
+            given = [f"{p.name}={self.context[p.name]}" if p.name in self.context else p.name for p in context]
+            print(f"  + filled in by DingTalk: {', '.join(given)}")
         try:
-            message_id = await self.fake.send_frame("CALLBACK", GRAPH_TOPIC, request)
-            ack = await self.fake.wait_ack(message_id, self.timeout)
+            result, posts = await self.invoke(params, raw_input)
         except TimeoutError:
             print(f"✗ no ack within {self.timeout:.0f} s: the bot did not answer")
             return False
-        result = GraphResult.from_ack(ack, time.monotonic() - started)
-        posts = self.fake.webhook_posts[posts_before:]  # calls go one at a time: these are this call's
         problems = self.show_result(result, posts)
         body = result.body if isinstance(result.body, str) else json.dumps(result.body, ensure_ascii=False)
         print("\n── Graph response (in the ack) ──")
@@ -379,6 +491,36 @@ class Simulator:
         for problem in problems:
             print(f"✗ {problem}")
         return not problems
+
+    async def repeat(self, params: dict[str, Any], raw_input: str, count: int, concurrency: int) -> bool:
+        """`count` calls, `concurrency` at a time: the statuses they got and their latency percentiles."""
+        op, slots, outcomes = self.operation, asyncio.Semaphore(concurrency), []
+
+        async def one() -> None:
+            async with slots:
+                try:
+                    result, _ = await self.invoke(params, raw_input)
+                    outcomes.append((str(result.status), result.elapsed))
+                except TimeoutError:
+                    outcomes.append(("no ack", self.timeout))
+
+        print(f"\n▶ {count} × {op.method} {op.path}, {concurrency} at a time  {json.dumps(params, ensure_ascii=False)}")
+        started = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(count)))
+        took = time.monotonic() - started
+        statuses = collections.Counter(status for status, _ in outcomes)
+        latencies = sorted(elapsed * 1000 for _, elapsed in outcomes)
+
+        def percentile(share: float) -> float:
+            return latencies[min(len(latencies) - 1, int(share * len(latencies)))]
+
+        print(f"    statuses: {', '.join(f'{status} × {n}' for status, n in sorted(statuses.items()))}")
+        print(
+            f"    latency ms: p50 {percentile(0.5):.0f}, p90 {percentile(0.9):.0f}, p99 {percentile(0.99):.0f}, "
+            f"max {latencies[-1]:.0f}"
+        )
+        print(f"    {count} calls in {took:.2f} s")
+        return set(statuses) == {"200"}
 
     def show_result(self, result: GraphResult, posts: list[WebhookPost]) -> list[str]:
         """Print what the user sees for the operation's display mode; return what went against the mode."""
@@ -416,6 +558,9 @@ class Simulator:
         return problems
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+            return
         if self.bot is not None and self.bot.returncode is None:
             self.bot.send_signal(signal.SIGTERM)
             try:
@@ -470,13 +615,21 @@ async def interactive(sim: Simulator) -> bool:
 async def main_async(args: argparse.Namespace, operation: bot.Operation) -> int:
     try:
         params = parse_args(operation, args.params)
+        context = context_values(operation, args.context)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    sim = Simulator(operation, args.verbose, args.timeout)
+    serve = [args.actions or "bot:ACTIONS", str(args.tools)] if args.actions or args.tools != bot.TOOLS_FILE else None
+    sim = Simulator(operation, args.verbose, args.timeout, context, args.fake, serve)
+    raw_input = " ".join(args.params)
     try:
         await sim.start()
-        ok = await interactive(sim) if args.interactive else await sim.call(params, " ".join(args.params))
+        if args.interactive:
+            ok = await interactive(sim)
+        elif args.repeat > 1:
+            ok = await sim.repeat(params, raw_input, args.repeat, args.concurrency)
+        else:
+            ok = await sim.call(params, raw_input)
     except RuntimeError as exc:
         print(f"✗ {exc}")
         ok = False
@@ -500,14 +653,28 @@ def main() -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="show the frames on the wire and bot logs")
     parser.add_argument("--path", help="the tools.yaml path to call (default: the first one)")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the ack (default 15)")
+    parser.add_argument(
+        "--context", action="append", default=[], metavar="NAME=VALUE", help="set an x-dingtalk-context value"
+    )
+    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="send N calls, print statuses and latencies")
+    parser.add_argument("--concurrency", type=int, default=1, metavar="C", help="with --repeat: C calls at a time")
+    parser.add_argument("--tools", type=Path, default=bot.TOOLS_FILE, help="the tools file (default: tools.yaml)")
+    parser.add_argument("--actions", metavar="MODULE[:NAME]", help="the actions (default: ACTIONS in bot.py)")
+    parser.add_argument("--fake", metavar="URL", help="send to what is connected to python -m tests.fake_dingtalk")
     args = parser.parse_args()
+    if args.repeat < 1 or args.concurrency < 1:
+        parser.error("--repeat and --concurrency take a number of 1 or more")
     try:
-        operations = load_operations()
+        actions = actions_of(args.actions) if args.actions else None
+        operations = load_operations(args.tools, actions)
     except bot.ConfigError as exc:  # bot.py would refuse to start the same way, or the authoring check failed
         print(f"✗ {exc}", file=sys.stderr)
         return 2
+    except (ImportError, AttributeError) as exc:
+        print(f"error: --actions {args.actions}: {exc}", file=sys.stderr)
+        return 2
     if args.list:
-        print(describe(operations))
+        print(describe(operations, args.tools.name))
         return 0
     try:
         operation = pick_operation(operations, args.path)

@@ -1,0 +1,49 @@
+"""python -m tests.serve_skills MODULE[:NAME] TOOLS: serve those actions and that tools file with bot.py's engine.
+
+What `python bot.py` does for the skills in bot.py, done for skills of your own module (bot.running(), settings
+from the environment and .env, the same log lines); Ctrl+C or SIGTERM stops it. The simulator runs it for
+`--actions` / `--tools`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import bot
+
+
+def actions_of(spec: str) -> dict[str, Any]:
+    """ "my_skills" or "my_skills:ACTIONS" -> that module's mapping of paths to actions."""
+    module, _, name = spec.partition(":")
+    sys.path.insert(0, str(Path.cwd()))  # a module beside where you run it, as `python app.py` finds it
+    return getattr(importlib.import_module(module), name or "ACTIONS")
+
+
+async def serve(actions: dict[str, Any], tools: str) -> None:
+    stop, loop = asyncio.Event(), asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with bot.running(actions, tools):
+        await stop.wait()
+
+
+def main() -> int:
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(actions_of(sys.argv[1]), sys.argv[2]))
+    except bot.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
