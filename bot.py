@@ -30,7 +30,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
@@ -1211,14 +1211,10 @@ async def running(
     if settings is None:
         read_dotenv()
         settings = load_settings()
-    operations, redacting = load_operations(Path(tools), actions), RedactingFilter(secrets_of(settings))
-    log.addFilter(redacting)  # the app's handlers print the bot's lines: without its secrets
-    try:
-        async with serving(settings, operations) as started:
+    with logging_in_apps(settings):
+        async with serving(settings, load_operations(Path(tools), actions)) as started:
             await connected(started, connected_within)
             yield list(started)
-    finally:
-        log.removeFilter(redacting)
 
 
 async def connected(started: Mapping[StreamClient, asyncio.Task], within: float) -> None:
@@ -1384,6 +1380,9 @@ def running_action(frame: Any) -> str | None:
     return action
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
 class RedactingFilter(logging.Filter):
     """Keeps secrets and webhook session tokens out of every log line, whichever library wrote it."""
 
@@ -1404,9 +1403,29 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+@contextlib.contextmanager
+def logging_in_apps(settings: Settings) -> Iterator[None]:
+    """Embedded, the bot's lines as `python bot.py` prints them: at LOG_LEVEL, redacted, through the app's handlers,
+    or a handler of their own where the app has none (uvicorn's defaults leave the root logger without one)."""
+    redacting, level = RedactingFilter(secrets_of(settings)), log.level
+    own = None if logging.getLogger().handlers else logging.StreamHandler()
+    log.addFilter(redacting)
+    log.setLevel(level or settings.log_level)
+    if own is not None:
+        own.setFormatter(logging.Formatter(LOG_FORMAT))
+        log.addHandler(own)
+    try:
+        yield
+    finally:
+        log.removeFilter(redacting)
+        log.setLevel(level)
+        if own is not None:
+            log.removeHandler(own)
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(RedactingFilter(secrets_of(settings)))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # Per-frame websocket debug output drowns everything else; keep it at INFO or above.

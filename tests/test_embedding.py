@@ -4,6 +4,7 @@ fails at start, and README section 9's FastAPI and aiohttp examples saved as app
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import shutil
@@ -18,7 +19,7 @@ import pytest
 import bot
 from tests.conftest import ROOT, settings_for, wait_until
 from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, free_port, graph_request
-from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
+from tests.samples import PRELUDE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
 PARAMS = {"location": "杭州", "date": "明天"}
 SECTION = (ROOT / "README.md").read_text(encoding="utf-8").split("## 9. ")[1].split("\n## 10.")[0]
@@ -71,10 +72,11 @@ async def test_running_says_so_when_it_is_not_connected_in_time_and_goes_on(fake
 
 
 async def launch(kind: str, env: dict[str, str], workdir: Path, port: int) -> asyncio.subprocess.Process:
-    """README section 9's example saved as app.py beside an unchanged bot.py and tools.yaml, run as it says."""
-    for name in ("bot.py", "tools.yaml"):
-        shutil.copy(ROOT / name, workdir / name)
-    (workdir / "app.py").write_text(EXAMPLES[kind], encoding="utf-8")
+    """README section 9's example saved as app.py beside an unchanged bot.py, run as it says; the skills are the
+    samples (tools.yaml and, through PRELUDE, ACTIONS), whatever the author has put in bot.py."""
+    shutil.copy(ROOT / "bot.py", workdir / "bot.py")
+    shutil.copy(SAMPLE_TOOLS, workdir / "tools.yaml")
+    (workdir / "app.py").write_text(PRELUDE + EXAMPLES[kind], encoding="utf-8")
     command = ["-m", "uvicorn", "app:app", "--port", str(port)] if kind == "fastapi" else ["app.py"]
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -108,6 +110,9 @@ async def test_the_readme_example_serves_the_skill_and_its_own_route_and_drains_
         output = (await asyncio.wait_for(app.communicate(), 15))[0].decode()
         # uvicorn re-raises SIGTERM once it has shut down, so that its exit status names the signal
         assert app.returncode == (-signal.SIGTERM if kind == "fastapi" else 0), output
+        # the lines `python bot.py` prints, under uvicorn's logging defaults or none at all
+        assert "INFO    bot: stream-1: connected" in output, output
+        assert f"INFO    bot: callback {message_id} POST /v1/actions/weather -> 200 in" in output
         ack = await remote(fake.wait_ack(message_id, timeout=5))  # drained: the reply and its ack
         assert '\\"success\\": true' in ack["data"]
     finally:
@@ -168,3 +173,21 @@ async def test_cancelled_again_while_draining_running_still_closes_its_connectio
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(serving, 10)
     await remote(fake.wait_for(lambda: not fake.live_connections(), 5))  # nothing left open
+
+
+async def test_embedded_the_bots_lines_show_under_the_apps_basic_config(fake, remote):
+    root, stream = logging.getLogger(), io.StringIO()
+    saved = root.handlers[:], root.level
+    root.handlers[:] = [logging.StreamHandler(stream)]  # what logging.basicConfig() leaves: WARNING, one handler
+    root.setLevel(logging.WARNING)
+    try:
+        async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake)) as clients:
+            result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
+            bot.log.warning("a line with the secret %s in it", clients[0].credential.client_secret)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    assert result.status == 200
+    lines = stream.getvalue()
+    assert "stream-1: connected" in lines and f"POST {WEATHER} -> 200" in lines and "stopped" in lines
+    assert "a line with the secret *** in it" in lines and fake.client_secret not in lines  # as python bot.py does

@@ -1,5 +1,6 @@
-"""`python -m tests.simulate` as a user runs it: --list, one call per display mode, failures, interactive mode;
-and the simulator's own checks of what the bot did against the operation's x-dingtalk-display-result."""
+"""`python -m tests.simulate` as a user runs it: --list, one call per display mode, failures, interactive mode,
+--context, --repeat, --fake; and the simulator's own checks of what the bot did against the operation's
+x-dingtalk-display-result. It runs on the sample skills (--tools/--actions), never on the demo ones in bot.py."""
 
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS
 WEATHER, RATE, ON_CALL = "/v1/actions/weather", "/v1/actions/exchange-rate", "/v1/actions/on-call"
 
 
+SAMPLES = ["--tools", str(SAMPLE_TOOLS), "--actions", "tests.samples:SAMPLE_ACTIONS"]
+
+
 def simulate(*args: str, path: str | None = WEATHER, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     where = ["--path", path] if path else []
     return subprocess.run(
-        [sys.executable, "-m", "tests.simulate", *where, *args],
+        [sys.executable, "-m", "tests.simulate", *SAMPLES, *where, *args],
         cwd=ROOT, env=bot_env(), input=stdin, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -46,7 +50,9 @@ def test_list_shows_each_operation_with_its_mode_without_starting_the_bot():
     out = result.stdout
     assert "bot.py connected" not in out and "bot|" not in out and "▶" not in out
     blocks = {block.split("\n", 1)[0]: block for block in out.split("\n\n")}
-    assert set(blocks) >= {f"{op.method} {op.path}" for op in sim.load_operations().values()}
+    assert set(blocks) >= {
+        f"{op.method} {op.path}" for op in sim.load_operations(SAMPLE_TOOLS, SAMPLE_ACTIONS).values()
+    }
 
     weather = blocks[f"POST {WEATHER}"]
     assert "display: disabled — reply through sessionWebhook" in weather
@@ -97,7 +103,7 @@ def test_auto_mode_shows_the_data_for_the_assistants_model_and_calls_no_webhook(
     data_json, note = data_section.rsplit("\n", 1)
     data = json.loads(data_json)
     assert data["currency"] == "USD" and data["amount"] == 100
-    assert data["cny"] == round(100 * bot.DEMO_RATES["USD"], 2)
+    assert data["cny"] == 712.0  # the sample skill's made-up rate
     assert "the assistant's model turns this data into its answer" in note and "no sessionWebhook call" in note
     graph = section(out, "── Graph response (in the ack) ──")
     assert graph.startswith("    status 200  body {") and json.loads(graph.split("body ", 1)[1].split("\n")[0]) == data
@@ -126,7 +132,7 @@ def test_markdown_mode_shows_the_markdown_result_card_and_calls_no_webhook():
 def test_unknown_path_is_a_usage_error_naming_the_known_paths():
     result = simulate("x", path="/v1/actions/nope")
     assert result.returncode == 2
-    assert "/v1/actions/nope is not in tools.yaml" in result.stderr
+    assert "/v1/actions/nope is not in tools.yaml" in result.stderr  # (the simulator's word for any tools file)
     assert f"known paths: {WEATHER}, {RATE}, {ON_CALL}" in result.stderr
     assert "bot.py connected" not in result.stdout
 
@@ -169,7 +175,7 @@ def test_simulator_interactive_sends_each_line():
 
 def test_ctrl_c_in_interactive_mode_stops_the_bot_and_exits_130():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.simulate", "-i"],
+        [sys.executable, "-m", "tests.simulate", *SAMPLES, "-i"],
         cwd=ROOT, env=bot_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
