@@ -31,6 +31,7 @@ async def get_on_call(team: str, weeks: int = 1) -> str:
 
 
 SAMPLE_ACTIONS = {WEATHER: get_weather, RATE: get_exchange_rate, ON_CALL: get_on_call}
+ACTIONS = SAMPLE_ACTIONS  # for --actions tests.samples
 
 # What a `python bot.py` subprocess runs first (as run_bot.py beside a copy of bot.py and SAMPLE_TOOLS).
 PRELUDE = f"""

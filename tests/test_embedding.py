@@ -191,3 +191,14 @@ async def test_embedded_the_bots_lines_show_under_the_apps_basic_config(fake, re
     lines = stream.getvalue()
     assert "stream-1: connected" in lines and f"POST {WEATHER} -> 200" in lines and "stopped" in lines
     assert "a line with the secret *** in it" in lines and fake.client_secret not in lines  # as python bot.py does
+
+
+async def test_without_a_network_an_apps_start_up_is_not_held(caplog):
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens: as a network that is down answers
+    settings = bot.Settings(client_id="id", client_secret="secret", dingtalk_openapi_endpoint=nowhere)
+    started = time.monotonic()
+    async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings) as clients:
+        waited = time.monotonic() - started
+        assert not clients[0].connected
+    assert waited < 5  # not connected_within's 30 s: the app's own routes answer at once
+    assert "stream-1 not connected yet: going on; it keeps trying in the background" in caplog.text

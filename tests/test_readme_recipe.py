@@ -1,8 +1,10 @@
-"""README section 4, "How to add an action", runs as written: its function, its tools.yaml block pasted under
-`paths:`, and its tests, applied to a copy of the project, pass; the bot answers the new path, and refuses as shown."""
+"""README section 4, "How to add an action", runs as written: its function and its line in ACTIONS, its tools.yaml block
+pasted at the end of `paths:`, and its tests, added to a copy of the project beside the skills already there, pass;
+the bot answers the new path, and refuses as shown."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -25,14 +27,25 @@ def test_the_add_an_action_recipe_runs_as_written(tmp_path: Path) -> None:
     project = tmp_path / "project"
     shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
     function, registry = block("python", "def get_stock").split("\n\nACTIONS")
+    [line] = [line for line in registry.splitlines() if "get_stock" in line]  # the one line the recipe adds
     bot = (project / "bot.py").read_text(encoding="utf-8")
-    registered = re.search(r"\nACTIONS: .*? = \{.*?\n\}", bot, re.DOTALL)  # bot.py's own ACTIONS block
-    assert registered, "bot.py has an ACTIONS block"
-    bot = bot.replace(registered.group(0), f"\n{function.rstrip()}\n\n\nACTIONS{registry.rstrip()}")
+    [registry_node] = [  # bot.py's own ACTIONS, kept: the recipe adds one line to it
+        node
+        for node in ast.parse(bot).body
+        if isinstance(node, ast.AnnAssign) and ast.unparse(node.target) == "ACTIONS"
+    ]
+    lines = bot.splitlines(keepends=True)
+    registered = "".join(lines[registry_node.lineno - 1 : registry_node.end_lineno]).rstrip()
+    extended = registered[:-1].rstrip().rstrip(",") + f",\n{line}\n}}"  # the closing brace, and the line before it
+    bot = bot.replace(registered, f"{function.strip()}\n\n\n{extended}", 1)
     (project / "bot.py").write_text(bot, encoding="utf-8")
     tools = (project / "tools.yaml").read_text(encoding="utf-8")
-    pasted = block("yaml", "/v1/actions/stock")  # "under the existing paths:", before components:
-    (project / "tools.yaml").write_text(tools.replace("\ncomponents:", f"\n{pasted.rstrip()}\ncomponents:", 1))
+    pasted = block("yaml", "/v1/actions/stock").rstrip()  # "at the end of the existing paths:", before components:
+    if "\ncomponents:" in tools:
+        tools = tools.replace("\ncomponents:", f"\n{pasted}\ncomponents:", 1)
+    else:
+        tools = f"{tools.rstrip()}\n{pasted}\n"
+    (project / "tools.yaml").write_text(tools, encoding="utf-8")
     tests = project / "tests" / "test_actions.py"
     tests.write_text(tests.read_text(encoding="utf-8") + "\n\n" + block("python", "def test_get_stock"))
 
