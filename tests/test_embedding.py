@@ -202,3 +202,54 @@ async def test_without_a_network_an_apps_start_up_is_not_held(caplog):
         assert not clients[0].connected
     assert waited < 5  # not connected_within's 30 s: the app's own routes answer at once
     assert "stream-1 not connected yet: going on; it keeps trying in the background" in caplog.text
+
+
+def readme_block(language: str, containing: str) -> str:
+    [found] = [b for b in re.findall(rf"```{language}\n(.*?)```", SECTION, re.DOTALL) if containing in b]
+    return found
+
+
+async def test_the_offline_loop_for_an_app_of_your_own_runs_as_the_readme_shows(tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
+    (project / "my_skills.py").write_text(readme_block("python", "# my_skills.py"), encoding="utf-8")
+    (project / "my_tools.yaml").write_text(readme_block("yaml", "# my_tools.yaml"), encoding="utf-8")
+    own = 'bot.running(my_skills.ACTIONS, "my_tools.yaml")'  # as the example's comment says
+    app = EXAMPLES["fastapi"].replace("bot.running()", own).replace("import bot\n", "import bot\nimport my_skills\n")
+    (project / "app.py").write_text(app, encoding="utf-8")
+    fake_line, app_line, simulate_line = readme_block("bash", "tests.fake_dingtalk").strip().splitlines()
+    fake_port, app_port = free_port(), free_port()
+
+    def command(line: str) -> list[str]:
+        words = line.split("#")[0].split()
+        words = [str(fake_port) if word == "8765" else str(app_port) if word == "8000" else word for word in words]
+        words = [word.replace(":8765", f":{fake_port}") for word in words]
+        return [sys.executable, *words[1:]] if words[0] == "python" else [sys.executable, "-m", *words]
+
+    def start(line: str, env: dict[str, str]) -> asyncio.Future:
+        return asyncio.create_subprocess_exec(
+            *command(line), cwd=project, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+
+    fake = await start(fake_line, bot_env())
+    app_process = None
+    try:
+        exports = {}
+        while not (line := (await asyncio.wait_for(fake.stdout.readline(), 15)).decode()).startswith("# Ctrl+C"):
+            if match := re.fullmatch(r"export (\w+)=(.*)\n", line):
+                exports[match[1]] = match[2]
+        app_process = await start(app_line, bot_env() | exports)  # "after pasting those export lines"
+        while "# connected: 1 connection(s) open" not in (await asyncio.wait_for(fake.stdout.readline(), 15)).decode():
+            pass
+        answered = await start(simulate_line, bot_env())
+        answer = (await asyncio.wait_for(answered.communicate(), 60))[0].decode()
+        refused = await start(simulate_line.replace("OPS-1", "not-a-ticket"), bot_env())
+        refusal = (await asyncio.wait_for(refused.communicate(), 60))[0].decode()
+    finally:
+        for process in (app_process, fake):
+            if process is not None and process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(process.communicate(), 15)
+    assert answered.returncode == 0, answer
+    assert '"ticket": "OPS-1"' in answer and '"status": "open"' in answer
+    assert refused.returncode == 1 and "parameter ticket must match pattern" in refusal
