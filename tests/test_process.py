@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import ssl
+import subprocess
+import sys
 
 import pytest
 import trustme
 
-from tests.conftest import FakeThread
+import bot
+from tests.conftest import ROOT, FakeThread
 from tests.fake_dingtalk import bot_env, graph_request
 from tests.samples import SAMPLE_TOOLS
 
@@ -153,3 +157,26 @@ async def test_wss_with_a_certificate_from_a_ca_trusted_through_ssl_cert_file(tm
         assert await process.wait(10) == 0
     assert result.status == 200 and fake.webhook_posts[0].markdown.startswith("### 杭州")
     assert fake.webhook_posts[0].host == f"127.0.0.1:{fake.port}"  # over https, as the open and wss:// were
+
+
+# ----- the engine's version -----
+
+
+def test_version_flag_prints_the_engines_and_the_sdks_versions_and_exits_0():
+    result = subprocess.run(
+        [sys.executable, "bot.py", "--version"], cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith(f"dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {bot.SDK_VERSION}, Python ")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", bot.VERSION)
+    assert f"## {bot.VERSION} — " in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")  # says what changed
+
+
+async def test_the_first_log_line_names_the_engines_and_the_sdks_versions(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake))
+    await remote(fake.wait_connected(1, timeout=10))
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(10) == 0
+    assert f"bot: dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {bot.SDK_VERSION}): serving 3 action(s)" in (
+        process.output
+    )

@@ -259,3 +259,87 @@ def test_a_custom_ai_card_is_shown_with_its_template_id_and_card_data(capsys: py
     out = capsys.readouterr().out
     assert "── reply in the chat (AI card tpl-123.schema via sessionWebhook) ──" in out
     assert json.loads(out.split("──\n", 1)[1]) == {"城市": "杭州"}
+
+
+# ----- --context, --list's rules, --repeat: on a skill of one's own module -----
+
+LEAVE_SKILLS = """
+async def get_leave(userId: str, code: str = "AL") -> dict:
+    return {"user": userId, "code": code, "days": 5}
+
+
+async def get_holidays(year: int = 2026) -> dict:
+    return {"year": year}
+
+
+ACTIONS = {"/v1/leave": get_leave, "/v1/holidays": get_holidays}
+"""
+
+LEAVE_TOOLS = """openapi: 3.0.1
+info: {title: Leave, version: 1.0.0}
+x-dingtalk-protocol: stream
+paths:
+  /v1/leave:
+    get:
+      x-dingtalk-display-result: auto
+      parameters:
+        - {name: code, in: query, schema: {type: string, pattern: "^[A-Z]{2}$", minLength: 2, maxLength: 2}}
+        - {name: userId, in: query, schema: {type: string}, x-dingtalk-context: {property: currentUser, format: userId}}
+      responses: {'200': {description: OK}}
+  /v1/holidays:
+    get:
+      x-dingtalk-display-result: auto
+      parameters:
+        - {name: year, in: query, schema: {type: integer, minimum: 2000, maximum: 2100}}
+        - {name: corpId, in: query, schema: {type: string}, x-dingtalk-context: {property: currentOrg, format: corpId}}
+      responses: {'200': {description: OK}}
+"""
+
+
+def simulate_own(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "leave_skills.py").write_text(LEAVE_SKILLS, encoding="utf-8")
+    (tmp_path / "leave_tools.yaml").write_text(LEAVE_TOOLS, encoding="utf-8")
+    own = ["--tools", "leave_tools.yaml", "--actions", "leave_skills"]
+    return subprocess.run(
+        [sys.executable, "-m", "tests.simulate", *own, *args],
+        cwd=tmp_path, env=bot_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_context_sets_a_value_dingtalk_fills_in_and_the_action_sees_it(tmp_path):
+    result = simulate_own(tmp_path, "--path", "/v1/leave", "--context", "userId=manager-01", "SL")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "+ filled in by DingTalk: userId=manager-01" in result.stdout
+    assert '"user": "manager-01"' in result.stdout and '"code": "SL"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--context", "userid=x"], "--context userid: GET /v1/leave declares no x-dingtalk-context parameter userid"),
+        (["--path", "/v1/holidays", "--context", "corpId=c1"], "get_holidays() does not take corpId"),
+        (["userId=x"], "userId is filled in by DingTalk (x-dingtalk-context): set it with --context userId=x"),
+    ],
+    ids=["not-declared", "not-taken", "given-as-a-value"],
+)
+def test_a_context_value_the_action_would_never_see_is_an_error_naming_it(tmp_path, args, problem):
+    result = simulate_own(tmp_path, *(["--path", "/v1/leave"] if "--path" not in args else []), *args)
+    assert result.returncode == 2 and problem in result.stderr, result.stdout + result.stderr
+    assert "bot.py connected" not in result.stdout
+
+
+def test_list_shows_every_rule_a_parameter_carries(tmp_path):
+    result = simulate_own(tmp_path, "--list")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"code +string, optional, length 2, pattern \^\[A-Z\]\{2\}\$\n", result.stdout)
+    assert re.search(r"year +integer, optional, 2000–2100", result.stdout)
+
+
+def test_repeat_sends_calls_side_by_side_and_prints_statuses_and_latencies(tmp_path):
+    result = simulate_own(tmp_path, "--path", "/v1/holidays", "--repeat", "20", "--concurrency", "5", "2030")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "▶ 20 × GET /v1/holidays, 5 at a time" in result.stdout
+    assert "statuses: 200 × 20" in result.stdout
+    assert re.search(r"latency ms: p50 \d+, p90 \d+, p99 \d+, max \d+", result.stdout)
+    refused = simulate_own(tmp_path, "--path", "/v1/holidays", "--repeat", "4", "--concurrency", "2", "1999")
+    assert refused.returncode == 1 and "statuses: 400 × 4" in refused.stdout
