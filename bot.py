@@ -1,6 +1,6 @@
 """DingTalk AI assistant (钉钉 AI 助理) skills served over Stream mode, in one asyncio file.
 
-Your part comes first: one async function per operation of tools.yaml, registered in ACTIONS.
+Your part comes first: one function per operation of tools.yaml (async def, or def for blocking code), in ACTIONS.
 Below the fence is the engine, which you should not need to edit.
 
 Run:   python bot.py         (CLIENT_ID / CLIENT_SECRET from the environment or .env)
@@ -285,9 +285,8 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     except OSError as exc:
         raise ConfigError(f"{path.name}: cannot read {path} ({exc.strerror or exc})") from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
-        raise ConfigError(
-            f"{path.name} is not valid YAML: {' '.join(str(exc).split()) or 'nested too deeply'}"
-        ) from None
+        problem = " ".join(str(exc).replace('"<unicode string>"', path.name).split()) or "nested too deeply"
+        raise ConfigError(f"{path.name} is not valid YAML: {problem}") from None
     return operations_of(spec, ACTIONS if actions is None else actions, path.name)
 
 
@@ -295,11 +294,14 @@ def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.y
     """The operations of an OpenAPI description already read (see load_operations)."""
     if not (isinstance(spec, dict) and str(spec.get("openapi", "")).startswith("3.") and spec.get("paths")):
         raise ConfigError(f"{name} is not an OpenAPI 3 description with paths (openapi: 3.0.1, paths: ...)")
-    for route in spec["paths"].keys() - actions.keys():
+    in_tools, in_actions = spec["paths"].keys() - actions.keys(), actions.keys() - spec["paths"].keys()
+    for route in sorted(in_tools):
+        if twin := difflib.get_close_matches(route, list(in_actions), n=1, cutoff=0.8):
+            raise ConfigError(f"{name} declares {route} and ACTIONS in bot.py has {twin[0]}: make them one path")
         hint = nearest(route, actions)
         raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it{hint}")
-    for route in actions.keys() - spec["paths"].keys():
-        hint = nearest(route, spec["paths"])
+    for route in sorted(in_actions):
+        hint = misplaced(spec, route) or nearest(route, spec["paths"])
         raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it{hint}")
     operations = {}
     for route, method in [(route, method) for route in spec["paths"] for method in ("get", "post")]:
@@ -321,6 +323,16 @@ def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.y
 def nearest(name: str, names: Any, cutoff: float = 0.8) -> str:
     guess = difflib.get_close_matches(name, [str(n) for n in names], n=1, cutoff=cutoff)
     return f" (did you mean {guess[0]}?)" if guess else ""
+
+
+def misplaced(spec: dict, route: str) -> str:
+    """Where a path sits that is not under `paths:`, as a block pasted with the wrong indent leaves it."""
+    if route in spec:
+        return " (it is at the top level: indent it two spaces, under paths:)"
+    for other, item in spec["paths"].items():
+        if isinstance(item, dict) and route in item:
+            return f" (it is indented under {other}: indent it as much as the other paths)"
+    return ""
 
 
 def read_operation(spec: dict, where: str, route: str, method: str, action: Action) -> Operation:
@@ -347,6 +359,9 @@ def read_operation(spec: dict, where: str, route: str, method: str, action: Acti
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
     props, segments = schema["properties"], tuple(re.findall(r"{([^}/]+)}", route))
+    for name, prop in props.items():  # else DingTalk would not fill it in, and the model could
+        if "x-dingtalk-context" in prop and not isinstance(prop["x-dingtalk-context"], dict):
+            raise ConfigError(f"{where}: parameter {name}: indent property and format under its x-dingtalk-context")
     webhook = next((p for p in props if props[p].get("x-dingtalk-context") == WEBHOOK_CONTEXT), None)
     if display == "disabled" and webhook is None:
         raise ConfigError(
@@ -1476,9 +1491,12 @@ def main() -> int:
     if sys.argv[1:] == ["--version"]:
         print(f"dingtalk-skill-bot {VERSION} (dingtalk-stream {SDK_VERSION}, Python {platform.python_version()})")
         return 0
+    if sys.argv[1:]:  # settings come from the environment and .env, not the command line
+        print("usage: python bot.py [--version]  (settings: the environment or .env, README §8)", file=sys.stderr)
+        return 0 if sys.argv[1:] in (["-h"], ["--help"]) else 2
     try:
         read_dotenv()
-        settings, operations = load_settings(), load_operations()
+        operations, settings = load_operations(), load_settings()  # a mistake in tools.yaml first, credentials or not
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

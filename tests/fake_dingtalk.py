@@ -558,7 +558,8 @@ async def serve_alone(port: int) -> None:
     for key, value in bot_env(fake).items():
         if key.startswith(("CLIENT_", "DINGTALK_", "WEBHOOK_")) or key in ("NO_PROXY", "no_proxy"):
             print(f"export {key}={value}")
-    print(f"# Then send calls from another terminal: python -m tests.simulate --fake {fake.base_url} [values...]")
+    print(f"# Then, in another terminal: python -m tests.simulate --fake {fake.base_url} [--tools YOUR_TOOLS.yaml")
+    print("#   --actions YOUR_MODULE] [--path /v1/...] [values...]   (the tools file and actions your app serves)")
     print("# Ctrl+C stops the fake.", flush=True)
     stop, loop, seen = asyncio.Event(), asyncio.get_running_loop(), 0
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -166,6 +166,8 @@ def parse_args(operation: bot.Operation, words: list[str]) -> dict[str, Any]:
             raise UsageError(f"not a JSON object: {exc}") from None
         if not isinstance(value, dict):
             raise UsageError("the JSON argument must be an object")
+        if filled := sorted(value.keys() & {p.name for p in context_parameters(operation)}):
+            raise UsageError(f"{filled[0]} is filled in by DingTalk (x-dingtalk-context): set it with --context")
         return value
     declared = {p.name: p for p in user_parameters(operation)}
     filled_in = {p.name for p in context_parameters(operation)}
@@ -666,6 +668,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.repeat < 1 or args.concurrency < 1:
         parser.error("--repeat and --concurrency take a number of 1 or more")
+    if args.concurrency > 1 and args.repeat == 1:
+        parser.error("--concurrency goes with --repeat N: it says how many of the N calls go at a time")
     try:
         actions = actions_of(args.actions) if args.actions else None
         operations = load_operations(args.tools, actions)

@@ -77,9 +77,11 @@ def test_with_the_demo_skills_replaced_by_ones_own_the_suite_passes(tmp_path: Pa
     project = tmp_path / "project"
     shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
     source = (project / "bot.py").read_text(encoding="utf-8")
-    demos = re.search(r"\nDEMO_RATES = .*?\n(?=@dataclass\(frozen=True\)\nclass Card)", source, re.DOTALL)
-    assert demos, "bot.py's demo actions sit between the actions header and Card"
-    (project / "bot.py").write_text(source.replace(demos.group(0), "\n" + OWN_ACTIONS), encoding="utf-8")
+    # whatever skills are there now (the demos, or yours): after the actions part's comment, up to Card
+    part = r"# ----- Your actions [^\n]*\n(?:#[^\n]*\n)*\n(.*?)\n(?=@dataclass\(frozen=True\)\nclass Card)"
+    actions = re.search(part, source, re.DOTALL)
+    assert actions, "bot.py's actions part ends where Card begins"
+    (project / "bot.py").write_text(source.replace(actions.group(1), OWN_ACTIONS), encoding="utf-8")
     (project / "tools.yaml").write_text(OWN_TOOLS, encoding="utf-8")
     (project / "tests" / "test_actions.py").write_text(OWN_TESTS, encoding="utf-8")
     run = [sys.executable, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider", *READS_THE_PROJECTS_SKILLS]

@@ -180,3 +180,24 @@ async def test_the_first_log_line_names_the_engines_and_the_sdks_versions(fake, 
     assert f"bot: dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {bot.SDK_VERSION}): serving 3 action(s)" in (
         process.output
     )
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--help"], 0), (["-V"], 2), (["--port", "8000"], 2)])
+def test_other_arguments_print_the_usage_not_a_credentials_error(args, code):
+    result = subprocess.run(
+        [sys.executable, "bot.py", *args], cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == code and result.stdout == ""
+    assert result.stderr.startswith("usage: python bot.py [--version]") and "CLIENT_ID" not in result.stderr
+
+
+async def test_a_tools_yaml_mistake_is_said_before_missing_credentials(fake, bot_process):
+    env = bot_env(fake)
+    del env["CLIENT_ID"], env["CLIENT_SECRET"]
+    tools = SAMPLE_TOOLS.read_text(encoding="utf-8").replace("  /v1/actions/on-call:", "  /v1/actions/on-calls:")
+    process = await bot_process(env, tools=tools)
+    assert await process.wait(10) == 2
+    [line] = process.lines
+    assert line.startswith(
+        "error: tools.yaml declares /v1/actions/on-calls and ACTIONS in bot.py has /v1/actions/on-call"
+    )

@@ -343,3 +343,10 @@ def test_repeat_sends_calls_side_by_side_and_prints_statuses_and_latencies(tmp_p
     assert re.search(r"latency ms: p50 \d+, p90 \d+, p99 \d+, max \d+", result.stdout)
     refused = simulate_own(tmp_path, "--path", "/v1/holidays", "--repeat", "4", "--concurrency", "2", "1999")
     assert refused.returncode == 1 and "statuses: 400 × 4" in refused.stdout
+
+
+def test_a_context_value_in_a_json_object_or_concurrency_without_repeat_is_refused(tmp_path):
+    as_json = simulate_own(tmp_path, "--path", "/v1/leave", '{"code": "SL", "userId": "bob"}')
+    assert as_json.returncode == 2 and "userId is filled in by DingTalk (x-dingtalk-context)" in as_json.stderr
+    alone = simulate_own(tmp_path, "--path", "/v1/holidays", "--concurrency", "5", "2030")
+    assert alone.returncode == 2 and "--concurrency goes with --repeat N" in alone.stderr

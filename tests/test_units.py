@@ -854,3 +854,66 @@ def test_a_parameter_described_by_content_is_typed_by_its_schema():
 def test_multiple_of_zero_stops_the_start_instead_of_failing_every_call():
     with pytest.raises(bot.ConfigError, match="code: multipleOf must be greater than 0, not 0"):
         query_operation({"type": "number", "multipleOf": 0})
+
+
+# ----- the likeliest tools.yaml mistakes, said in tools.yaml's terms -----
+
+TICKET_BLOCK = """  /v1/actions/ticket:
+    get:
+      x-dingtalk-display-result: auto
+      parameters:
+        - {name: ticket, in: query, schema: {type: string}}
+      responses: {'200': {description: OK}}
+"""
+
+
+async def get_ticket(ticket: str) -> dict:
+    return {"ticket": ticket}
+
+
+@pytest.mark.parametrize(
+    ("tools", "actions", "message"),
+    [
+        (
+            TOOLS.replace("paths:\n", "paths:\n" + TICKET_BLOCK),
+            {**SAMPLE_ACTIONS, "/v1/actions/tickets": get_ticket},
+            "tools.yaml declares /v1/actions/ticket and ACTIONS in bot.py has /v1/actions/tickets: make them one path",
+        ),
+        (
+            TOOLS + "\n" + TICKET_BLOCK.replace("\n  ", "\n").removeprefix("  "),  # pasted at column 0
+            {**SAMPLE_ACTIONS, "/v1/actions/ticket": get_ticket},
+            "does not declare it (it is at the top level: indent it two spaces, under paths:)",
+        ),
+        (
+            TOOLS.replace("\ncomponents:", "\n  " + TICKET_BLOCK.replace("\n", "\n  ").rstrip(" ") + "components:"),
+            {**SAMPLE_ACTIONS, "/v1/actions/ticket": get_ticket},
+            "does not declare it (it is indented under /v1/actions/on-call: indent it as much as the other paths)",
+        ),
+    ],
+    ids=["spelled-two-ways", "at-the-top-level", "indented-too-far"],
+)
+def test_a_path_pasted_or_spelled_wrong_is_said_where_it_is(tmp_path, tools, actions, message):
+    path = tmp_path / "tools.yaml"
+    path.write_text(tools, encoding="utf-8")
+    with pytest.raises(bot.ConfigError) as err:
+        bot.load_operations(path, actions)
+    assert message in str(err.value)
+
+
+def test_a_context_field_whose_property_and_format_lost_their_indent_stops_the_start(tmp_path):
+    indented = "x-dingtalk-context:\n            property: currentUser\n            format: userId"
+    tools = TOOLS.replace(indented, "x-dingtalk-context:\n          property: currentUser\n          format: userId", 1)
+    assert tools != TOOLS
+    with pytest.raises(bot.ConfigError, match="indent property and format under its x-dingtalk-context"):
+        bot.load_operations(write(tmp_path, tools), SAMPLE_ACTIONS)
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    with pytest.raises(bot.ConfigError) as err:
+        bot.load_operations(write(tmp_path, TOOLS.replace("  /v1/actions/on-call:", "  /v1/actions/on-call: x:")))
+    assert str(err.value).startswith("tools.yaml is not valid YAML: ") and "in tools.yaml, line" in str(err.value)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "tools.yaml").write_text(text, encoding="utf-8")
+    return tmp_path / "tools.yaml"
