@@ -30,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
@@ -530,37 +531,54 @@ def find_operation(operations: Mapping[str, Operation], method: str, path: str) 
 
 
 async def run_action(
-    action: Action, params: dict[str, Any], time_limit: float, takes: ActionParameters | None = None
+    action: Action, params: dict[str, Any], time_limit: float, takes: ActionParameters | None = None, route: str = ""
 ) -> Any:
-    """Call `action` with the parameters its signature names, within `time_limit` seconds (a plain def in a worker
-    thread); GraphError says how it failed."""
+    """Call `action` with the parameters its signature names, within `time_limit` seconds, in a task of its own (so
+    that one which ignores cancellation cannot hold its answer back; a plain def runs in a worker thread); GraphError
+    says how it failed."""
     takes = takes or action_parameters(action)
     if missing := [name for name in takes.required if name not in params]:
         raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
     kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
-    loop = asyncio.get_running_loop()
+    loop, label = asyncio.get_running_loop(), f"{named(action)} ({route})" if route else named(action)
+    deadline = loop.time() + time_limit
+    if inspect.iscoroutinefunction(action):
+        call = loop.create_task(contained(action(**kwargs)), name=f"action {label}")  # the loop watchdog reads it
+    else:
+        call = loop.create_task(contained(ACTION_THREADS.run(functools.partial(action, **kwargs), label)))
+    call.add_done_callback(lambda done: done.cancelled() or done.exception())  # its outcome is read below, or moot
     try:
-        async with asyncio.timeout(time_limit) as deadline:
-            if inspect.iscoroutinefunction(action):
-                result = await action(**kwargs)
-            else:
-                result = await ACTION_THREADS.run(functools.partial(action, **kwargs), named(action))
-                result = await result if inspect.isawaitable(result) else result  # an async def behind a decorator
-        if loop.time() <= deadline.when():
-            return result
-        raise TimeoutError  # it held the loop past its time limit, so the timer could not fire: too late all the same
+        await asyncio.wait([call], timeout=time_limit)
+    finally:
+        if not call.done():  # past its time limit, or we are being cancelled (shutdown)
+            call.cancel()
+    try:
+        if not call.done() or loop.time() > deadline:  # (one that held the loop past its limit is too late too)
+            raise TimeoutError
+        result = call.result()
+        if inspect.isawaitable(result):  # an async def behind a plain decorator
+            result = await asyncio.wait_for(contained(result), max(0.0, deadline - loop.time()))
+        return result
     except (ActionError, GraphError) as refusal:
         raise GraphError(refusal.status, str(refusal)) from None
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
             raise
         log.exception("action %s failed: something it awaited was cancelled", named(action))
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in an action ends that call, not the bot
-        if isinstance(exc, TimeoutError) and loop.time() >= deadline.when():  # ours, not one from inside the action
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and loop.time() >= deadline:  # ours, not one from inside the action
             log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", named(action), time_limit)
             raise GraphError(504, "action timed out") from None
         log.exception("action %s failed", named(action))
     raise GraphError(500, "internal error in action")
+
+
+async def contained(coro: Awaitable) -> Any:
+    """`coro`'s result; sys.exit() or KeyboardInterrupt in it is an error of its own, not the end of the event loop."""
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise RuntimeError(f"{type(exc).__name__}({exc}) raised in an action") from exc
 
 
 class Job:
@@ -653,7 +671,8 @@ class ActionThreads:
 
     def settle(self, future: asyncio.Future, ok: bool, value: Any) -> None:
         del self.running[future]
-        self.said.discard("full")
+        if not any(running.done() for running in self.running):  # no call past its time limit left: warn again
+            self.said.discard("full")
         if not future.done():  # it may have been cancelled: the time limit, or shutdown
             if ok:
                 future.set_result(value)
@@ -739,7 +758,8 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             if operation.display == "disabled":  # refused before the action runs
                 url = params.get(operation.webhook or "")
                 webhook = check_webhook(url, self.settings.webhook_allowed_hosts, self.dingtalk_hosts)
-            result = await run_action(operation.action, params, self.settings.action_timeout_seconds, operation.takes)
+            time_limit = self.settings.action_timeout_seconds
+            result = await run_action(operation.action, params, time_limit, operation.takes, route)
             status, body = 200, await self.deliver(operation, result, webhook)
         except GraphError as err:
             log.warning("callback %s: %d %s", message_id, err.status, err.reason)
@@ -789,7 +809,7 @@ DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
 MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; DingTalk's are a few hundred bytes
 # As the official SDKs send them; without Accept, the open may answer XML (the Node SDK says so).
 USER_AGENT = f"DingTalkStream/1.0 SDK/{SDK_VERSION} Python/{platform.python_version()} dingtalk-skill-bot/{VERSION}"
-HEADERS = {"Accept": "application/json", "User-Agent": USER_AGENT}
+HEADERS = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": USER_AGENT}
 SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
 USER_INFO = re.compile(r"(//)[^/@\s]*@")  # user:password@ in a URL, e.g. a proxy's in a library's error
 
@@ -819,18 +839,27 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
-def proxies() -> list[str]:
-    """The proxy variables set. aiohttp's trust_env reads them (it reads the whole environment again on every request,
-    about 100 µs, so it stays off without one); websockets reads them itself."""
-    return [url for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy") if (url := os.environ.get(name))]
+PROXY_VARIABLES = [f"{scheme}_proxy" for scheme in ("https", "http", "all", "wss", "ws")]
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the standard variables name for `url` (NO_PROXY honoured), read here: aiohttp's trust_env would read
+    them, and netrc, in the loop's default pool, where actions' asyncio.to_thread calls can hold every thread."""
+    if not any(os.environ.get(name) or os.environ.get(name.upper()) for name in PROXY_VARIABLES):
+        return None  # the usual case, without reading the whole environment
+    proxies, parts = urllib.request.getproxies_environment(), urlsplit(url)
+    if urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return None
+    scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
+    return proxies.get(parts.scheme) or proxies.get(scheme) or proxies.get("all")
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:
     """What no log line may show: CLIENT_SECRET and each proxy's password, as written and decoded."""
     passwords = []
-    for url in proxies():
-        with contextlib.suppress(ValueError):
-            passwords.append(urlsplit(url).password or "")
+    for url in urllib.request.getproxies_environment().values():
+        with contextlib.suppress(ValueError):  # "user:pw@host:port" without a scheme is read as one too
+            passwords.append(urlsplit(url if "//" in url else f"//{url}").password or "")
     return (settings.client_secret, *passwords, *map(unquote, passwords))
 
 
@@ -869,8 +898,11 @@ class Resolver(aiohttp.abc.AbstractResolver):
 
 async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
     """POST JSON, no redirects: the status and body within `time_limit` s and MAX_ANSWER_BYTES, or an exception."""
-    timeout = aiohttp.ClientTimeout(total=time_limit)
-    post = http.post(url, json=payload, headers=HEADERS, allow_redirects=False, timeout=timeout)
+    timeout, data = (
+        aiohttp.ClientTimeout(total=time_limit),
+        json.dumps(payload, allow_nan=False).encode(),
+    )  # NaN: not JSON
+    post = http.post(url, data=data, headers=HEADERS, proxy=proxy_for(url), allow_redirects=False, timeout=timeout)
     async with post as response:
         body = bytearray()
         async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
@@ -975,7 +1007,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.pre_start()
         try:
             connector = aiohttp.TCPConnector(resolver=Resolver())
-            async with aiohttp.ClientSession(connector=connector, trust_env=bool(proxies())) as http:
+            async with aiohttp.ClientSession(connector=connector) as http:
                 while not self.stopping.is_set():
                     await self.connect_and_serve(http)
         finally:
@@ -1037,8 +1069,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             level, problem = logging.WARNING, f"connection lost: {exc}"
         except TimeoutError:
             level, problem = logging.WARNING, "websocket handshake timed out"
-        except (OpenFailed, OSError, ValueError, websockets.exceptions.WebSocketException) as exc:
-            # ValueError: an endpoint websockets cannot use, e.g. a port out of range
+        except (OpenFailed, OSError, ValueError, ImportError, websockets.exceptions.WebSocketException) as exc:
+            # ValueError: an endpoint websockets cannot use, e.g. a port out of range; ImportError: a SOCKS proxy
             level, problem = logging.WARNING, str(exc) or type(exc).__name__
         finally:
             self.opening = None
@@ -1083,13 +1115,15 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         keepalive = self.settings.keepalive_seconds
         options = {"ping_interval": keepalive, "ping_timeout": 2 * keepalive, "close_timeout": min(keepalive, 5)}
         options |= {"open_timeout": time_limit, "max_size": MAX_FRAME_BYTES}
-        if proxies():  # websockets looks up the proxy itself
-            return Connection(await websockets.connect(url, **options))
+        if proxy := proxy_for(url):  # websockets looks up the proxy itself
+            return Connection(await websockets.connect(url, proxy=proxy, **options))
         failed = OSError(f"no address for {parts.hostname}")
         port = parts.port or (443 if parts.scheme == "wss" else 80)
         for *_, address in await lookup(parts.hostname or "", port):  # each in turn, e.g. IPv6's, then IPv4's
             try:
-                return Connection(await websockets.connect(url, host=address[0], port=address[1], **options))
+                return Connection(
+                    await websockets.connect(url, host=address[0], port=address[1], proxy=None, **options)
+                )
             except OSError as exc:
                 failed = exc
         raise failed
@@ -1281,7 +1315,7 @@ async def serving(settings: Settings, operations: Mapping[str, Operation]) -> As
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
     connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances, resolver=Resolver())
-    async with aiohttp.ClientSession(connector=connector, trust_env=bool(proxies())) as http:
+    async with aiohttp.ClientSession(connector=connector) as http:
         clients = [StreamClient(credential, settings, name=f"stream-{n + 1}") for n in range(settings.instances)]
         for client in clients:
             handler = ActionHandler(settings, operations, http, LEDGER)
@@ -1355,18 +1389,19 @@ BLOCKED_SECONDS = 1.0  # code that holds the event loop this long gets a warning
 async def watching_the_loop() -> AsyncIterator[None]:
     """Warns once when an action holds the event loop (a blocking call inside an async def stalls keepalive and every
     other callback): the loop renews a mark every 0.25 s, and a thread that finds it late names the action the loop is
-    running. Said while the loop is held, since it may never let go. Nothing per callback."""
-    loop_thread, mark, done = threading.get_ident(), [time.monotonic()], threading.Event()
+    running (its task's name). Said while the loop is held, since it may never let go. Nothing per callback."""
+    loop, mark, done = asyncio.get_running_loop(), [time.monotonic()], threading.Event()
 
     def watch() -> None:  # in a thread of its own: it must run while the loop does not
         held = False
         while not done.wait(0.25):
             was_held, held = held, time.monotonic() - mark[0] > BLOCKED_SECONDS
-            if held and not was_held and (action := running_action(sys._current_frames().get(loop_thread))):
+            task = asyncio.current_task(loop) if held and not was_held else None
+            if task is not None and task.get_name().startswith("action "):
                 log.warning(
-                    "action %s has held the event loop for over %.3g s, stalling keepalive and every other callback: "
+                    "%s has held the event loop for over %.3g s, stalling keepalive and every other callback: "
                     "use an async client, or make the action a plain def (it then runs in a worker thread)",
-                    *(action, BLOCKED_SECONDS),
+                    *(task.get_name(), BLOCKED_SECONDS),
                 )
 
     async def renew() -> None:
@@ -1381,18 +1416,6 @@ async def watching_the_loop() -> AsyncIterator[None]:
     finally:
         done.set()
         renewing.cancel()
-
-
-def running_action(frame: Any) -> str | None:
-    """The action of the callback the loop is answering, and its route, from the stack; None when it runs none."""
-    action = None
-    while frame is not None:
-        if frame.f_code is run_action.__code__:
-            action = named(frame.f_locals["action"])
-        elif frame.f_code is ActionHandler.answer.__code__ and action:
-            return f"{action} ({frame.f_locals['route']})"  # actions a factory made may share a name
-        frame = frame.f_back
-    return action
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -1460,9 +1483,24 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
         received.append(signum)
         log.info("%s received: finishing in-flight callbacks, then exiting", signal.Signals(signum).name)
         loop.call_soon_threadsafe(stop.set)
+        # An action that holds the loop holds the grace period's timer too: this one runs in a thread of its own.
+        timer = threading.Timer(settings.shutdown_grace_seconds + 5, held_exit, (signum,))
+        timer.daemon = True
+        timer.start()
+
+    def held_exit(signum: int) -> None:
+        log.warning(
+            "still running %.3g s after %s: exiting without waiting",
+            settings.shutdown_grace_seconds + 5,
+            signal.Signals(signum).name,
+        )
+        logging.shutdown()
+        os._exit(128 + signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):  # HUP: terminal closed
         signal.signal(signum, on_signal)
+    # sys.exit() in a task an action starts (asyncio.gather, create_task) would end the event loop: it ends that task
+    loop.set_task_factory(lambda loop, coro, **options: asyncio.Task(contained(coro), loop=loop, **options))
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)  # for an action's asyncio.to_thread: its idle workers go at the end
     exit_code = await serve(settings, stop, operations)

@@ -14,7 +14,7 @@ import pytest
 
 import bot
 from tests.conftest import settings_for, wait_until
-from tests.fake_dingtalk import GRAPH_TOPIC, ForwardProxy, bot_env, graph_request
+from tests.fake_dingtalk import GRAPH_TOPIC, ForwardProxy, bot_env, free_port, graph_request
 from tests.samples import RATE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
 
@@ -217,7 +217,7 @@ async def test_a_burst_of_cpu_bound_plain_def_calls_leaves_the_loop_answering(fa
     results = await calls
     print(f"ping answered in {pinged:.3f} s, a fast action in {fast.elapsed:.3f} s")  # shown with -s
     assert fast.status == 200 and {result.status for result in results} <= {200, 504}
-    assert process.output.count("action get_on_call is CPU-bound") == 1  # one warning, with the advice
+    assert process.output.count("action get_on_call (POST /v1/actions/on-call) is CPU-bound") == 1  # one, with advice
     assert "run such work in a process pool (README §4)" in process.output
     assert len(fake.connections) == 1  # keepalive never gave up on it
     process.proc.send_signal(signal.SIGTERM)
@@ -285,9 +285,13 @@ bot.ACTIONS["/v1/actions/on-call"] = get_on_call
 """
 
 
-async def test_replies_and_reconnects_need_no_thread_of_the_loops_default_pool(fake, remote, bot_process):
+@pytest.mark.parametrize("proxied", [False, True], ids=["direct", "through-a-proxy"])
+async def test_replies_and_reconnects_need_no_thread_of_the_loops_default_pool(fake, remote, bot_process, proxied):
     local = f"localhost:{fake.port}"  # a name to look up, where 127.0.0.1 would need none
     env = bot_env(fake, DINGTALK_OPENAPI_ENDPOINT=f"http://{local}", WEBHOOK_ALLOWED_HOSTS=local)
+    proxy = await remote(ForwardProxy().start()) if proxied else None
+    if proxy:  # aiohttp's trust_env would read the proxy variables, and netrc, in the loop's default pool
+        env |= {"HTTP_PROXY": proxy.url, "NO_PROXY": "", "no_proxy": ""}
     process = await bot_process(env, prelude=HUNG_THREADS)
     [connection] = await remote(fake.wait_connected(1, timeout=10))
     for n in range(8):  # more than the default pool's workers (6 on 2 cores)
@@ -301,6 +305,9 @@ async def test_replies_and_reconnects_need_no_thread_of_the_loops_default_pool(f
     )
     process.proc.send_signal(signal.SIGTERM)
     assert await process.wait(15) == 0
+    if proxy:
+        await remote(proxy.close())
+        assert any(request.startswith("CONNECT") for request in proxy.requests)  # it did go through the proxy
 
 
 # ----- no password from a proxy URL reaches a log line, as written or decoded -----
@@ -354,3 +361,123 @@ def test_the_redaction_hides_a_proxys_password_in_library_error_text(monkeypatch
         record = logging.LogRecord("aiohttp", logging.ERROR, __file__, 1, "%s", (text,), None)
         assert bot.RedactingFilter(bot.secrets_of(settings)).filter(record)
         assert PASSWORD not in record.getMessage() and ENCODED not in record.getMessage()
+
+
+# ----- from an outside adversarial review -----
+
+SUB_TASKS_EXIT = """
+import asyncio, sys
+import bot
+
+async def leaves() -> None:
+    sys.exit(1)
+
+async def interrupts() -> None:
+    raise KeyboardInterrupt
+
+async def get_weather(location: str) -> str:
+    await asyncio.gather(leaves())  # sys.exit() in a task the action starts
+    return "never"
+
+async def get_on_call(team: str) -> str:
+    await asyncio.create_task(interrupts())
+    return "never"
+
+bot.ACTIONS["/v1/actions/weather"] = get_weather
+bot.ACTIONS["/v1/actions/on-call"] = get_on_call
+"""
+
+
+async def test_sys_exit_in_a_task_an_action_starts_ends_that_call_not_the_bot(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake), prelude=SUB_TASKS_EXIT)
+    await remote(fake.wait_connected(1, timeout=10))
+    on_call = graph_request("/v1/actions/on-call", {"team": "运维"})
+    results = await remote(fake.invoke_many([weather(fake), on_call], timeout=10))
+    assert [result.status for result in results] == [500, 500]
+    assert (await remote(fake.invoke(rate()))).status == 200  # still serving
+    assert process.proc.returncode is None
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(10) == 0
+    assert "SystemExit(1) raised in an action" in process.output
+
+
+async def test_an_async_def_that_ignores_its_time_limit_is_answered_504_on_time():
+    async def retries(location: str) -> str:
+        for _ in range(3):  # a retry loop with a bare except: swallows the cancellation
+            try:
+                await asyncio.sleep(10)
+            except BaseException:
+                pass
+        return location
+
+    started = time.monotonic()
+    with pytest.raises(bot.GraphError) as err:
+        await bot.run_action(retries, {"location": "杭州"}, 0.2)
+    assert err.value.status == 504 and time.monotonic() - started < 1  # not held: the call is left behind
+
+
+def test_a_proxy_url_without_a_scheme_has_its_password_redacted_too(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", f"bot:{ENCODED}@127.0.0.1:3128")  # websockets: "isn't a valid proxy"
+    secrets = bot.secrets_of(bot.Settings(client_id="id", client_secret="client-secret"))
+    assert ENCODED in secrets and PASSWORD in secrets
+
+
+async def test_the_full_pool_warning_is_given_once_while_hung_calls_remain(monkeypatch, caplog):
+    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))
+    release = threading.Event()
+
+    def hangs(location: str) -> str:
+        release.wait(30)
+        return location
+
+    def quick(location: str) -> str:
+        time.sleep(0.05)
+        return location
+
+    try:
+        for _ in range(3):
+            with pytest.raises(bot.GraphError):
+                await bot.run_action(hangs, {"location": "x"}, 0.05)
+        for _ in range(5):  # two at once on the one free thread: one is refused, the other returns
+            outcomes = await asyncio.gather(
+                *(bot.run_action(quick, {"location": "y"}, 2) for _ in range(2)), return_exceptions=True
+            )
+            assert sorted(map(str, outcomes)) == ["all 4 action threads are busy", "y"]
+    finally:
+        release.set()
+    assert caplog.text.count("all 4 action threads are taken, 3 by calls past their time limit") == 1
+
+
+async def test_card_data_that_is_not_json_is_not_posted_and_not_answered_200(fake, remote, start_bot):
+    async def nan_card(location: str) -> bot.Card:
+        return bot.Card("tpl.schema", {"temperature": float("nan")})
+
+    bot.ACTIONS[WEATHER] = nan_card
+    async with start_bot():
+        result = await remote(fake.invoke(weather(fake)))
+    assert result.status == 502 and fake.webhook_posts == []
+
+
+async def test_one_sigterm_while_an_action_holds_the_loop_exits_after_the_grace_period_and_a_few_seconds(
+    fake, remote, bot_process
+):
+    process = await bot_process(bot_env(fake, SHUTDOWN_GRACE_SECONDS="1"), prelude=HOLDS_THE_LOOP)
+    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake)))
+    await process.wait_for_output("action started")
+    started = time.monotonic()
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(15) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 9  # 1 s of grace and 5 more, not the 30 s the action blocks
+    assert "still running 6 s after SIGTERM: exiting without waiting" in process.output
+
+
+@pytest.mark.parametrize("proxy", ["http://127.0.0.1:{port}", "socks5://127.0.0.1:{port}"], ids=["http", "socks"])
+async def test_a_websocket_proxy_that_fails_fails_a_connection_not_the_bot(fake, remote, bot_process, proxy):
+    proxied = {"WS_PROXY": proxy.format(port=free_port()), "NO_PROXY": "", "no_proxy": ""}  # the websocket's only
+    process = await bot_process(bot_env(fake) | proxied)
+    await process.wait_for_output("reconnecting in")  # said, and retried
+    assert process.proc.returncode is None and "Traceback" not in process.output
+    assert fake.open_requests  # the open went direct; the websocket tried the proxy
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait(10) == 0
