@@ -1,9 +1,9 @@
 """Replace the demo skills with your own and the suite stays green: the engine's tests never read your skills.
 
 On a copy of the project, bot.py's demo actions, tools.yaml and tests/test_actions.py are replaced with one skill of
-one's own; then every test file that reads the project's own skills runs there and passes. The other files (they
-drive bots over the wire) get their skills from the `start_bot` and `bot_process` fixtures, which serve the samples
-of tests/samples.py; a check below keeps them so.
+one's own; then every test file that reads the project's own skills runs there and passes. The other files get their
+skills from tests/samples.py (the `start_bot` and `bot_process` fixtures, the simulator's --tools/--actions), never
+from bot.py's ACTIONS or tools.yaml; a check below keeps them so.
 """
 
 from __future__ import annotations
@@ -61,15 +61,12 @@ async def test_get_leave_says_how_many_days_are_left():
     assert await bot.get_leave(userId="u1", year=2026) == {"user": "u1", "year": 2026, "days": 5}
 '''
 
-# What a copy with skills of one's own runs: every test file that reads bot.py's skills, tools.yaml or README.
+# What a copy with skills of one's own runs: every test file that reads bot.py's skills or tools.yaml.
 READS_THE_PROJECTS_SKILLS = [
     "tests/test_actions.py",
     "tests/test_tools_yaml.py",
     "tests/test_authoring.py",
     "tests/test_readme_recipe.py",
-    "tests/test_simulate.py",
-    "tests/test_embedding.py",
-    "tests/test_units.py",
 ]
 
 
