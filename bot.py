@@ -1514,6 +1514,9 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
             "exiting with %d thread(s) still running, and %d task(s) (an action that did not stop): %s",
             *(len(threads_left), len(tasks_left), ", ".join(threads_left + tasks_left)),
         )
+        if "multiprocessing" in sys.modules:  # e.g. an action's process pool: its workers would outlive os._exit
+            for child in sys.modules["multiprocessing"].active_children():
+                child.terminate()
         logging.shutdown()
         os._exit(exit_code)
     return exit_code
