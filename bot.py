@@ -199,7 +199,6 @@ DISPLAY_MODES = ("auto", "markdown", "disabled")
 WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
 INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
 JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", type(None): "null"}
-ASCII_ONLY = "(?a)"  # JSON Schema's patterns are ECMA 262's, where \d is 0-9; in Python's re it is any digit
 
 
 class ActionParameters(NamedTuple):
@@ -238,7 +237,7 @@ class Operation:
             return self.validate(values)
         except fastjsonschema.JsonSchemaValueException as exc:
             name = exc.name.removeprefix("data.") if exc.name != "data" else "parameters"
-            rule = exc.message.removeprefix(f"{exc.name} ").replace(ASCII_ONLY, "")
+            rule = exc.message.removeprefix(f"{exc.name} ")
             raise GraphError(400, f"parameter {name} {rule}, got {shown(exc.value)}") from None
 
 
@@ -268,6 +267,7 @@ def allowed_types(schema: Any) -> frozenset[str] | None:
     for key in ("anyOf", "oneOf"):
         if (parts := [allowed_types(sub) for sub in schema.get(key) or ()]) and None not in parts:
             known.append(frozenset().union(*parts))
+    known = [types | {"integer"} if "number" in types else types for types in known]  # an integer is a number
     return frozenset.intersection(*known) if known else None
 
 
@@ -411,9 +411,11 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
         raise ConfigError(f"{where}: the schema is nested too deeply (or its $refs go round in a circle)")
     if isinstance(node, dict) and "$ref" in node and len(node) > 1:  # OpenAPI 3.0 would ignore the others: keep both
         beside = {key: value for key, value in node.items() if key != "$ref"}
-        return {
-            "allOf": [json_schema(spec, {"$ref": node["$ref"]}, where, depth + 1), json_schema(spec, beside, where)]
-        }
+        both = [
+            json_schema(spec, {"$ref": node["$ref"]}, where, depth + 1),
+            json_schema(spec, beside, where, depth + 1),
+        ]
+        return {"allOf": both} | ({"default": beside["default"]} if "default" in beside else {})
     out = {}
     for key, value in resolve(spec, node, where).items():
         if key in ("items", "not") or (key == "additionalProperties" and isinstance(value, dict)):
@@ -432,8 +434,8 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
     if limit := INTEGER_FORMATS.get(out.get("format")):
         out = {"minimum": -limit, "maximum": limit - 1} | out
     if isinstance(out.get("pattern"), str):
-        out["pattern"] = ASCII_ONLY + out["pattern"]
-    if isinstance(step := out.get("multipleOf"), int | float) and step <= 0:  # fastjsonschema would divide by it
+        out["pattern"] = ecma_digits(out["pattern"])
+    if isinstance(step := out.get("multipleOf"), int | float) and not (math.isfinite(step) and step > 0):
         raise ConfigError(f"{where}: multipleOf must be greater than 0, not {step!r}")
     if out.pop("nullable", False) is True:
         if "type" in out:
@@ -441,6 +443,23 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
         if isinstance(out.get("enum"), list):
             out["enum"] = [*out["enum"], None]
     return out
+
+
+def ecma_digits(pattern: str) -> str:
+    """`pattern` with \\d as JSON Schema (ECMA 262) reads it, 0-9: Python's re would take any Unicode digit too."""
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        if pattern[i] == "\\" and i + 1 < len(pattern):
+            escaped = pattern[i : i + 2]
+            out.append(
+                {"\\d": "0-9" if in_class else "[0-9]", "\\D": escaped if in_class else "[^0-9]"}.get(escaped, escaped)
+            )
+            i += 2
+            continue
+        in_class = (in_class or pattern[i] == "[") and not (in_class and pattern[i] == "]")
+        out.append(pattern[i])
+        i += 1
+    return "".join(out)
 
 
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:
@@ -542,22 +561,14 @@ async def run_action(
     kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
     loop, label = asyncio.get_running_loop(), f"{named(action)} ({route})" if route else named(action)
     deadline = loop.time() + time_limit
-    if inspect.iscoroutinefunction(action):
-        call = loop.create_task(contained(action(**kwargs)), name=f"action {label}")  # the loop watchdog reads it
-    else:
-        call = loop.create_task(contained(ACTION_THREADS.run(functools.partial(action, **kwargs), label)))
-    call.add_done_callback(lambda done: done.cancelled() or done.exception())  # its outcome is read below, or moot
     try:
-        await asyncio.wait([call], timeout=time_limit)
-    finally:
-        if not call.done():  # past its time limit, or we are being cancelled (shutdown)
-            call.cancel()
-    try:
-        if not call.done() or loop.time() > deadline:  # (one that held the loop past its limit is too late too)
-            raise TimeoutError
-        result = call.result()
-        if inspect.isawaitable(result):  # an async def behind a plain decorator
-            result = await asyncio.wait_for(contained(result), max(0.0, deadline - loop.time()))
+        if inspect.iscoroutinefunction(action):
+            work = action(**kwargs)
+        else:
+            work = ACTION_THREADS.run(functools.partial(action, **kwargs), label)
+        result = await settled(loop.create_task(contained(work), name=f"action {label}"), deadline)
+        if inspect.isawaitable(result):  # an async def behind a plain decorator, or with async __call__
+            result = await settled(loop.create_task(contained(result), name=f"action {label}"), deadline)
         return result
     except (ActionError, GraphError) as refusal:
         raise GraphError(refusal.status, str(refusal)) from None
@@ -571,6 +582,21 @@ async def run_action(
             raise GraphError(504, "action timed out") from None
         log.exception("action %s failed", named(action))
     raise GraphError(500, "internal error in action")
+
+
+async def settled(call: asyncio.Task, deadline: float) -> Any:
+    """`call`'s outcome by `deadline` (loop time), or TimeoutError; a late call is cancelled, and left behind if it
+    ignores that, so that nothing an action does can hold its answer back."""
+    loop = asyncio.get_running_loop()
+    call.add_done_callback(lambda done: done.cancelled() or done.exception())  # read below, or moot
+    try:
+        await asyncio.wait([call], timeout=max(0.0, deadline - loop.time()))
+    finally:
+        if not call.done():  # past its time limit, or we are being cancelled (shutdown)
+            call.cancel()
+    if not call.done() or loop.time() > deadline:  # (one that held the loop past its limit is too late too)
+        raise TimeoutError
+    return call.result()
 
 
 async def contained(coro: Awaitable) -> Any:
@@ -595,7 +621,7 @@ class ActionThreads:
     e.g. by calls hung past their time limit, a call is answered 503 at once. A hung thread never holds the exit."""
 
     def __init__(self, size: int) -> None:
-        self.size, self.threads, self.ticking = size, [], False
+        self.size, self.threads, self.ticking = size, [], None  # ticking: the loop a look-again is due on
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: list[tuple[Callable[[], Any], asyncio.Future, str]] = []
         self.running: dict[asyncio.Future, Job] = {}  # until its thread is done with it, time limit or not
@@ -603,7 +629,7 @@ class ActionThreads:
 
     async def run(self, call: Callable[[], Any], name: str) -> Any:
         if len(self.running) >= self.size:
-            hung = sum(future.done() for future in self.running)
+            hung = sum(future.done() for future in list(self.running))
             why = "plain-def calls are answered 503 until one returns"
             self.warn(
                 "full", "all %d action threads are taken, %d by calls past their time limit: %s", self.size, hung, why
@@ -628,12 +654,12 @@ class ActionThreads:
             self.running[future] = job = Job(name)
             self.jobs.put((call, job, future))
             burning += 1
-        if self.waiting and not self.ticking:  # look again soon: a call that began may turn out to wait on I/O
-            self.ticking = True
+        if self.waiting and self.ticking is not asyncio.get_running_loop():  # look again soon: a call that began
+            self.ticking = asyncio.get_running_loop()  # may turn out to wait on I/O
             asyncio.get_running_loop().call_later(0.01, self.tick)
 
     def tick(self) -> None:
-        self.ticking = False
+        self.ticking = None
         self.dispatch()
 
     def burns_cpu(self, job: Job) -> bool:
@@ -671,7 +697,7 @@ class ActionThreads:
 
     def settle(self, future: asyncio.Future, ok: bool, value: Any) -> None:
         del self.running[future]
-        if not any(running.done() for running in self.running):  # no call past its time limit left: warn again
+        if not any(running.done() for running in list(self.running)):  # no call past its time limit left: warn again
             self.said.discard("full")
         if not future.done():  # it may have been cancelled: the time limit, or shutdown
             if ok:
@@ -839,7 +865,7 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
-PROXY_VARIABLES = [f"{scheme}_proxy" for scheme in ("https", "http", "all", "wss", "ws")]
+PROXY_VARIABLES = [f"{scheme}_proxy" for scheme in ("https", "http", "wss", "ws")]
 
 
 def proxy_for(url: str) -> str | None:
@@ -848,10 +874,11 @@ def proxy_for(url: str) -> str | None:
     if not any(os.environ.get(name) or os.environ.get(name.upper()) for name in PROXY_VARIABLES):
         return None  # the usual case, without reading the whole environment
     proxies, parts = urllib.request.getproxies_environment(), urlsplit(url)
-    if urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+    if urllib.request.proxy_bypass_environment(parts.netloc.rpartition("@")[2], proxies):  # "host" or "host:port"
         return None
-    scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
-    return proxies.get(parts.scheme) or proxies.get(scheme) or proxies.get("all")
+    proxy = proxies.get(parts.scheme) or proxies.get({"wss": "https", "ws": "http"}.get(parts.scheme, ""))
+    socks = (proxy or "").startswith("socks") and parts.scheme in ("http", "https")  # aiohttp speaks no SOCKS
+    return None if socks else proxy
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:
@@ -872,7 +899,7 @@ async def lookup(host: str, port: int, family: int = 0) -> list[tuple]:
     def look_up() -> None:
         try:
             outcome = (done.set_result, socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
-        except OSError as exc:
+        except Exception as exc:  # OSError, or UnicodeError for a name that does not encode
             outcome = (done.set_exception, exc)
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             loop.call_soon_threadsafe(lambda: done.done() or outcome[0](outcome[1]))
@@ -1032,11 +1059,11 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                 log.warning("%s abandoned: still running after the %.3g s grace period", task.get_name(), grace)
                 task.cancel()
             _, stubborn = await asyncio.wait(late, timeout=1)
-            for task in stubborn:  # its action ignored the cancellation: answered here, and left behind
+            for task, conn in [(task, self.in_hand.get(task)) for task in stubborn]:  # answered here, left behind
                 kind, _, message_id = task.get_name().partition(" ")
                 why = "the bot stopped before the action finished"
-                if kind == "callback":
-                    await self.send_ack(self.in_hand[task], frame_ack(message_id, why, status=503), message_id)
+                if kind == "callback" and conn is not None:
+                    await self.send_ack(conn, frame_ack(message_id, why, status=503), message_id)
         self.deadline = time.monotonic()  # a frame read while the connections close is answered 503, not served
         await self.close_connections()
         if self.in_hand:  # those answers: nothing is left running once stopped
@@ -1063,6 +1090,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             level, problem = logging.INFO, await self.serve(conn)
         except CredentialsRejected as exc:
             if not self.accepted:
+                if self.tried.is_set():  # running() has returned already: nobody else would say why this client ends
+                    log.error("%s: %s", self.name, rejected(exc))
                 raise
             level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
         except websockets.exceptions.ConnectionClosed as exc:
@@ -1446,7 +1475,7 @@ def logging_in_apps(settings: Settings) -> Iterator[None]:
     """Embedded, the bot's lines as `python bot.py` prints them: at LOG_LEVEL, redacted, through the app's handlers,
     or a handler of their own where the app has none (uvicorn's defaults leave the root logger without one)."""
     redacting, level = RedactingFilter(secrets_of(settings)), log.level
-    own = None if logging.getLogger().handlers else logging.StreamHandler()
+    own = None if logging.getLogger().handlers or log.handlers else logging.StreamHandler()  # (another block's)
     log.addFilter(redacting)
     log.setLevel(level or settings.log_level)
     if own is not None:
@@ -1476,26 +1505,16 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
     loop, stop, received = asyncio.get_running_loop(), asyncio.Event(), []
 
     def on_signal(signum: int, _: Any) -> None:  # Python's own handler: it runs even while an action holds the loop
+        name, held = signal.Signals(signum).name, settings.shutdown_grace_seconds + 10
         if received:
-            log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
-            logging.shutdown()
-            os._exit(128 + signum)
-        received.append(signum)
-        log.info("%s received: finishing in-flight callbacks, then exiting", signal.Signals(signum).name)
-        loop.call_soon_threadsafe(stop.set)
+            exit_now(f"second {name}: exiting without waiting", 128 + signum)
         # An action that holds the loop holds the grace period's timer too: this one runs in a thread of its own.
-        timer = threading.Timer(settings.shutdown_grace_seconds + 5, held_exit, (signum,))
-        timer.daemon = True
-        timer.start()
-
-    def held_exit(signum: int) -> None:
-        log.warning(
-            "still running %.3g s after %s: exiting without waiting",
-            settings.shutdown_grace_seconds + 5,
-            signal.Signals(signum).name,
-        )
-        logging.shutdown()
-        os._exit(128 + signum)
+        message = f"still running {held:.3g} s after {name}: exiting without waiting"
+        received.append(threading.Timer(held, exit_now, (message, 128 + signum)))
+        received[0].daemon = True
+        received[0].start()
+        log.info("%s received: finishing in-flight callbacks, then exiting", name)
+        loop.call_soon_threadsafe(stop.set)
 
     for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):  # HUP: terminal closed
         signal.signal(signum, on_signal)
@@ -1504,6 +1523,8 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)  # for an action's asyncio.to_thread: its idle workers go at the end
     exit_code = await serve(settings, stop, operations)
+    for timer in received:  # what is left is bounded below
+        timer.cancel()
     threads.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + 1.0
     while any(left := leftovers()) and time.monotonic() < deadline:  # noqa: ASYNC110 (threads offer nothing to await)
@@ -1517,9 +1538,19 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
         if "multiprocessing" in sys.modules:  # e.g. an action's process pool: its workers would outlive os._exit
             for child in sys.modules["multiprocessing"].active_children():
                 child.terminate()
-        logging.shutdown()
-        os._exit(exit_code)
+        try:
+            logging.shutdown()
+        finally:
+            os._exit(exit_code)
     return exit_code
+
+
+def exit_now(message: str, code: int) -> None:
+    """Exit at once, whatever holds the loop or a lock: the last line goes straight to stderr."""
+    try:
+        os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} WARNING bot: {message}\n".encode())
+    finally:
+        os._exit(code)
 
 
 def leftovers() -> tuple[list[str], list[str]]:

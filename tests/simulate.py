@@ -300,8 +300,6 @@ def describe_parameter(param: Parameter) -> str:
     low, high = rules.pop("minLength", None), rules.pop("maxLength", None)
     if low is not None or high is not None:
         parts.append(f"length {low}" if low == high else f"length {low or 0}–{high if high is not None else '∞'}")
-    if isinstance(rules.get("pattern"), str):
-        rules["pattern"] = rules["pattern"].removeprefix(bot.ASCII_ONLY)  # as tools.yaml writes it
     parts += [f"{key} {value if isinstance(value, str) else json.dumps(value)}" for key, value in rules.items()]
     return ", ".join(parts)
 

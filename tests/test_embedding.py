@@ -253,3 +253,12 @@ async def test_the_offline_loop_for_an_app_of_your_own_runs_as_the_readme_shows(
     assert answered.returncode == 0, answer
     assert '"ticket": "OPS-1"' in answer and '"status": "open"' in answer
     assert refused.returncode == 1 and "parameter ticket must match pattern" in refusal
+
+
+async def test_credentials_refused_after_a_first_failed_open_are_said_not_silent(fake, remote, caplog, monkeypatch):
+    monkeypatch.setattr(bot, "reconnect_delay", lambda failures, longest=60.0: 0.2)
+    fake.open_status = 503  # the first open fails (a network not ready yet): running() returns
+    async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake)) as clients:
+        fake.client_secret, fake.open_status = "rotated", None  # the next one is refused
+        await wait_until(lambda: clients[0].stopping.is_set() or "rejected" in caplog.text, timeout=10)
+    assert "stream-1: DingTalk rejected CLIENT_ID / CLIENT_SECRET" in caplog.text

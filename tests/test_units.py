@@ -823,21 +823,32 @@ def query_operation(schema: dict, **entry: Any) -> bot.Operation:
         ({"pattern": r"^\d{6}$"}, "123456", "123456"),
         ({"allOf": [{"type": "integer"}], "maximum": 9}, "7", 7),
         ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "true", True),
+        ({"type": "number", "enum": [1, 2, 3]}, "2", 2),  # an integer is a number
+        ({"$ref": "#/components/schemas/Code", "default": "AB"}, None, "AB"),  # a default beside a $ref is filled in
     ],
-    ids=["allOf-ref-string", "enum-of-text", "pattern-only", "allOf-integer", "anyOf-no-string"],
+    ids=[
+        "allOf-ref-string",
+        "enum-of-text",
+        "pattern-only",
+        "allOf-integer",
+        "anyOf-no-string",
+        "number-enum",
+        "default",
+    ],
 )
 def test_query_text_is_converted_only_where_the_schema_allows_no_string(schema, text, expected):
-    assert query_operation(schema).check({"code": text}) == {"code": expected}
+    assert query_operation(schema).check({} if text is None else {"code": text}) == {"code": expected}
 
 
 @pytest.mark.parametrize(
     ("schema", "entry", "text", "rule"),
     [
         ({"$ref": "#/components/schemas/Code", "maxLength": 3}, {}, "1234", "shorter than or equal to 3"),
-        ({"pattern": r"^\d{6}$"}, {}, "１２３４５６", r"must match pattern ^\d{6}$"),  # full-width digits
+        ({"pattern": r"^\d{6}$"}, {}, "１２３４５６", "must match pattern ^[0-9]{6}$"),  # full-width digits
+        ({"pattern": r"^\S+$"}, {}, "张\u3000伟", "must match pattern"),  # an ideographic space is a space (ECMA)
         ({}, {"content": {"application/json": {"schema": {"type": "integer", "maximum": 5}}}}, "9", "smaller than"),
     ],
-    ids=["maxLength-beside-ref", "ascii-digits", "content-not-schema"],
+    ids=["maxLength-beside-ref", "ascii-digits", "unicode-spaces", "content-not-schema"],
 )
 def test_every_rule_a_parameter_carries_is_enforced(schema, entry, text, rule):
     operation = query_operation(schema, **entry)
@@ -851,9 +862,52 @@ def test_a_parameter_described_by_content_is_typed_by_its_schema():
     assert query_operation({}, content=content).check({"code": "3"}) == {"code": 3}
 
 
-def test_multiple_of_zero_stops_the_start_instead_of_failing_every_call():
-    with pytest.raises(bot.ConfigError, match="code: multipleOf must be greater than 0, not 0"):
-        query_operation({"type": "number", "multipleOf": 0})
+@pytest.mark.parametrize("step", [0, -1, float("nan"), float("inf")])
+def test_multiple_of_zero_stops_the_start_instead_of_failing_every_call(step):
+    with pytest.raises(bot.ConfigError, match=f"code: multipleOf must be greater than 0, not {step}"):
+        query_operation({"type": "number", "multipleOf": step})
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "proxy"),
+    [
+        ({"HTTPS_PROXY": "http://p:1"}, "https://api.dingtalk.com/x", "http://p:1"),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "api.dingtalk.com:443"}, "https://api.dingtalk.com:443/x", None),
+        ({"ALL_PROXY": "socks5://p:1"}, "https://api.dingtalk.com/x", None),  # neither library read ALL_PROXY
+        ({"HTTPS_PROXY": "socks5://p:1"}, "https://api.dingtalk.com/x", None),  # aiohttp speaks no SOCKS
+        ({"HTTPS_PROXY": "socks5://p:1"}, "wss://wss-open-connection.dingtalk.com/x", "socks5://p:1"),
+        ({"WSS_PROXY": "http://w:1", "HTTPS_PROXY": "http://p:1"}, "wss://gw/x", "http://w:1"),
+    ],
+)
+def test_the_proxy_for_each_request_follows_the_standard_variables(monkeypatch, env, url, proxy):
+    for name in ("https_proxy", "http_proxy", "all_proxy", "wss_proxy", "ws_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert bot.proxy_for(url) == proxy
+
+
+async def test_a_lookup_of_a_name_that_does_not_encode_fails_instead_of_never_answering():
+    with pytest.raises(ValueError):
+        await asyncio.wait_for(bot.lookup("a" * 64 + ".example.com", 443), 5)
+
+
+class SwallowsItsCancellation:
+    async def __call__(self, location: str) -> str:  # not an async def function: run through a worker thread first
+        for _ in range(3):
+            try:
+                await asyncio.sleep(10)
+            except BaseException:
+                pass
+        return location
+
+
+async def test_an_awaitable_action_that_ignores_its_time_limit_is_answered_504_on_time():
+    started = time.monotonic()
+    with pytest.raises(bot.GraphError) as err:
+        await bot.run_action(SwallowsItsCancellation(), {"location": "杭州"}, 0.3)
+    assert err.value.status == 504 and time.monotonic() - started < 1.5
 
 
 # ----- the likeliest tools.yaml mistakes, said in tools.yaml's terms -----
