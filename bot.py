@@ -647,6 +647,7 @@ class ActionThreads:
 
     def dispatch(self) -> None:
         """Hand waiting calls to threads while fewer than CPU_BOUND_AT_ONCE running ones burn CPU."""
+        loop = asyncio.get_running_loop()
         self.waiting = [waiting for waiting in self.waiting if not waiting[1].done()]  # timed out while waiting
         burning = sum(self.burns_cpu(job) for job in list(self.running.values()))
         while self.waiting and burning < CPU_BOUND_AT_ONCE and len(self.running) < self.size:
@@ -654,9 +655,9 @@ class ActionThreads:
             self.running[future] = job = Job(name)
             self.jobs.put((call, job, future))
             burning += 1
-        if self.waiting and self.ticking is not asyncio.get_running_loop():  # look again soon: a call that began
-            self.ticking = asyncio.get_running_loop()  # may turn out to wait on I/O
-            asyncio.get_running_loop().call_later(0.01, self.tick)
+        if self.waiting and self.ticking is not loop:  # look again soon: a call that began may turn out to wait on I/O
+            self.ticking = loop
+            loop.call_later(0.01, self.tick)
 
     def tick(self) -> None:
         self.ticking = None
@@ -742,8 +743,9 @@ class CallbackLedger:
         finally:
             del self.in_flight[message_id]
         result.set_result((status, body))
-        self.finished[message_id] = (self.clock(), status, body, len(body.encode()))
-        self.size += len(body.encode())
+        size = len(body.encode())
+        self.finished[message_id] = (self.clock(), status, body, size)
+        self.size += size
         while len(self.finished) > self.capacity or self.size > self.max_bytes:  # the caps are exact
             self.forget_oldest()
         return status, body
@@ -979,6 +981,7 @@ RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after
 RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
 MAX_CALLBACKS_IN_HAND = 500  # per client; past it, a new callback is answered 503 at once
 MAX_ACK_BYTES = 256 << 10  # as sent: the Java SDK reads at most 256 KiB a frame; DingTalk documents no limit
+STOPPED = "the bot stopped before the action finished"  # a 503's reason, whoever answers it
 MAX_FRAME_BYTES = 16 << 20  # DingTalk's frames are a few KiB; websockets' default limit is 1 MiB
 
 
@@ -1061,9 +1064,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             _, stubborn = await asyncio.wait(late, timeout=1)
             for task, conn in [(task, self.in_hand.get(task)) for task in stubborn]:  # answered here, left behind
                 kind, _, message_id = task.get_name().partition(" ")
-                why = "the bot stopped before the action finished"
                 if kind == "callback" and conn is not None:
-                    await self.send_ack(conn, frame_ack(message_id, why, status=503), message_id)
+                    await self.send_ack(conn, frame_ack(message_id, STOPPED, status=503), message_id)
         self.deadline = time.monotonic()  # a frame read while the connections close is answered 503, not served
         await self.close_connections()
         if self.in_hand:  # those answers: nothing is left running once stopped
@@ -1223,8 +1225,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         try:
             ack = await self.ack_for(frame, message_id)
         except asyncio.CancelledError:  # the grace period is over (stop): still one answer
-            why = "the bot stopped before the action finished"
-            await self.send_ack(conn, frame_ack(message_id, why, status=503), message_id)
+            await self.send_ack(conn, frame_ack(message_id, STOPPED, status=503), message_id)
             raise
         except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
             log.exception("%s: frame %s: unexpected error", self.name, message_id)
