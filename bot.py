@@ -160,12 +160,11 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     """Settings from `env`; ConfigError names the variable that is missing or wrong."""
     values = {}
     for row in fields(Settings):
-        key, text = row.name.upper(), env.get(row.name.upper(), "").strip()
-        if text:
-            values[row.name] = setting_value(key, text)
+        if text := env.get(row.name.upper(), "").strip():
+            values[row.name] = setting_value(row.name.upper(), text)
         elif row.default is MISSING:
             raise ConfigError(
-                f"{key} is not set: copy .env.example to .env and fill in your app's credentials"
+                f"{row.name.upper()} is not set: copy .env.example to .env and fill in your app's credentials"
                 " (or try the bot offline first: python -m tests.simulate)"
             )
     return Settings(**values)
@@ -199,6 +198,7 @@ DISPLAY_MODES = ("auto", "markdown", "disabled")
 WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
 INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
 JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", type(None): "null"}
+SEGMENT = re.compile(r"{([^}/]+)}")  # a path's {name} segment
 
 
 class ActionParameters(NamedTuple):
@@ -221,8 +221,7 @@ class Operation:
     query: frozenset[str]  # the parameters that come as text, in the query string or the path
     types: dict[str, frozenset[str] | None]  # the JSON types each parameter allows (None: any)
     webhook: str | None  # the parameter that carries the sessionWebhook
-    template: re.Pattern | None = None  # for a path with {name} segments: matches it, one group per segment
-    segments: tuple[str, ...] = ()  # those names, in order
+    template: re.Pattern | None  # for a path with {name} segments: matches it, one group per segment
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """`params` typed and validated, or GraphError(400) naming the parameter and the rule it broke."""
@@ -299,8 +298,9 @@ def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.y
     for route in sorted(in_tools):
         if twin := difflib.get_close_matches(route, list(in_actions), n=1, cutoff=0.8):
             raise ConfigError(f"{name} declares {route} and ACTIONS in bot.py has {twin[0]}: make them one path")
-        hint = nearest(route, actions)
-        raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it{hint}")
+        raise ConfigError(
+            f"{name} declares {route}, but ACTIONS in bot.py has no action for it{nearest(route, actions)}"
+        )
     for route in sorted(in_actions):
         hint = misplaced(spec, route) or nearest(route, spec["paths"])
         raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it{hint}")
@@ -346,20 +346,18 @@ def read_operation(spec: dict, where: str, route: str, method: str, action: Acti
         schema = json_schema(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
         if schema.get("type") != "object" or not isinstance(schema.setdefault("properties", {}), dict):
             raise ConfigError(f"{where}: the body schema must be type: object with properties")
-    query = []
+    props, query = schema["properties"], []
     for entry in [*spec["paths"][route].get("parameters", []), *op.get("parameters", [])]:
         entry = resolve(spec, entry, where)
         if entry["in"] not in ("query", "path"):
             raise ConfigError(f"{where}: only query and path parameters (in: query or path) are supported")
         extras = {k: v for k, v in entry.items() if k == "example" or str(k).startswith("x-")}
         described = next(iter(entry["content"].values())) if "content" in entry else entry  # content: {type: {schema}}
-        schema["properties"][entry["name"]] = (
-            json_schema(spec, described.get("schema", {}), f"{where}: parameter {entry['name']}") | extras
-        )
+        props[entry["name"]] = json_schema(spec, described.get("schema", {}), f"{where}: parameter {entry['name']}")
+        props[entry["name"]] |= extras
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
-    props, segments = schema["properties"], tuple(re.findall(r"{([^}/]+)}", route))
     for name, prop in props.items():  # else DingTalk would not fill it in, and the model could
         if "x-dingtalk-context" in prop and not isinstance(prop["x-dingtalk-context"], dict):
             raise ConfigError(f"{where}: parameter {name}: indent property and format under its x-dingtalk-context")
@@ -370,23 +368,11 @@ def read_operation(spec: dict, where: str, route: str, method: str, action: Acti
             "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
         )
     check_action(action, props, where)
-    template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if segments else None
-    validate, takes = fastjsonschema.compile(schema), action_parameters(action)
+    template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if SEGMENT.search(route) else None
     types = {name: allowed_types(prop) for name, prop in props.items()}
-    return Operation(
-        method.upper(),
-        route,
-        display,
-        action,
-        takes,
-        schema,
-        validate,
-        frozenset(query),
-        types,
-        webhook,
-        template,
-        segments,
-    )
+    validate, takes, query_names = fastjsonschema.compile(schema), action_parameters(action), frozenset(query)
+    args = (method.upper(), route, display, action, takes, schema, validate, query_names, types, webhook)
+    return Operation(*args, template)
 
 
 def resolve(spec: dict, node: Any, where: str) -> dict:
@@ -433,8 +419,8 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
                 out[exclusive] = out.pop(bound)
     if limit := INTEGER_FORMATS.get(out.get("format")):
         out = {"minimum": -limit, "maximum": limit - 1} | out
-    if isinstance(out.get("pattern"), str):
-        out["pattern"] = ecma_digits(out["pattern"])
+    if isinstance(out.get("pattern"), str):  # \d as JSON Schema (ECMA 262) reads it, 0-9, not any Unicode digit
+        out["pattern"] = re.sub(r"\[(?:\\.|[^\]\\])*\]|\\.", ecma_digits, out["pattern"])
     if isinstance(step := out.get("multipleOf"), int | float) and not (math.isfinite(step) and step > 0):
         raise ConfigError(f"{where}: multipleOf must be greater than 0, not {step!r}")
     if out.pop("nullable", False) is True:
@@ -445,21 +431,11 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
     return out
 
 
-def ecma_digits(pattern: str) -> str:
-    """`pattern` with \\d as JSON Schema (ECMA 262) reads it, 0-9: Python's re would take any Unicode digit too."""
-    out, in_class, i = [], False, 0
-    while i < len(pattern):
-        if pattern[i] == "\\" and i + 1 < len(pattern):
-            escaped = pattern[i : i + 2]
-            out.append(
-                {"\\d": "0-9" if in_class else "[0-9]", "\\D": escaped if in_class else "[^0-9]"}.get(escaped, escaped)
-            )
-            i += 2
-            continue
-        in_class = (in_class or pattern[i] == "[") and not (in_class and pattern[i] == "]")
-        out.append(pattern[i])
-        i += 1
-    return "".join(out)
+def ecma_digits(match: re.Match) -> str:
+    """A character class or escape of a pattern, with \\d and \\D as 0-9."""
+    if (token := match.group()).startswith("["):
+        return re.sub(r"\\.", lambda escape: "0-9" if escape.group() == "\\d" else escape.group(), token)
+    return {"\\d": "[0-9]", "\\D": "[^0-9]"}.get(token, token)
 
 
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:
@@ -545,7 +521,7 @@ def find_operation(operations: Mapping[str, Operation], method: str, path: str) 
         return operation, {}  # (a template's own text, "/items/{id}", is not a path of it)
     for operation in operations.values():
         if operation.method == method and operation.template and (match := operation.template.fullmatch(path)):
-            return operation, dict(zip(operation.segments, match.groups(), strict=True))
+            return operation, dict(zip(SEGMENT.findall(operation.path), match.groups(), strict=True))
     raise GraphError(404, f"no action for {method} {path}")
 
 
