@@ -564,10 +564,14 @@ async def settled(call: asyncio.Task, deadline: float) -> Any:
     """`call`'s outcome by `deadline` (loop time), or TimeoutError; a late call is cancelled, and left behind if it
     ignores that, so that nothing an action does can hold its answer back."""
     loop = asyncio.get_running_loop()
+    woken = loop.create_future()
     call.add_done_callback(lambda done: done.cancelled() or done.exception())  # read below, or moot
+    call.add_done_callback(lambda _: woken.done() or woken.set_result(None))
+    timer = loop.call_at(deadline, lambda: woken.done() or woken.set_result(None))
     try:
-        await asyncio.wait([call], timeout=max(0.0, deadline - loop.time()))
+        await woken  # (not asyncio.wait: this costs half as much CPU)
     finally:
+        timer.cancel()
         if not call.done():  # past its time limit, or we are being cancelled (shutdown)
             call.cancel()
     if not call.done() or loop.time() > deadline:  # (one that held the loop past its limit is too late too)
@@ -827,18 +831,19 @@ def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=
     raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
-PROXY_VARIABLES = [f"{scheme}_proxy" for scheme in ("https", "http", "wss", "ws")]
+WEBSOCKET_SCHEMES = {"wss": "https", "ws": "http"}  # without WSS_PROXY / WS_PROXY, HTTPS_PROXY / HTTP_PROXY
 
 
 def proxy_for(url: str) -> str | None:
     """The proxy the standard variables name for `url` (NO_PROXY honoured), read here: aiohttp's trust_env would read
     them, and netrc, in the loop's default pool, where actions' asyncio.to_thread calls can hold every thread."""
-    if not any(os.environ.get(name) or os.environ.get(name.upper()) for name in PROXY_VARIABLES):
-        return None  # the usual case, without reading the whole environment
+    schemes = {scheme := url.partition(":")[0].lower(), WEBSOCKET_SCHEMES.get(scheme, scheme)}
+    if not any(os.environ.get(f"{name}_proxy") or os.environ.get(f"{name.upper()}_PROXY") for name in schemes):
+        return None  # the usual case, in a few microseconds
     proxies, parts = urllib.request.getproxies_environment(), urlsplit(url)
     if urllib.request.proxy_bypass_environment(parts.netloc.rpartition("@")[2], proxies):  # "host" or "host:port"
         return None
-    proxy = proxies.get(parts.scheme) or proxies.get({"wss": "https", "ws": "http"}.get(parts.scheme, ""))
+    proxy = proxies.get(parts.scheme) or proxies.get(WEBSOCKET_SCHEMES.get(parts.scheme, ""))
     socks = (proxy or "").startswith("socks") and parts.scheme in ("http", "https")  # aiohttp speaks no SOCKS
     return None if socks else proxy
 
@@ -887,10 +892,8 @@ class Resolver(aiohttp.abc.AbstractResolver):
 
 async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
     """POST JSON, no redirects: the status and body within `time_limit` s and MAX_ANSWER_BYTES, or an exception."""
-    timeout, data = (
-        aiohttp.ClientTimeout(total=time_limit),
-        json.dumps(payload, allow_nan=False).encode(),
-    )  # NaN: not JSON
+    data = json.dumps(payload, allow_nan=False).encode()  # NaN is not JSON: ValueError
+    timeout = aiohttp.ClientTimeout(total=time_limit)
     post = http.post(url, data=data, headers=HEADERS, proxy=proxy_for(url), allow_redirects=False, timeout=timeout)
     async with post as response:
         body = bytearray()
