@@ -45,7 +45,6 @@ import fastjsonschema
 import websockets
 import websockets.exceptions  # websockets>=15 loads submodules lazily; bind it before use
 import yaml
-from aiohttp import web
 from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
 from dotenv import find_dotenv, load_dotenv
 from websockets.protocol import State as WebSocketState
@@ -1360,6 +1359,8 @@ async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> As
     if not settings.health_port:
         yield
         return
+    from aiohttp import web  # here, not at the top: aiohttp's server adds 2.4 MB that a bot without it need not carry
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
