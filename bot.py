@@ -500,7 +500,7 @@ def parse_graph_request(data: Any) -> tuple[str, str, dict[str, Any]]:
     except ValueError:
         raise GraphError(400, "requestLine.uri is not a valid URI") from None
     with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested too deeply
-        body = json.loads(body, parse_float=finite, parse_constant=finite) if isinstance(body, str) else body
+        body = JSON_NUMBERS.decode(body) if isinstance(body, str) else body
     if not isinstance(body, dict):
         raise GraphError(400, "body is not a JSON object")
     path = unquote(url.path)  # "/v1/%E5%A4%A9" routes as "/v1/天"
@@ -512,6 +512,9 @@ def finite(text: str) -> float:
     if not math.isfinite(value := float(text)):
         raise ValueError(f"{text} is not a JSON number")
     return value
+
+
+JSON_NUMBERS = json.JSONDecoder(parse_float=finite, parse_constant=finite)  # made once: json.loads makes one a call
 
 
 def find_operation(operations: Mapping[str, Operation], method: str, path: str) -> tuple[Operation, dict[str, str]]:
