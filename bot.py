@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
@@ -689,7 +690,8 @@ class CallbackLedger:
     ):
         self.ttl, self.capacity, self.max_bytes, self.clock = ttl, capacity, max_bytes, clock
         self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> (status, body), once answered
-        self.finished: dict[str, tuple[float, int, str, int]] = {}  # messageId -> (when, status, body, its bytes)
+        # messageId -> (when, status, body, its bytes), oldest first (a dict would scan the gaps its front leaves)
+        self.finished: OrderedDict[str, tuple[float, int, str, int]] = OrderedDict()
         self.size = 0  # the finished answers' bodies, in bytes
 
     async def answer_once(self, message_id: str, answer: Callable[[], Awaitable[tuple[int, str]]]) -> tuple[int, str]:
@@ -717,7 +719,7 @@ class CallbackLedger:
         return status, body
 
     def forget_oldest(self) -> None:
-        self.size -= self.finished.pop(next(iter(self.finished)))[3]
+        self.size -= self.finished.popitem(last=False)[1][3]
 
 
 LEDGER = CallbackLedger()  # one per process, for all its connections: DingTalk may redeliver on another one
