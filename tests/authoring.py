@@ -10,6 +10,7 @@ simulates. Each problem is one line: the file, the function or parameter, and th
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 import types
@@ -67,6 +68,7 @@ def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, bot.Action] | 
 def check_spec(spec: Any, actions: Mapping[str, bot.Action], name: str = "tools.yaml") -> dict[str, Any]:
     """The schema rules, bot.operations_of(spec, actions), then the signature rules (not OpenAPI's structural ones)."""
     try:
+        check_paths(spec, actions, name)
         check_structure(spec, name)
         check_schemas(spec, name)
     except ConfigError:
@@ -81,12 +83,29 @@ def check_spec(spec: Any, actions: Mapping[str, bot.Action], name: str = "tools.
     return operations
 
 
+def check_paths(spec: dict, actions: Mapping[str, bot.Action], name: str) -> None:
+    """A path in tools.yaml and one in ACTIONS spelled two ways, or a path pasted outside `paths:`, said as such."""
+    in_tools, in_actions = spec["paths"].keys() - actions.keys(), actions.keys() - spec["paths"].keys()
+    for route in sorted(in_tools):
+        if twin := difflib.get_close_matches(route, list(in_actions), n=1, cutoff=0.8):
+            raise ConfigError(f"{name} declares {route} and ACTIONS in bot.py has {twin[0]}: make them one path")
+    for route in sorted(in_actions):
+        under = [other for other, item in spec["paths"].items() if isinstance(item, dict) and route in item]
+        if route in spec:
+            where = "it is at the top level: indent it two spaces, under paths:"
+        elif under:
+            where = f"it is indented under {under[0]}: indent it as much as the other paths"
+        else:
+            continue
+        raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it ({where})")
+
+
 def check_structure(spec: dict, name: str) -> None:
     """OpenAPI's structure where bot.py reads it, in tools.yaml's terms."""
     for route, item in spec["paths"].items():
         for method, op in item.items():
             if method in ("parameters", "summary", "description", "servers") or str(method).startswith(("x-", "/")):
-                continue  # (a path indented under another: bot.py says where it is)
+                continue  # (a path indented under another: check_paths says where it is)
             if method not in ("get", "post"):
                 raise ConfigError(f"{name}: {route}: {method!r} is not an operation DingTalk calls (get or post)")
             where = f"{name}: {method.upper()} {route}"

@@ -950,7 +950,7 @@ def test_a_path_pasted_or_spelled_wrong_is_said_where_it_is(tmp_path, tools, act
     path = tmp_path / "tools.yaml"
     path.write_text(tools, encoding="utf-8")
     with pytest.raises(bot.ConfigError) as err:
-        bot.load_operations(path, actions)
+        authoring.check_file(path, actions)  # the authoring check (python -m pytest, the simulator) says where it is
     assert message in str(err.value)
 
 
