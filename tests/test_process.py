@@ -199,5 +199,5 @@ async def test_a_tools_yaml_mistake_is_said_before_missing_credentials(fake, bot
     assert await process.wait(10) == 2
     [line] = process.lines
     assert line.startswith(
-        "error: tools.yaml declares /v1/actions/on-calls and ACTIONS in bot.py has /v1/actions/on-call"
+        "error: tools.yaml declares /v1/actions/on-calls, but ACTIONS in bot.py has no action for it"
     )
