@@ -406,7 +406,7 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
     if limit := INTEGER_FORMATS.get(out.get("format")):
         out = {"minimum": -limit, "maximum": limit - 1} | out
     if isinstance(out.get("pattern"), str):  # \d as JSON Schema (ECMA 262) reads it, 0-9, not any Unicode digit
-        out["pattern"] = re.sub(r"\[(?:\\.|[^\]\\])*\]|\\.", ecma_digits, out["pattern"])
+        out["pattern"] = re.sub(r"\[(?:\\.|[^\]\\])*(?:\]|$)|\\.", ecma_digits, out["pattern"], flags=re.DOTALL)
     if isinstance(step := out.get("multipleOf"), int | float) and not (math.isfinite(step) and step > 0):
         raise ConfigError(f"{where}: multipleOf must be greater than 0, not {step!r}")
     if out.pop("nullable", False) is True:
@@ -576,6 +576,13 @@ async def contained(coro: Awaitable) -> Any:
         raise RuntimeError(f"{type(exc).__name__}({exc}) raised in an action") from exc
 
 
+class Job:
+    """A plain-def call handed to a thread: who, since when, and the thread's CPU clock and reading as it began."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.started, self.cpu = name, time.monotonic(), None
+
+
 class ActionThreads:
     """Plain-def actions run in `size` long-lived daemon threads, all started at first use (never one per call). A
     thread running Python code holds the GIL, which the event loop needs to answer every ping: so a call waits its
@@ -583,37 +590,53 @@ class ActionThreads:
     e.g. by calls hung past their time limit, a call is answered 503 at once. A hung thread never holds the exit."""
 
     def __init__(self, size: int) -> None:
-        self.size, self.started, self.jobs = size, False, queue.SimpleQueue()
+        self.size, self.threads, self.ticking = size, [], None  # ticking: the loop a look-again is due on
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: list[tuple[Callable[[], Any], asyncio.Future, str]] = []
         self.running: dict[asyncio.Future, Job] = {}  # until its thread is done with it, time limit or not
         self.said: set[str] = set()  # warnings given, each once
 
     async def run(self, call: Callable[[], Any], name: str) -> Any:
         if len(self.running) >= self.size:
-            hung, why = sum(f.done() for f in list(self.running)), "plain-def calls are answered 503 until one returns"
+            hung = sum(future.done() for future in list(self.running))
+            why = "plain-def calls are answered 503 until one returns"
             self.warn(
                 "full", "all %d action threads are taken, %d by calls past their time limit: %s", self.size, hung, why
             )
             raise GraphError(503, f"all {self.size} action threads are busy")
-        for number in range(0 if self.started else self.size):
-            threading.Thread(target=self.work, name=f"bot-action-{number + 1}", daemon=True).start()
-        self.started = True
-        while self.busy():  # noqa: ASYNC110 (a thread's CPU use offers nothing to await)
-            await asyncio.sleep(0.01)  # its turn: when a call returns, or turns out to wait on I/O, not burn CPU
+        while len(self.threads) < self.size:
+            self.threads.append(
+                threading.Thread(target=self.work, name=f"bot-action-{len(self.threads) + 1}", daemon=True)
+            )
+            self.threads[-1].start()
         future = asyncio.get_running_loop().create_future()
-        self.running[future] = job = Job(name, time.monotonic())
-        self.jobs.put((call, job, future))
+        self.waiting.append((call, future, name))
+        self.dispatch()
         return await future
 
-    def busy(self) -> bool:
-        """Every thread is taken, or CPU_BOUND_AT_ONCE calls burn CPU: a call waits its turn."""
+    def dispatch(self) -> None:
+        """Hand waiting calls to threads while fewer than CPU_BOUND_AT_ONCE running ones burn CPU."""
+        loop = asyncio.get_running_loop()
+        self.waiting = [waiting for waiting in self.waiting if not waiting[1].done()]  # timed out while waiting
         burning = sum(self.burns_cpu(job) for job in list(self.running.values()))
-        return len(self.running) >= self.size or burning >= CPU_BOUND_AT_ONCE
+        while self.waiting and burning < CPU_BOUND_AT_ONCE and len(self.running) < self.size:
+            call, future, name = self.waiting.pop(0)
+            self.running[future] = job = Job(name)
+            self.jobs.put((call, job, future))
+            burning += 1
+        if self.waiting and self.ticking is not loop:  # look again soon: a call that began may turn out to wait on I/O
+            self.ticking = loop
+            loop.call_later(0.01, self.tick)
+
+    def tick(self) -> None:
+        self.ticking = None
+        self.dispatch()
 
     def burns_cpu(self, job: Job) -> bool:
         """Whether the call began under 20 ms ago, or its thread has been on a CPU a tenth of the time since."""
         elapsed = time.monotonic() - job.started
-        if elapsed < 0.02 or job.cpu is None:  # (no per-thread CPU clocks, e.g. on Windows: the first 20 ms count)
-            return elapsed < 0.02
+        if elapsed < 0.02 or job.cpu is None:
+            return elapsed < 0.02  # (no per-thread CPU clocks, e.g. on Windows: only the first 20 ms count)
         with contextlib.suppress(OSError):  # the thread is gone
             if time.clock_gettime(job.cpu[0]) - job.cpu[1] > 0.1 * elapsed:
                 why = "it takes the GIL from the event loop, so plain-def calls wait their turn"
@@ -651,15 +674,7 @@ class ActionThreads:
                 future.set_result(value)
             else:
                 future.set_exception(value)
-
-
-@dataclass
-class Job:
-    """A plain-def call handed to a thread: who, since when, and its thread's CPU clock and reading as it began."""
-
-    name: str
-    started: float
-    cpu: tuple[int, float] | None = None
+        self.dispatch()
 
 
 CPU_BOUND_AT_ONCE = 2  # plain-def calls burning CPU at a time: each more delays the event loop's every step

@@ -280,6 +280,36 @@ async def test_hung_plain_def_calls_take_at_most_the_pool_then_503_at_once_with_
     assert await bot.run_action(quick, {"location": "fine"}, 5) == "fine"  # served again
 
 
+async def test_plain_def_calls_waiting_for_their_turn_are_served_in_the_order_they_came(monkeypatch):
+    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(8))
+    started: list[int] = []
+
+    def burns(location: str) -> str:
+        end = time.thread_time() + 0.2
+        while time.thread_time() < end:  # two of these take every turn: the calls below wait
+            pass
+        return location
+
+    def quick(location: str) -> str:
+        started.append(int(location))
+        time.sleep(0.005)  # waits as on I/O; in its first 20 ms it counts as burning CPU, so two run at once
+        return location
+
+    calls = [asyncio.ensure_future(bot.run_action(burns, {"location": "x"}, 10)) for _ in range(2)]
+    arrivals = iter(range(40))
+
+    def arrive(_: object = None) -> None:  # each call that ends brings a new one, as steady traffic does
+        if (n := next(arrivals, None)) is not None:
+            calls.append(asyncio.ensure_future(bot.run_action(quick, {"location": str(n)}, 10)))
+            calls[-1].add_done_callback(arrive)
+
+    for _ in range(10):
+        arrive()
+    await wait_until(lambda: len(calls) == 42 and all(call.done() for call in calls), timeout=15)
+    assert [call.result() for call in calls[2:]] == [str(n) for n in range(40)]  # every one served
+    assert max(abs(place - n) for place, n in enumerate(started)) <= 2, started  # a newcomer never jumps the queue
+
+
 async def samples_weather(location: str) -> str:
     return location
 

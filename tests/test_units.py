@@ -857,6 +857,15 @@ def test_every_rule_a_parameter_carries_is_enforced(schema, entry, text, rule):
     assert err.value.status == 400 and rule in err.value.reason, err.value.reason
 
 
+def test_digits_in_a_character_class_are_ascii_and_an_unclosed_class_stops_the_start():
+    operation = query_operation({"type": "string", "pattern": r"^[\d\]-]+$"})
+    assert operation.check({"code": "12]-3"}) == {"code": "12]-3"}
+    with pytest.raises(bot.GraphError, match="must match pattern"):
+        operation.check({"code": "１２"})  # full-width digits: not \d in JSON Schema (ECMA 262)
+    with pytest.raises(bot.ConfigError):
+        query_operation({"type": "string", "pattern": r"^[\d$"})  # a `[` never closed: not a pattern
+
+
 def test_a_parameter_described_by_content_is_typed_by_its_schema():
     content = {"application/json": {"schema": {"type": "integer", "maximum": 5}}}
     assert query_operation({}, content=content).check({"code": "3"}) == {"code": 3}
