@@ -220,6 +220,21 @@ async def bot_process(tmp_path: Path) -> AsyncIterator[Callable[..., Coroutine[A
             await process.wait(5)
 
 
+def hangs_until(release: threading.Event) -> Callable[[str], str]:
+    """A plain-def action that hangs, like requests.get without a timeout, until `release` is set (30 s at most)."""
+
+    def hangs(location: str) -> str:
+        release.wait(30)
+        return location
+
+    return hangs
+
+
+def echoes(location: str) -> str:
+    """A plain-def action that answers at once."""
+    return location
+
+
 async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
     """Poll `predicate` until truthy or the deadline passes (then fail)."""
     deadline = time.monotonic() + timeout

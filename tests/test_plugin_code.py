@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import bot
-from tests.conftest import settings_for, wait_until
+from tests.conftest import echoes, hangs_until, settings_for, wait_until
 from tests.fake_dingtalk import GRAPH_TOPIC, ForwardProxy, bot_env, free_port, graph_request
 from tests.samples import RATE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
@@ -252,14 +252,7 @@ async def test_a_burst_of_cpu_bound_plain_def_calls_leaves_the_loop_answering(fa
 async def test_hung_plain_def_calls_take_at_most_the_pool_then_503_at_once_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))
     release = threading.Event()
-
-    def hangs(location: str) -> str:
-        release.wait(30)  # like requests.get without a timeout
-        return location
-
-    def quick(location: str) -> str:
-        return location
-
+    hangs, quick = hangs_until(release), echoes
     before = threading.active_count()
     try:
         for _ in range(4):
@@ -445,10 +438,7 @@ def test_a_proxy_url_without_a_scheme_has_its_password_redacted_too(monkeypatch)
 async def test_the_full_pool_warning_is_given_once_while_hung_calls_remain(monkeypatch, caplog):
     monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))
     release = threading.Event()
-
-    def hangs(location: str) -> str:
-        release.wait(30)
-        return location
+    hangs = hangs_until(release)
 
     def quick(location: str) -> str:
         time.sleep(0.05)

@@ -16,6 +16,7 @@ import pytest
 
 import bot
 from tests import authoring, samples
+from tests.conftest import echoes, hangs_until
 from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS
 
 # ----- running an action -----
@@ -737,13 +738,7 @@ async def test_a_burst_of_slow_plain_def_actions_is_not_misreported_as_timeouts(
 
 async def test_hung_plain_def_actions_do_not_starve_the_ones_after_them():
     release = threading.Event()
-
-    def hangs(location: str) -> str:
-        release.wait(30)  # like requests.get without a timeout
-        return location
-
-    def quick(location: str) -> str:
-        return location
+    hangs, quick = hangs_until(release), echoes
 
     try:
         for _ in range(8):  # more than asyncio.to_thread's pool holds on 2 cores
