@@ -558,7 +558,7 @@ async def settled(call: asyncio.Task, deadline: float) -> Any:
     call.add_done_callback(lambda _: woken.done() or woken.set_result(None))
     timer = loop.call_at(deadline, lambda: woken.done() or woken.set_result(None))
     try:
-        await woken  # (not asyncio.wait: this costs half as much CPU)
+        await woken  # (not asyncio.wait, which costs about 3 µs more a call)
     finally:
         timer.cancel()
         if not call.done():  # past its time limit, or we are being cancelled (shutdown)
