@@ -237,6 +237,8 @@ class Operation:
         except fastjsonschema.JsonSchemaValueException as exc:
             name = exc.name.removeprefix("data.") if exc.name != "data" else "parameters"
             rule = exc.message.removeprefix(f"{exc.name} ")
+            if exc.rule == "pattern":  # as the author wrote it, not as translated for Python
+                rule = f"must match pattern {exc.definition.get('x-pattern', exc.definition['pattern'])}"
             raise GraphError(400, f"parameter {name} {rule}, got {shown(exc.value)}") from None
 
 
@@ -405,8 +407,8 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
                 out[exclusive] = out.pop(bound)
     if limit := INTEGER_FORMATS.get(out.get("format")):
         out = {"minimum": -limit, "maximum": limit - 1} | out
-    if isinstance(out.get("pattern"), str):  # \d as JSON Schema (ECMA 262) reads it, 0-9, not any Unicode digit
-        out["pattern"] = re.sub(r"\[(?:\\.|[^\]\\])*(?:\]|$)|\\.", ecma_digits, out["pattern"], flags=re.DOTALL)
+    if isinstance(out.get("pattern"), str):  # kept as written too, for the 400's reason
+        out["pattern"], out["x-pattern"] = ecma_pattern(out["pattern"], where), out["pattern"]
     if isinstance(step := out.get("multipleOf"), int | float) and not (math.isfinite(step) and step > 0):
         raise ConfigError(f"{where}: multipleOf must be greater than 0, not {step!r}")
     if out.pop("nullable", False) is True:
@@ -417,11 +419,50 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
     return out
 
 
-def ecma_digits(match: re.Match) -> str:
-    """A character class or escape of a pattern, with \\d and \\D as 0-9."""
-    if (token := match.group()).startswith("["):
-        return re.sub(r"\\.", lambda escape: "0-9" if escape.group() == "\\d" else escape.group(), token)
-    return {"\\d": "[0-9]", "\\D": "[^0-9]"}.get(token, token)
+ECMA_SPACE = "\t\n\v\f\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"  # ECMA 262's \s
+ECMA_SETS = {"d": "0-9", "w": "A-Za-z0-9_", "s": ECMA_SPACE}
+ECMA_ANCHORS = {"$": r"\Z", ".": "[^\n\r\u2028\u2029]", "\\b": r"(?a:\b)", "\\B": r"(?a:\B)", "[]": "(?!)"}
+PATTERN_TOKEN = re.compile(r"\[\^?(?:\\.|[^\]\\])*\]?|\\.|.", re.DOTALL)  # a [class], an escape or a character
+
+
+def ecma_pattern(pattern: str, where: str) -> str:
+    """A JSON Schema pattern (ECMA 262) as a Python pattern that matches the same: \\d \\w \\s and their negations
+    ASCII or ECMA's spaces, `.` not a line end, `$` the end only (not before a last newline), \\b ASCII."""
+    out = []
+    for token in PATTERN_TOKEN.findall(pattern):
+        if token in ECMA_ANCHORS:
+            out.append(ECMA_ANCHORS[token])
+        elif token[0] == "\\" and token[1].lower() in ECMA_SETS:
+            out.append(f"[{'^' if token[1].isupper() else ''}{ECMA_SETS[token[1].lower()]}]")
+        elif token.startswith("[") and len(token) > 1:
+            out.append(ecma_class(pattern, token, where))
+        else:
+            out.append(token)
+    try:
+        return re.compile("".join(out)).pattern
+    except re.error as exc:  # e.g. (?<name>...), \p{L}: ECMA 262 only
+        raise ConfigError(
+            f"{where}: pattern {pattern!r} cannot be enforced here ({exc.msg}): "
+            "write it in the syntax ECMA 262 and Python share"
+        ) from None
+
+
+def ecma_class(pattern: str, token: str, where: str) -> str:
+    """A [class] of `pattern` with \\d \\w \\s as ECMA 262 reads them; [^] is any character."""
+    if token == "[^]":
+        return r"[\s\S]"
+    negated, closed = token.startswith("[^"), token.endswith("]")
+    parts = []
+    for part in re.findall(r"\\.|.", token[2 if negated else 1 : -1 if closed else None], re.DOTALL):
+        if part in ("\\D", "\\W", "\\S"):
+            raise ConfigError(
+                f"{where}: pattern {pattern!r}: {part} inside [...] cannot be enforced as ECMA 262 reads it; "
+                f"write it outside the brackets, e.g. (?:[...]|{part})"
+            )
+        if part in ("[", "$"):  # literal in ECMA 262; Python would warn of a nested set, fastjsonschema rewrite $
+            part = "\\" + part
+        parts.append(ECMA_SETS.get(part[1:], part) if part[0] == "\\" else part)
+    return f"[{'^' if negated else ''}{''.join(parts)}{']' if closed else ''}"
 
 
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:

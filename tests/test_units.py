@@ -839,7 +839,7 @@ def test_query_text_is_converted_only_where_the_schema_allows_no_string(schema, 
     ("schema", "entry", "text", "rule"),
     [
         ({"$ref": "#/components/schemas/Code", "maxLength": 3}, {}, "1234", "shorter than or equal to 3"),
-        ({"pattern": r"^\d{6}$"}, {}, "１２３４５６", "must match pattern ^[0-9]{6}$"),  # full-width digits
+        ({"pattern": r"^\d{6}$"}, {}, "１２３４５６", r"must match pattern ^\d{6}$"),  # full-width digits; as written
         ({"pattern": r"^\S+$"}, {}, "张\u3000伟", "must match pattern"),  # an ideographic space is a space (ECMA)
         ({}, {"content": {"application/json": {"schema": {"type": "integer", "maximum": 5}}}}, "9", "smaller than"),
     ],
@@ -859,6 +859,43 @@ def test_digits_in_a_character_class_are_ascii_and_an_unclosed_class_stops_the_s
         operation.check({"code": "１２"})  # full-width digits: not \d in JSON Schema (ECMA 262)
     with pytest.raises(bot.ConfigError):
         query_operation({"type": "string", "pattern": r"^[\d$"})  # a `[` never closed: not a pattern
+
+
+@pytest.mark.parametrize(
+    ("pattern", "accepted", "refused"),
+    [
+        (r"^[$¥€][0-9]+$", ["$12", "¥3"], ["12", "$12\n"]),  # $ in a class is a character; at the end, the end only
+        (r"^\w+$", ["abc_1"], ["杭州", "１２３"]),  # \w is ASCII in ECMA 262
+        (r"^[\w.-]+@x$", ["a.b-c@x"], ["杭@x"]),  # in a class too
+        (r"^.+$", ["a b"], ["a\u2028b", "a\rb", "a\nb"]),  # . is not a line end
+        (r"^\S+$", ["张伟"], ["张\u3000伟", "a\ufeffb", "a\u00a0b"]),  # ECMA's spaces, \ufeff among them
+        (r"^\s$", ["\ufeff"], ["\x1c"]),  # Python's \s differs from ECMA's both ways
+        (r"\bfoo\b", ["杭foo杭"], ["afoo"]),  # a word boundary between ASCII word characters and others
+        (r"^[^]$", ["a", "\n"], ["ab"]),  # [^] is any character
+    ],
+)
+def test_a_pattern_is_enforced_as_ecma_262_reads_it(pattern, accepted, refused):
+    operation = query_operation({"type": "string", "pattern": pattern})
+    for text in accepted:
+        assert operation.check({"code": text}) == {"code": text}
+    for text in refused:
+        with pytest.raises(bot.GraphError) as err:
+            operation.check({"code": text})
+        assert f"must match pattern {pattern}, got" in err.value.reason  # the pattern as written
+
+
+@pytest.mark.parametrize(
+    ("pattern", "said"),
+    [
+        (r"^[\S]+$", r"pattern '^[\\S]+$': \S inside [...] cannot be enforced as ECMA 262 reads it; write it outside"),
+        (r"^(?<year>[0-9]{4})$", "pattern '^(?<year>[0-9]{4})$' cannot be enforced here (unknown extension ?<y): write"),
+        (r"^\p{L}+$", r"pattern '^\\p{L}+$' cannot be enforced here (bad escape \p): write it in the syntax"),
+    ],
+)
+def test_a_pattern_that_cannot_be_enforced_stops_the_start_naming_it(pattern, said):
+    with pytest.raises(bot.ConfigError) as err:
+        query_operation({"type": "string", "pattern": pattern})
+    assert said in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_parameter_described_by_content_is_typed_by_its_schema():
