@@ -500,6 +500,8 @@ EXPECTED_RESULT = {
 REMEMBER_SECONDS = 300.0  # redeliveries are reported 16-60 s after a late ack
 REMEMBERED_CALLBACKS = 100_000
 REMEMBERED_BYTES = 32 << 20  # of answers: an `auto` action's data can be large
+MAX_ACK_BYTES = 256 << 10  # as sent: the Java SDK reads at most 256 KiB a frame; DingTalk documents no limit
+ACK_ROOM = MAX_ACK_BYTES - 1024  # for the Graph response: the rest of an ack takes a few hundred bytes
 
 
 class GraphError(Exception):
@@ -568,10 +570,12 @@ async def run_action(
     loop, label = asyncio.get_running_loop(), f"{named(action)} ({route})" if route else named(action)
     deadline = loop.time() + time_limit
     try:
+        job = None
         if inspect.iscoroutinefunction(action):
             work = action(**kwargs)
         else:
-            work = ACTION_THREADS.run(functools.partial(action, **kwargs), label)
+            job = Job(label, named(action))
+            work = ACTION_THREADS.run(functools.partial(action, **kwargs), job)
         result = await settled(loop.create_task(contained(work), name=f"action {label}"), deadline)
         if inspect.isawaitable(result):  # an async def behind a plain decorator, or with async __call__
             result = await settled(loop.create_task(contained(result), name=f"action {label}"), deadline)
@@ -583,6 +587,9 @@ async def run_action(
             raise
         log.exception("action %s failed: something it awaited was cancelled", named(action))
     except Exception as exc:
+        if isinstance(exc, TimeoutError) and loop.time() >= deadline and job and job.started is None:  # never ran
+            log.warning("action %s did not start within %.3g s: %s", label, time_limit, ACTION_THREADS.held_by())
+            raise GraphError(503, "busy: no thread for the action within its time limit") from None
         if isinstance(exc, TimeoutError) and loop.time() >= deadline:  # ours, not one from inside the action
             log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", named(action), time_limit)
             raise GraphError(504, "action timed out") from None
@@ -618,10 +625,10 @@ async def contained(coro: Awaitable) -> Any:
 
 
 class Job:
-    """A plain-def call handed to a thread: who, since when, and the thread's CPU clock and reading as it began."""
+    """A plain-def call: its name and its action's, when a thread took it, the thread's CPU clock and reading then."""
 
-    def __init__(self, name: str) -> None:
-        self.name, self.started, self.cpu = name, time.monotonic(), None
+    def __init__(self, name: str, action: str) -> None:
+        self.name, self.action, self.started, self.cpu = name, action, None, None
 
 
 class ActionThreads:
@@ -633,11 +640,11 @@ class ActionThreads:
     def __init__(self, size: int) -> None:
         self.size, self.threads, self.ticking = size, [], None  # ticking: the loop a look-again is due on
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.waiting: list[tuple[Callable[[], Any], asyncio.Future, str]] = []
+        self.waiting: list[tuple[Callable[[], Any], asyncio.Future, Job]] = []
         self.running: dict[asyncio.Future, Job] = {}  # until its thread is done with it, time limit or not
-        self.said: set[str] = set()  # warnings given, each once
+        self.said: set[str] = set()  # warnings given, each once: "full", "late" or an action's name
 
-    async def run(self, call: Callable[[], Any], name: str) -> Any:
+    async def run(self, call: Callable[[], Any], job: Job) -> Any:
         if len(self.running) >= self.size:
             hung = sum(future.done() for future in list(self.running))
             why = "plain-def calls are answered 503 until one returns"
@@ -645,15 +652,25 @@ class ActionThreads:
                 "full", "all %d action threads are taken, %d by calls past their time limit: %s", self.size, hung, why
             )
             raise GraphError(503, f"all {self.size} action threads are busy")
+        late = [job.name for future, job in list(self.running.items()) if future.done() and self.burns_cpu(job)]
+        if len(late) >= CPU_BOUND_AT_ONCE:  # it would wait for as long as they burn: perhaps for ever
+            why = "plain-def calls are answered 503 until one returns"
+            self.warn("late", "CPU-bound calls past their time limit hold the CPU: %s: %s", ", ".join(late), why)
+            raise GraphError(503, "busy: CPU-bound actions past their time limit are still running")
         while len(self.threads) < self.size:
             self.threads.append(
                 threading.Thread(target=self.work, name=f"bot-action-{len(self.threads) + 1}", daemon=True)
             )
             self.threads[-1].start()
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append((call, future, name))
+        self.waiting.append((call, future, job))
         self.dispatch()
         return await future
+
+    def held_by(self) -> str:
+        """What kept a waiting call from a thread."""
+        burning = [job.name for job in list(self.running.values()) if self.burns_cpu(job)]
+        return f"CPU-bound calls held the CPU: {', '.join(burning)}" if burning else "every thread was taken"
 
     def dispatch(self) -> None:
         """Hand waiting calls to threads while fewer than CPU_BOUND_AT_ONCE running ones burn CPU."""
@@ -661,8 +678,8 @@ class ActionThreads:
         self.waiting = [waiting for waiting in self.waiting if not waiting[1].done()]  # timed out while waiting
         burning = sum(self.burns_cpu(job) for job in list(self.running.values()))
         while self.waiting and burning < CPU_BOUND_AT_ONCE and len(self.running) < self.size:
-            call, future, name = self.waiting.pop(0)
-            self.running[future] = job = Job(name)
+            call, future, job = self.waiting.pop(0)
+            self.running[future], job.started = job, time.monotonic()
             self.jobs.put((call, job, future))
             burning += 1
         if self.waiting and self.ticking is not loop:  # look again soon: a call that began may turn out to wait on I/O
@@ -682,7 +699,10 @@ class ActionThreads:
             if time.clock_gettime(job.cpu[0]) - job.cpu[1] > 0.1 * elapsed:
                 why = "it takes the GIL from the event loop, so plain-def calls wait their turn"
                 self.warn(
-                    job.name, "action %s is CPU-bound: %s; run such work in a process pool (README §4)", job.name, why
+                    f"cpu {job.action}",
+                    "action %s is CPU-bound: %s; run such work in a process pool (README §4)",
+                    job.name,
+                    why,
                 )
                 return True
         return False
@@ -709,7 +729,7 @@ class ActionThreads:
     def settle(self, future: asyncio.Future, ok: bool, value: Any) -> None:
         del self.running[future]
         if not any(running.done() for running in list(self.running)):  # no call past its time limit left: warn again
-            self.said.discard("full")
+            self.said -= {"full", "late"}
         if not future.done():  # it may have been cancelled: the time limit, or shutdown
             if ok:
                 future.set_result(value)
@@ -754,7 +774,7 @@ class CallbackLedger:
         finally:
             del self.in_flight[message_id]
         result.set_result((status, body))
-        self.finished[message_id] = (self.clock(), status, body, size := len(body.encode()))
+        self.finished[message_id] = (self.clock(), status, body, size := len(body.encode(errors="surrogatepass")))
         self.size += size
         while len(self.finished) > self.capacity or self.size > self.max_bytes:  # the caps are exact
             self.forget_oldest()
@@ -805,6 +825,9 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         except Exception:  # a bug here must still produce an ack, or DingTalk waits and redelivers
             log.exception("callback %s: unexpected error", message_id)
             status, body = 500, failure("internal error")
+        if len(body) * 14 > ACK_ROOM and (size := bytes_as_sent(body)) > ACK_ROOM:  # (14: an emoji, as sent)
+            log.error("callback %s: answer too large: %d bytes as sent, over %d", message_id, size, MAX_ACK_BYTES)
+            status, body = 500, failure("internal error in action: answer too large")  # what the ledger keeps
         log.info("callback %s %s -> %d in %.0f ms", message_id, route, status, (time.monotonic() - started) * 1000)
         return status, body
 
@@ -817,7 +840,13 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             return json.dumps({"content": result}, ensure_ascii=False)
         elif operation.display == "disabled" and isinstance(result, str | Card) and webhook:
             card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
-            await reply_card(self.http, webhook, card, self.settings.webhook_timeout_seconds)
+            payload = {"contentType": "ai_card", "content": {"templateId": card.template_id, "cardData": card.data}}
+            try:
+                data = json.dumps(payload, allow_nan=False).encode()
+            except (TypeError, ValueError, RecursionError) as exc:  # e.g. a date, a Decimal, NaN: nothing is posted
+                log.error("action %s returned a Card whose data is not JSON: %s", named(operation.action), exc)
+                raise GraphError(500, "internal error in action") from None
+            await reply_card(self.http, webhook, data, self.settings.webhook_timeout_seconds)
             return '{"success": true}'
         log.error(
             "action %s returned %s, but %s %s is x-dingtalk-display-result: %s, which expects %s",
@@ -837,6 +866,11 @@ def graph_response(status: int, body: str) -> dict[str, Any]:
 
 def failure(reason: str) -> str:
     return json.dumps({"success": False, "error": reason}, ensure_ascii=False)
+
+
+def bytes_as_sent(body: str) -> int:
+    """The bytes a Graph response of `body` takes in its ack: JSON inside the ack's JSON, so escaped twice."""
+    return len(json.dumps(json.dumps({"response": graph_response(200, body)})))
 
 
 # ----- Reply / 回复：an AI card to the sessionWebhook, only to DingTalk, without blocking the loop -----------
@@ -936,9 +970,8 @@ class Resolver(aiohttp.abc.AbstractResolver):
         pass
 
 
-async def post_json(http: aiohttp.ClientSession, url: str, payload: Any, time_limit: float) -> tuple[int, bytes]:
+async def post_json(http: aiohttp.ClientSession, url: str, data: bytes, time_limit: float) -> tuple[int, bytes]:
     """POST JSON, no redirects: the status and body within `time_limit` s and MAX_ANSWER_BYTES, or an exception."""
-    data = json.dumps(payload, allow_nan=False).encode()  # NaN is not JSON: ValueError
     timeout = aiohttp.ClientTimeout(total=time_limit)
     post = http.post(url, data=data, headers=HEADERS, proxy=proxy_for(url), allow_redirects=False, timeout=timeout)
     async with post as response:
@@ -958,11 +991,10 @@ def json_object(body: bytes) -> dict[str, Any]:
     return {}
 
 
-async def reply_card(http: aiohttp.ClientSession, webhook: str, card: Card, time_limit: float) -> None:
-    """POST an AI card to the sessionWebhook; GraphError(502) unless DingTalk took it."""
-    payload = {"contentType": "ai_card", "content": {"templateId": card.template_id, "cardData": card.data}}
+async def reply_card(http: aiohttp.ClientSession, webhook: str, card: bytes, time_limit: float) -> None:
+    """POST an AI card (its JSON) to the sessionWebhook; GraphError(502) unless DingTalk took it."""
     try:
-        status, body = await post_json(http, webhook, payload, time_limit)
+        status, body = await post_json(http, webhook, card, time_limit)
     except TimeoutError:
         log.error("webhook %s timed out after %.1f s", redact(webhook), time_limit)
         raise GraphError(502, "reply webhook timed out") from None
@@ -989,7 +1021,6 @@ HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the bac
 RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
 RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
 MAX_CALLBACKS_IN_HAND = 500  # per client; past it, a new callback is answered 503 at once
-MAX_ACK_BYTES = 256 << 10  # as sent: the Java SDK reads at most 256 KiB a frame; DingTalk documents no limit
 STOPPED = "the bot stopped before the action finished"  # a 503's reason, whoever answers it
 MAX_FRAME_BYTES = 16 << 20  # DingTalk's frames are a few KiB; websockets' default limit is 1 MiB
 
@@ -1137,7 +1168,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         body = {"clientId": self.credential.client_id, "clientSecret": self.credential.client_secret}
         body |= {"subscriptions": subscriptions, "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union", "localIp": ""}
         try:
-            status, raw = await post_json(http, url, body, time_limit)
+            status, raw = await post_json(http, url, json.dumps(body).encode(), time_limit)
         except TimeoutError:
             raise OpenFailed(f"connection open: no answer within {time_limit:.0f} s") from None
         except (aiohttp.ClientError, ValueError) as exc:
@@ -1262,14 +1293,9 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         return (await handler.raw_process(message)).to_dict()
 
     async def send_ack(self, conn: Connection, ack: dict[str, Any], message_id: str) -> None:
-        """Send `ack` on the connection its frame came on; one over MAX_ACK_BYTES is replaced by a 500 saying so."""
-        text = json.dumps(ack)  # ASCII, as the SDK sends it: a CJK character in the answer is 7 bytes here
-        if len(text) > MAX_ACK_BYTES:
-            problem = f"answer too large: {len(text)} bytes as sent, over {MAX_ACK_BYTES}"
-            log.error("%s: callback %s: %s", self.name, message_id, problem)
-            text = json.dumps(frame_ack(message_id, "internal error in action: answer too large", status=500))
+        """Send `ack` on the connection its frame came on (answers too large to ack were made 500s before)."""
         try:
-            await conn.websocket.send(text)
+            await conn.websocket.send(json.dumps(ack))  # ASCII, as the SDK sends it
         except websockets.exceptions.ConnectionClosed:
             log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
 
@@ -1460,10 +1486,12 @@ async def watching_the_loop() -> AsyncIterator[None]:
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # line ends, controls, lone surrogates
 
 
 class RedactingFilter(logging.Filter):
-    """Keeps secrets and webhook session tokens out of every log line, whichever library wrote it."""
+    """Keeps secrets and webhook session tokens out of every log line, whichever library wrote it, and each message
+    on one line: a value it shows is escaped (a path's %0A would otherwise start a forged line)."""
 
     def __init__(self, secrets: tuple[str, ...]) -> None:
         super().__init__()
@@ -1474,7 +1502,8 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):  # e.g. 0.24.3's logger.exception("unknown exception", e)
             message = f"{record.msg} {record.args!r}"
-        record.msg, record.args = redact(message, self.secrets), None
+        message = UNPRINTABLE.sub(lambda character: ascii(character.group())[1:-1], redact(message, self.secrets))
+        record.msg, record.args = message, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:

@@ -888,7 +888,7 @@ def test_a_pattern_is_enforced_as_ecma_262_reads_it(pattern, accepted, refused):
     ("pattern", "said"),
     [
         (r"^[\S]+$", r"pattern '^[\\S]+$': \S inside [...] cannot be enforced as ECMA 262 reads it; write it outside"),
-        (r"^(?<year>[0-9]{4})$", "pattern '^(?<year>[0-9]{4})$' cannot be enforced here (unknown extension ?<y): write"),
+        (r"^(?<y>[0-9]{4})$", "pattern '^(?<y>[0-9]{4})$' cannot be enforced here (unknown extension ?<y): write"),
         (r"^\p{L}+$", r"pattern '^\\p{L}+$' cannot be enforced here (bad escape \p): write it in the syntax"),
     ],
 )
