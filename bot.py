@@ -1033,6 +1033,10 @@ class OpenFailed(Exception):
     """Connection open failed for another reason; worth retrying."""
 
 
+class ConnectionDead(Exception):
+    """No pong came in time: the network or DingTalk's end is gone without a word."""
+
+
 def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS) -> float:
     """0, then about 1, 2, 4 … `longest` s, each + 0-1 s of jitter that keeps bots and clients out of step."""
     return (0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)) + random.uniform(0, 1)
@@ -1043,23 +1047,35 @@ class Connection:
     still come on it are answered on it until it closes (DingTalk closes it RETIRE_WINDOW_SECONDS later)."""
 
     def __init__(self, websocket: Any) -> None:
-        self.websocket, self.opened_at, self.retired = websocket, time.monotonic(), asyncio.Event()
+        self.websocket, self.opened_at = websocket, time.monotonic()
+        self.retired = asyncio.Event()  # DingTalk sent `disconnect`
+        self.dead = asyncio.Event()  # no pong in time: replaced at once, not after a close handshake it cannot answer
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # best effort: the peer may be gone already
             await self.websocket.close()
 
 
+@dataclass
+class Frame:
+    """A frame in hand: the connection it came on, where its one ack goes back."""
+
+    message_id: str
+    conn: Connection
+    is_callback: bool
+    acked: bool = False
+
+
 class StreamClient(dingtalk_stream.DingTalkStreamClient):
     """The SDK's client (credential, register_callback_handler, handlers, frame classes) with a start() and stop() of
     its own, the same on dingtalk-stream 0.24.3 and 0.24.4b1. Its state: `connections`, each open websocket with the
-    task reading it, and `in_hand`, each frame being answered with the connection its ack goes back on."""
+    task reading it, and `in_hand`, each frame being answered, with the connection its ack goes back on."""
 
     def __init__(self, credential: dingtalk_stream.Credential, settings: Settings, name: str = "stream-1") -> None:
         super().__init__(credential, logger=logging.getLogger("dingtalk_stream.client"))
         self.settings, self.name = settings, name
         self.connections: dict[Connection, asyncio.Task] = {}
-        self.in_hand: dict[asyncio.Task, Connection] = {}
+        self.in_hand: dict[asyncio.Task, Frame] = {}
         self.stopping = asyncio.Event()  # set by stop(): open no new connection
         self.deadline = math.inf  # set by stop(): a callback that comes later is answered 503 at once
         self.opening: asyncio.Task | None = None  # an open under way, which stop() abandons
@@ -1069,7 +1085,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
 
     @property
     def connected(self) -> bool:
-        live = (conn for conn in self.connections if not conn.retired.is_set())
+        live = (conn for conn in self.connections if not (conn.retired.is_set() or conn.dead.is_set()))
         return any(conn.websocket.state is WebSocketState.OPEN for conn in live)
 
     async def start(self) -> None:
@@ -1097,15 +1113,17 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(self.in_hand))
         while self.in_hand and (left := self.deadline - time.monotonic()) > 0:
             await asyncio.wait(list(self.in_hand), timeout=left)
-        if late := list(self.in_hand):
-            for task in late:
-                log.warning("%s abandoned: still running after the %.3g s grace period", task.get_name(), grace)
+        if late := dict(self.in_hand):
+            for task, frame in late.items():
+                if frame.is_callback and inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
+                    log.warning(
+                        "callback %s abandoned: still running after the %.3g s grace period", frame.message_id, grace
+                    )
                 task.cancel()
-            _, stubborn = await asyncio.wait(late, timeout=1)
-            for task, conn in [(task, self.in_hand.get(task)) for task in stubborn]:  # answered here, left behind
-                kind, _, message_id = task.get_name().partition(" ")
-                if kind == "callback" and conn is not None:
-                    await self.send_ack(conn, frame_ack(message_id, STOPPED, status=503), message_id)
+            await asyncio.wait(late, timeout=1)
+            for frame in late.values():  # each callback gets its one ack: a 503, if it has none yet
+                if frame.is_callback and not frame.acked:
+                    await self.send_ack(frame, frame_ack(frame.message_id, STOPPED, status=503))
         self.deadline = time.monotonic()  # a frame read while the connections close is answered 503, not served
         await self.close_connections()
         if self.in_hand:  # those answers: nothing is left running once stopped
@@ -1136,7 +1154,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                     log.error("%s: %s", self.name, rejected(exc))
                 raise
             level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
-        except websockets.exceptions.ConnectionClosed as exc:
+        except (websockets.exceptions.ConnectionClosed, ConnectionDead) as exc:
             level, problem = logging.WARNING, f"connection lost: {exc}"
         except TimeoutError:
             level, problem = logging.WARNING, "websocket handshake timed out"
@@ -1181,10 +1199,9 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             raise OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
         parts = urlsplit(endpoint)  # the ticket as a query parameter of its own, whatever the endpoint carries
         url = urlunsplit(parts._replace(query=urlencode([*parse_qsl(parts.query), ("ticket", ticket)])))
-        # A ping every KEEPALIVE_SECONDS; a pong may be late on a jittery network (the Java and Go SDKs wait 5 s),
-        # so a silently dead connection is noticed within 3 x keepalive.
+        # Keepalive is keep_alive()'s, not websockets' (which waits for the close handshake of a dead connection).
         keepalive = self.settings.keepalive_seconds
-        options = {"ping_interval": keepalive, "ping_timeout": 2 * keepalive, "close_timeout": min(keepalive, 5)}
+        options = {"ping_interval": None, "ping_timeout": None, "close_timeout": min(keepalive, 5)}
         options |= {"open_timeout": time_limit, "max_size": MAX_FRAME_BYTES}
         if proxy := proxy_for(url):  # websockets looks up the proxy itself
             return Connection(await websockets.connect(url, proxy=proxy, **options))
@@ -1205,19 +1222,24 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         self.accepted = True
         self.tried.set()
         log.info("%s: connected", self.name)
-        retired = asyncio.create_task(conn.retired.wait())
+        retired, dead = asyncio.create_task(conn.retired.wait()), asyncio.create_task(conn.dead.wait())
         try:
-            await asyncio.wait([reader, retired], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([reader, retired, dead], return_when=asyncio.FIRST_COMPLETED)
         finally:
             retired.cancel()
+            dead.cancel()
         if not reader.done():
             reader.add_done_callback(lambda task: task.cancelled() or task.exception())  # how it ends is no news
+            if conn.dead.is_set():
+                no_pong = 2 * self.settings.keepalive_seconds
+                raise ConnectionDead(f"keepalive ping timeout: no pong within {no_pong:.3g} s")
             return "DingTalk retired the connection (disconnect)"
         reader.result()  # raises how it was lost
         return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
 
     async def read(self, conn: Connection) -> None:
         """Take frames until the connection closes, or until RETIRE_WINDOW_SECONDS after DingTalk retired it."""
+        pinging = asyncio.create_task(self.keep_alive(conn))
         try:
             async with asyncio.timeout(None) as window:
                 async for raw in conn.websocket:
@@ -1225,8 +1247,24 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                     if conn.retired.is_set() and window.when() is None:
                         window.reschedule(asyncio.get_running_loop().time() + RETIRE_WINDOW_SECONDS)
         finally:
+            pinging.cancel()
             del self.connections[conn]
             await conn.close()
+
+    async def keep_alive(self, conn: Connection) -> None:
+        """A ping every KEEPALIVE_SECONDS. A pong may be late on a jittery network (the Java and Go SDKs wait 5 s), but
+        none within twice that means the connection is dead: noticed within 3 x keepalive, replaced at once."""
+        keepalive = self.settings.keepalive_seconds
+        while True:
+            await asyncio.sleep(keepalive)
+            try:
+                await asyncio.wait_for(await conn.websocket.ping(), 2 * keepalive)
+            except TimeoutError:
+                conn.dead.set()
+                await conn.close()  # in the background: the next connection opens meanwhile
+                return
+            except websockets.exceptions.ConnectionClosed:
+                return
 
     def take_frame(self, raw: str | bytes, conn: Connection) -> None:
         """Answer one frame in a task of its own: reading never pauses, or keepalive would miss pongs."""
@@ -1241,15 +1279,15 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
         if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
             conn.retired.set()
-        is_callback = kind == dingtalk_stream.CallbackMessage.TYPE
-        if is_callback and (why := self.refusal()):
+        in_hand = Frame(message_id, conn, is_callback=kind == dingtalk_stream.CallbackMessage.TYPE)
+        if in_hand.is_callback and (why := self.refusal()):
             # DingTalk documents redelivery for EVENT frames only: a Graph call left unacked is most likely lost.
             log.warning("%s: callback %s answered 503: %s", self.name, message_id, why)
-            answer = self.send_ack(conn, frame_ack(message_id, why, status=503), message_id)
+            answer = self.send_ack(in_hand, frame_ack(message_id, why, status=503))
         else:
-            answer = self.answer_frame(frame, message_id, conn)
-        task = asyncio.create_task(answer, name=f"{'callback' if is_callback else 'frame'} {message_id}")
-        self.in_hand[task] = conn
+            answer = self.answer_frame(frame, in_hand)
+        task = asyncio.create_task(answer, name=f"frame {message_id}")
+        self.in_hand[task] = in_hand
         task.add_done_callback(self.in_hand.pop)
 
     def refusal(self) -> str | None:
@@ -1260,18 +1298,16 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand: busy"
         return None
 
-    async def answer_frame(self, frame: dict[str, Any], message_id: str, conn: Connection) -> None:
-        """Answer one frame with its handler and send the ack on the connection it came on."""
+    async def answer_frame(self, frame: dict[str, Any], in_hand: Frame) -> None:
+        """Answer one frame with its handler and send the ack on the connection it came on (cancelled by stop(),
+        it is answered 503 there)."""
         try:
-            ack = await self.ack_for(frame, message_id)
-        except asyncio.CancelledError:  # the grace period is over (stop): still one answer
-            await self.send_ack(conn, frame_ack(message_id, STOPPED, status=503), message_id)
-            raise
+            ack = await self.ack_for(frame, in_hand.message_id)
         except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
-            log.exception("%s: frame %s: unexpected error", self.name, message_id)
-            ack = frame_ack(message_id, "internal error", dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION)
+            log.exception("%s: frame %s: unexpected error", self.name, in_hand.message_id)
+            ack = frame_ack(in_hand.message_id, "internal error", dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION)
         if ack is not None:
-            await self.send_ack(conn, ack, message_id)
+            await self.send_ack(in_hand, ack)
 
     async def ack_for(self, frame: dict[str, Any], message_id: str) -> dict[str, Any] | None:
         """The frame parsed by the SDK's classes and answered by its handler (the system one for ping, disconnect)."""
@@ -1292,12 +1328,15 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             return frame_ack(message_id, "topic not subscribed", dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT)
         return (await handler.raw_process(message)).to_dict()
 
-    async def send_ack(self, conn: Connection, ack: dict[str, Any], message_id: str) -> None:
-        """Send `ack` on the connection its frame came on (answers too large to ack were made 500s before)."""
+    async def send_ack(self, in_hand: Frame, ack: dict[str, Any]) -> None:
+        """Send a frame's one ack, on the connection it came on (answers too large to ack were made 500s before)."""
+        if in_hand.acked:  # e.g. a callback answered 503 at stop() whose action then returned after all
+            return
+        in_hand.acked = True
         try:
-            await conn.websocket.send(json.dumps(ack))  # ASCII, as the SDK sends it
+            await in_hand.conn.websocket.send(json.dumps(ack))  # ASCII, as the SDK sends it
         except websockets.exceptions.ConnectionClosed:
-            log.warning("%s: ack for %s not sent: the connection closed", self.name, message_id)
+            log.warning("%s: ack for %s not sent: the connection closed", self.name, in_hand.message_id)
 
 
 def frame_ack(message_id: str, problem: str, code: int = 200, status: int | None = None) -> dict[str, Any]:
@@ -1558,7 +1597,8 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
         loop.call_soon_threadsafe(stop.set)
 
     for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):  # HUP: terminal closed
-        signal.signal(signum, on_signal)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored as it started (nohup: HUP): it stays ignored
+            signal.signal(signum, on_signal)
     # sys.exit() in a task an action starts (asyncio.gather, create_task) would end the event loop: it ends that task
     loop.set_task_factory(lambda loop, coro, **options: asyncio.Task(contained(coro), loop=loop, **options))
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
