@@ -471,10 +471,13 @@ class Simulator:
         """One call as DingTalk makes it; print what the user would see. True when answered 200 as the
         operation's display mode expects."""
         op = self.operation
+        examples = (
+            "  ← tools.yaml's examples (nothing typed; {} sends none)" if params and not raw_input.strip() else ""
+        )
         if op.method == "GET":
-            print(f"\n▶ GET {op.path}  query {'&'.join(f'{k}={v}' for k, v in params.items()) or '(none)'}")
+            print(f"\n▶ GET {op.path}  query {'&'.join(f'{k}={v}' for k, v in params.items()) or '(none)'}{examples}")
         else:
-            print(f"\n▶ {op.method} {op.path}  body {json.dumps(params, ensure_ascii=False)}")
+            print(f"\n▶ {op.method} {op.path}  body {json.dumps(params, ensure_ascii=False)}{examples}")
         if context := context_parameters(op):
             given = [f"{p.name}={self.context[p.name]}" if p.name in self.context else p.name for p in context]
             print(f"  + filled in by DingTalk: {', '.join(given)}")

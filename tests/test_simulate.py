@@ -94,6 +94,17 @@ def test_disabled_mode_shows_the_card_posted_to_the_session_webhook():
     assert "── result card" not in out and "── data for" not in out and "✗" not in out
 
 
+def test_values_filled_in_from_the_examples_are_said_so_on_the_call_line():
+    typed, untyped, none = simulate("杭州"), simulate(), simulate("{}")
+    assert typed.returncode == untyped.returncode == 0, untyped.stdout + untyped.stderr
+    assert "tools.yaml's examples" not in typed.stdout + none.stdout  # ({} is refused: location is required)
+    [call] = [line for line in untyped.stdout.splitlines() if line.startswith("▶")]
+    assert (
+        call.startswith(f"▶ POST {WEATHER}  body {{")
+        and "← tools.yaml's examples (nothing typed; {} sends none)" in call
+    )
+
+
 def test_auto_mode_shows_the_data_for_the_assistants_model_and_calls_no_webhook():
     result = simulate("USD", "100", path=RATE)
     assert result.returncode == 0, result.stdout + result.stderr
