@@ -110,7 +110,7 @@ class ActionError(Exception):
 # settings -> operations (tools.yaml) -> callback -> reply -> connection -> lifecycle and main.
 # README "Reliability" explains what it does and why. To take a newer engine, replace everything below this line.
 
-VERSION = "1.0.1"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
+VERSION = "1.0.2"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
 Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
 log = logging.getLogger("bot")
 
