@@ -124,6 +124,8 @@ def parameters(operation: bot.Operation) -> list[Parameter]:
         location = "query" if name in operation.query else "body"
         context, example = prop.get("x-dingtalk-context"), prop.get("example")
         rules = {key: value for key, value in prop.items() if key not in SHOWN and not str(key).startswith("x-")}
+        if "x-pattern" in prop:  # as written in tools.yaml, not as the bot translated it for Python
+            rules["pattern"] = prop["x-pattern"]
         found.append(
             Parameter(name, location, kind, name in required, prop.get("enum"), low, high, context, example, rules)
         )
