@@ -11,44 +11,7 @@ Stop:  Ctrl+C or SIGTERM     (callbacks in hand finish first, up to SHUTDOWN_GRA
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import difflib
-import functools
-import inspect
-import json
-import logging
-import math
-import os
-import platform
-import queue
-import random
-import re
-import signal
-import socket
-import sys
-import threading
-import time
-import urllib.request
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import MISSING, dataclass, fields
-from http import HTTPStatus
-from pathlib import Path
-from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
-
-import aiohttp
-import aiohttp.abc
-import dingtalk_stream
-import fastjsonschema
-import websockets
-import websockets.exceptions  # websockets>=15 loads submodules lazily; bind it before use
-import yaml
-from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
-from dotenv import find_dotenv, load_dotenv
-from websockets.protocol import State as WebSocketState
+from typing import Any
 
 # ----- Your actions / 你的动作 --------------------------------------------------------------------
 # One function per path in tools.yaml, written above ACTIONS and registered in it: an `async def`, or a plain `def`
@@ -81,11 +44,74 @@ async def get_on_call(team: str, weeks: int = 1) -> str:
     return f"**{team}** 值班表 / on-call (演示数据 / demo data)\n\n| 周 Week | 值班 On call |\n|---|---|{rows}"
 
 
-ACTIONS: dict[str, Callable[..., Any]] = {
+ACTIONS = {
     "/v1/actions/weather": get_weather,
     "/v1/actions/exchange-rate": get_exchange_rate,
     "/v1/actions/on-call": get_on_call,
 }
+
+
+# ===== The engine / 引擎: to upgrade, replace everything below this line (CHANGELOG.md) =====
+# It reads in the order a callback travels: settings -> operations (tools.yaml) -> callback -> reply -> connection ->
+# lifecycle. It never reads the part above: main(ACTIONS) and running(actions, tools) hand it your actions.
+
+import asyncio
+import concurrent.futures
+import contextlib
+import difflib
+import functools
+import inspect
+import json
+import logging
+import math
+import os
+import platform
+import queue
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, fields
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, NamedTuple  # noqa: F811 (the engine imports all it uses itself)
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import aiohttp.abc
+import dingtalk_stream
+import fastjsonschema
+import websockets
+import websockets.exceptions  # websockets>=15 loads submodules lazily; bind it before use
+import yaml
+from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
+from dotenv import find_dotenv, load_dotenv
+from websockets.protocol import State as WebSocketState
+
+__all__ = [
+    "VERSION",
+    "ActionError",
+    "Card",
+    "ConfigError",
+    "Operation",
+    "Settings",
+    "load_operations",
+    "load_settings",
+    "main",
+    "running",
+]
+VERSION = "1.0.2"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
+Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
+log = logging.getLogger("bot")
+
+
+# ----- Your contract / 约定：what an action may raise and return ----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -104,15 +130,6 @@ class ActionError(Exception):
             raise ValueError(f"ActionError's status is one of HTTP's 4xx codes, not {status!r}")
         super().__init__(message)
         self.status = int(status)
-
-
-# ===== The engine: you should not need to edit below. It reads in the order a callback travels: =====
-# settings -> operations (tools.yaml) -> callback -> reply -> connection -> lifecycle and main.
-# README "Reliability" explains what it does and why. To take a newer engine, replace everything below this line.
-
-VERSION = "1.0.2"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
-Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
-log = logging.getLogger("bot")
 
 
 # ----- Settings / 配置 ------------------------------------------------------------------------------
@@ -279,9 +296,9 @@ def shown(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Operation]:
-    """tools.yaml as "METHOD /path" -> Operation, its paths and `actions` (default ACTIONS) matched both ways. What a
-    running bot cannot use is a one-line ConfigError; tests/authoring.py checks the rest while you write."""
+def load_operations(path: Path, actions: Mapping[str, Action]) -> dict[str, Operation]:
+    """The tools file as "METHOD /path" -> Operation, its paths and `actions` matched both ways. What a running bot
+    cannot use is a one-line ConfigError; tests/authoring.py checks the rest while you write."""
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -289,7 +306,7 @@ def load_operations(path: Path = TOOLS_FILE, actions: Mapping[str, Action] | Non
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         problem = " ".join(str(exc).replace('"<unicode string>"', path.name).split()) or "nested too deeply"
         raise ConfigError(f"{path.name} is not valid YAML: {problem}") from None
-    return operations_of(spec, ACTIONS if actions is None else actions, path.name)
+    return operations_of(spec, actions, path.name)
 
 
 def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml") -> dict[str, Operation]:
@@ -1351,14 +1368,14 @@ def frame_ack(message_id: str, problem: str, code: int = 200, status: int | None
 
 @contextlib.asynccontextmanager
 async def running(
-    actions: Mapping[str, Action] | None = None,
+    actions: Mapping[str, Action],
     tools: str | Path = TOOLS_FILE,
     *,
     settings: Settings | None = None,
     connected_within: float = 30.0,
 ) -> AsyncIterator[list[StreamClient]]:
-    """The skill inside your own asyncio service, with your actions and tools file (default: ACTIONS and tools.yaml
-    here) and settings (default: the environment and .env). Yields the clients once each is connected, or after
+    """The skill inside your own asyncio service, with your actions and tools file (default: tools.yaml beside bot.py)
+    and settings (default: the environment and .env). Yields the clients once each is connected, or after
     `connected_within` seconds (saying so); raises ConfigError with the line `python bot.py` would print. On exit it
     finishes the callbacks in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
     if settings is None:
@@ -1390,10 +1407,10 @@ async def connected(started: Mapping[StreamClient, asyncio.Task], within: float)
             log.warning("%s not connected yet: going on; it keeps trying in the background", client.name)
 
 
-async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation] | None = None) -> int:
+async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation]) -> int:
     """serving() until `stop` is set; the exit code: 0, 2 (credentials refused, HEALTH_PORT busy) or 1 (a bug)."""
     try:
-        async with serving(settings, load_operations() if operations is None else operations) as started:
+        async with serving(settings, operations) as started:
             stopped = asyncio.create_task(stop.wait())
             try:
                 done, _ = await asyncio.wait([stopped, *started.values()], return_when=asyncio.FIRST_COMPLETED)
@@ -1640,7 +1657,8 @@ def leftovers() -> tuple[list[str], list[str]]:
     return threads, [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
 
-def main() -> int:
+def main(actions: Mapping[str, Action]) -> int:
+    """`python bot.py`: serve `actions` as tools.yaml beside bot.py describes them, until a signal; the exit code."""
     if sys.argv[1:] == ["--version"]:
         print(f"dingtalk-skill-bot {VERSION} (dingtalk-stream {SDK_VERSION}, Python {platform.python_version()})")
         return 0
@@ -1649,7 +1667,8 @@ def main() -> int:
         return 0 if sys.argv[1:] in (["-h"], ["--help"]) else 2
     try:
         read_dotenv()
-        operations, settings = load_operations(), load_settings()  # a mistake in tools.yaml first, credentials or not
+        operations = load_operations(TOOLS_FILE, actions)  # a mistake in tools.yaml first, credentials or not
+        settings = load_settings()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1664,4 +1683,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ACTIONS))

@@ -51,13 +51,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, bot.Action] | None = None) -> dict[str, Any]:
     """The operations of the tools file at `path` for `actions` (default bot.ACTIONS), as bot.py reads them, after
     every authoring rule: ConfigError, one line, for the first one broken."""
+    actions = bot.ACTIONS if actions is None else actions
     try:
         spec = yaml.load(path.read_text(encoding="utf-8"), UniqueKeyLoader)
     except yaml.constructor.ConstructorError as exc:
         raise ConfigError(f"{path.name} is not valid YAML: {' '.join(str(exc).split())}") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
         return bot.load_operations(path, actions)  # it says what is wrong, as it would at start
-    operations = check_spec(spec, bot.ACTIONS if actions is None else actions, path.name)
+    operations = check_spec(spec, actions, path.name)
     try:
         validate_openapi(spec)
     except Exception as exc:  # openapi-spec-validator's errors carry the whole schema: its first line is enough

@@ -169,7 +169,7 @@ class BotProcess:
         if tools:  # "" for no tools.yaml at all
             (self.workdir / "tools.yaml").write_text(tools, encoding="utf-8")
         script = "run_bot.py"
-        (self.workdir / script).write_text(f"{PRELUDE}\n{self.prelude}\nraise SystemExit(bot.main())\n")
+        (self.workdir / script).write_text(f"{PRELUDE}\n{self.prelude}\nraise SystemExit(bot.main(bot.ACTIONS))\n")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             script,

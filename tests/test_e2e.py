@@ -15,6 +15,7 @@ import pytest
 import bot
 from tests.conftest import healthz, wait_until
 from tests.fake_dingtalk import GraphResult, free_port, graph_request
+from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS
 
 WEATHER = "/v1/actions/weather"
 RATE = "/v1/actions/exchange-rate"
@@ -323,7 +324,8 @@ async def test_health_port_in_use_is_a_clear_error(fake, caplog):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         settings = bot.Settings(client_id="a", client_secret="b", health_port=busy.getsockname()[1])
-        assert await asyncio.wait_for(bot.serve(settings, asyncio.Event()), 5) == 2
+        operations = bot.load_operations(SAMPLE_TOOLS, SAMPLE_ACTIONS)
+        assert await asyncio.wait_for(bot.serve(settings, asyncio.Event(), operations), 5) == 2
     assert "cannot serve HEALTH_PORT" in caplog.text
     assert fake.open_requests == []
 

@@ -215,7 +215,8 @@ async def test_the_offline_loop_for_an_app_of_your_own_runs_as_the_readme_shows(
     (project / "my_skills.py").write_text(readme_block("python", "# my_skills.py"), encoding="utf-8")
     (project / "my_tools.yaml").write_text(readme_block("yaml", "# my_tools.yaml"), encoding="utf-8")
     own = 'bot.running(my_skills.ACTIONS, "my_tools.yaml")'  # as the example's comment says
-    app = EXAMPLES["fastapi"].replace("bot.running()", own).replace("import bot\n", "import bot\nimport my_skills\n")
+    app = re.sub(r"bot\.running\([^)]*\)", own, EXAMPLES["fastapi"], count=1)
+    app = app.replace("import bot\n", "import bot\nimport my_skills\n")
     (project / "app.py").write_text(app, encoding="utf-8")
     fake_line, app_line, simulate_line = readme_block("bash", "tests.fake_dingtalk").strip().splitlines()
     fake_port, app_port = free_port(), free_port()

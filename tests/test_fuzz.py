@@ -35,7 +35,7 @@ class RunningBot:
         self.remote, self.fake = remote, remote.fake
         shutil.copy(ROOT / "bot.py", workdir / "bot.py")
         shutil.copy(SAMPLE_TOOLS, workdir / "tools.yaml")
-        (workdir / "run_bot.py").write_text(f"{PRELUDE}\nraise SystemExit(bot.main())\n")
+        (workdir / "run_bot.py").write_text(f"{PRELUDE}\nraise SystemExit(bot.main(bot.ACTIONS))\n")
         env = bot_env(self.fake, WEBHOOK_TIMEOUT_SECONDS="2", LOG_LEVEL="WARNING")
         self.proc = subprocess.Popen(
             [sys.executable, "run_bot.py"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

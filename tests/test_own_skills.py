@@ -15,19 +15,45 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bot
 from tests.conftest import ROOT
 from tests.fake_dingtalk import bot_env
 
-OWN_ACTIONS = '''
+OWN_PART = '''"""My leave skill: the part above the fence, with only its own imports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
 async def get_leave(userId: str, year: int = 2026) -> dict[str, Any]:
     """auto: the days of leave left (a lookup of your own would go here)."""
     return {"user": userId, "year": year, "days": 5}
 
 
-ACTIONS: dict[str, Callable[..., Any]] = {"/v1/actions/leave": get_leave}
+ACTIONS = {"/v1/actions/leave": get_leave}
 
 
 '''
+FENCE = re.compile(r"^# ===== The engine.*$", re.MULTILINE)
+ENGINE_1_0_0_PART = Path(__file__).with_name("fixtures") / "bot_1.0.0_above_the_fence.txt"  # from this repo's history
+
+
+def project_with(tmp_path: Path, above_the_fence: str) -> Path:
+    """A copy of the project whose bot.py is `above_the_fence`, then this engine: the fence line and all below it."""
+    project = tmp_path / "project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
+    source = (project / "bot.py").read_text(encoding="utf-8")
+    [fence] = FENCE.finditer(source)
+    (project / "bot.py").write_text(above_the_fence + source[fence.start() :], encoding="utf-8")
+    return project
+
+
+def run(project: Path, *args: str, timeout: float = 170) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=project, env=bot_env(), capture_output=True, text=True, timeout=timeout
+    )
+
 
 OWN_TOOLS = """openapi: 3.0.1
 info: {title: Leave, version: 1.0.0}
@@ -71,20 +97,23 @@ READS_THE_PROJECTS_SKILLS = [
 
 
 def test_with_the_demo_skills_replaced_by_ones_own_the_suite_passes(tmp_path: Path) -> None:
-    project = tmp_path / "project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
-    source = (project / "bot.py").read_text(encoding="utf-8")
-    # whatever skills are there now (the demos, or yours): after the actions part's comment, up to Card
-    part = r"# ----- Your actions [^\n]*\n(?:#[^\n]*\n)*\n(.*?)\n(?=@dataclass\(frozen=True\)\nclass Card)"
-    actions = re.search(part, source, re.DOTALL)
-    assert actions, "bot.py's actions part ends where Card begins"
-    (project / "bot.py").write_text(source.replace(actions.group(1), OWN_ACTIONS), encoding="utf-8")
+    project = project_with(tmp_path, OWN_PART)
     (project / "tools.yaml").write_text(OWN_TOOLS, encoding="utf-8")
     (project / "tests" / "test_actions.py").write_text(OWN_TESTS, encoding="utf-8")
-    run = [sys.executable, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider", *READS_THE_PROJECTS_SKILLS]
-    result = subprocess.run(run, cwd=project, env=bot_env(), capture_output=True, text=True, timeout=170)
+    result = run(project, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider", *READS_THE_PROJECTS_SKILLS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+    answered = run(project, "-m", "tests.simulate", "year=2027", "--context", "userId=u1", timeout=60)
+    assert answered.returncode == 0 and '"days": 5' in answered.stdout, answered.stdout + answered.stderr
+
+
+def test_the_part_above_the_fence_of_engine_1_0_0_runs_on_this_engine(tmp_path: Path) -> None:
+    project = project_with(tmp_path, ENGINE_1_0_0_PART.read_text(encoding="utf-8"))  # its imports, Card, ActionError
+    version = run(project, "bot.py", "--version", timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith(f"dingtalk-skill-bot {bot.VERSION} "), version
+    answered = run(project, "-m", "tests.simulate", "杭州", "明天", timeout=60)
+    assert answered.returncode == 0, answered.stdout + answered.stderr
+    assert "杭州 · 明天" in answered.stdout and 'status 200  body {"success": true}' in answered.stdout
 
 
 def test_the_other_test_files_get_their_skills_from_the_fixtures() -> None:

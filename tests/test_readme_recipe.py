@@ -32,7 +32,8 @@ def test_the_add_an_action_recipe_runs_as_written(tmp_path: Path) -> None:
     [registry_node] = [  # bot.py's own ACTIONS, kept: the recipe adds one line to it
         node
         for node in ast.parse(bot).body
-        if isinstance(node, ast.AnnAssign) and ast.unparse(node.target) == "ACTIONS"
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        and ast.unparse(node.targets[0] if isinstance(node, ast.Assign) else node.target) == "ACTIONS"
     ]
     lines = bot.splitlines(keepends=True)
     registered = "".join(lines[registry_node.lineno - 1 : registry_node.end_lineno]).rstrip()

@@ -18,7 +18,7 @@ def test_tools_yaml_is_valid_openapi_3_0_1_for_stream():
         spec = yaml.safe_load(bot.TOOLS_FILE.read_text(encoding="utf-8"))
     except yaml.YAMLError:  # said in one line by bot.py, as `python bot.py` would
         with pytest.raises(bot.ConfigError) as err:
-            bot.load_operations()
+            bot.load_operations(bot.TOOLS_FILE, bot.ACTIONS)
         problem = str(err.value)
     if problem:
         pytest.fail(problem, pytrace=False)
@@ -28,9 +28,11 @@ def test_tools_yaml_is_valid_openapi_3_0_1_for_stream():
 
 
 def test_bot_reads_it_and_its_paths_are_the_registered_actions():
-    assert {op.path for op in bot.load_operations().values()} == set(bot.ACTIONS)
+    assert {op.path for op in bot.load_operations(bot.TOOLS_FILE, bot.ACTIONS).values()} == set(bot.ACTIONS)
 
 
 def test_exactly_the_disabled_operations_declare_a_session_webhook():
-    for key, operation in bot.load_operations().items():  # auto and markdown answer in the ack: no webhook reply
+    for key, operation in bot.load_operations(
+        bot.TOOLS_FILE, bot.ACTIONS
+    ).items():  # auto and markdown answer in the ack: no webhook reply
         assert (operation.webhook is not None) == (operation.display == "disabled"), key

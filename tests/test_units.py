@@ -390,7 +390,7 @@ def test_a_path_on_one_side_only_names_the_nearest_on_the_other(tmp_path):
 
 def test_a_missing_tools_yaml_is_a_config_error_naming_the_file(tmp_path):
     with pytest.raises(bot.ConfigError) as err:
-        bot.load_operations(tmp_path / "tools.yaml")
+        bot.load_operations(tmp_path / "tools.yaml", SAMPLE_ACTIONS)
     assert str(err.value).startswith(f"tools.yaml: cannot read {tmp_path / 'tools.yaml'}")
 
 
@@ -1005,7 +1005,9 @@ def test_a_context_field_whose_property_and_format_lost_their_indent_stops_the_s
 
 def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     with pytest.raises(bot.ConfigError) as err:
-        bot.load_operations(write(tmp_path, TOOLS.replace("  /v1/actions/on-call:", "  /v1/actions/on-call: x:")))
+        bot.load_operations(
+            write(tmp_path, TOOLS.replace("  /v1/actions/on-call:", "  /v1/actions/on-call: x:")), SAMPLE_ACTIONS
+        )
     assert str(err.value).startswith("tools.yaml is not valid YAML: ") and "in tools.yaml, line" in str(err.value)
 
 
