@@ -215,7 +215,7 @@ async def test_the_offline_loop_for_an_app_of_your_own_runs_as_the_readme_shows(
     (project / "my_skills.py").write_text(readme_block("python", "# my_skills.py"), encoding="utf-8")
     (project / "my_tools.yaml").write_text(readme_block("yaml", "# my_tools.yaml"), encoding="utf-8")
     own = 'bot.running(my_skills.ACTIONS, "my_tools.yaml")'  # as the example's comment says
-    app = re.sub(r"bot\.running\([^)]*\)", own, EXAMPLES["fastapi"], count=1)
+    app = re.sub(r"bot\.running\(bot\.ACTIONS\)", own, EXAMPLES["fastapi"])
     app = app.replace("import bot\n", "import bot\nimport my_skills\n")
     (project / "app.py").write_text(app, encoding="utf-8")
     fake_line, app_line, simulate_line = readme_block("bash", "tests.fake_dingtalk").strip().splitlines()
