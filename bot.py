@@ -1069,8 +1069,15 @@ class Connection:
         self.dead = asyncio.Event()  # no pong in time: replaced at once, not after a close handshake it cannot answer
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):  # best effort: the peer may be gone already
-            await self.websocket.close()
+        """Close the websocket, within its close timeout and a second: one the peer no longer reads (a network gone
+        silent, its send buffer full) is dropped instead of waited on for ever."""
+        try:
+            async with asyncio.timeout(self.websocket.close_timeout + 1):
+                await self.websocket.close()
+        except TimeoutError:
+            self.websocket.transport.abort()
+        except Exception:  # best effort: the peer may be gone already
+            pass
 
 
 @dataclass
@@ -1275,7 +1282,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         while True:
             await asyncio.sleep(keepalive)
             try:
-                await asyncio.wait_for(await conn.websocket.ping(), 2 * keepalive)
+                async with asyncio.timeout(2 * keepalive):  # the ping itself waits while the send buffer is full
+                    await (await conn.websocket.ping())
             except TimeoutError:
                 conn.dead.set()
                 await conn.close()  # in the background: the next connection opens meanwhile

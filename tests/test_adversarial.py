@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -204,3 +205,38 @@ async def test_runaway_cpu_bound_calls_neither_stall_nor_are_blamed_on_other_pla
     assert caplog.text.count("action burn timed out") == 2
     assert caplog.text.count("action burn (GET /v1/burn) is CPU-bound") <= 1  # once per action ...
     assert caplog.text.count("action get_report (GET /v1/reports/") <= 1  # ... whatever its {id}
+
+
+# ----- a dead network with acks still queued -----
+
+BIG_TOOLS = """
+openapi: 3.0.1
+info: {title: big answers, version: "1"}
+paths:
+  /v1/big:
+    get: {x-dingtalk-display-result: auto}
+"""
+
+
+async def test_a_dead_connection_with_acks_stuck_in_its_send_buffer_is_replaced_and_the_bot_still_stops(
+    fake, remote, tmp_path: Path, caplog
+):
+    caplog.set_level(logging.INFO, logger="bot")
+
+    async def big() -> dict:
+        await asyncio.sleep(0.05)  # in hand as the network goes silent; the acks fill the buffers before the next ping
+        return {"rows": secrets.token_urlsafe(180_000)}  # 240 KB that do not compress
+
+    (tools := tmp_path / "tools.yaml").write_text(BIG_TOOLS, encoding="utf-8")
+    serving = bot.running({"/v1/big": big}, tools, settings=settings_for(fake, keepalive_seconds=1.0))
+    await serving.__aenter__()
+    try:
+        [conn] = await remote(fake.wait_connected(1, timeout=30))
+        for _ in range(60):  # about 14 MB of acks: more than the sockets on both sides hold
+            await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, graph_request("/v1/big", {}, method="GET")))
+        conn.frozen = True  # no pongs ...
+        remote.loop.call_soon_threadsafe(conn.transport.pause_reading)  # ... and nothing read: a network gone silent
+        await remote(fake.wait_for(lambda: len(fake.connections) >= 2, 30))  # replaced, not waited on
+    finally:
+        await asyncio.wait_for(serving.__aexit__(None, None, None), 30)  # and the bot stops
+    assert "connection lost: keepalive ping timeout" in caplog.text
