@@ -437,16 +437,25 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
 
 
 ECMA_SPACE = "\t\n\v\f\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"  # ECMA 262's \s
-ECMA_SETS = {"d": "0-9", "w": "A-Za-z0-9_", "s": ECMA_SPACE}
+ECMA_SETS = {"d": "0-9", "w": "A-Za-z0-9_", "s": ECMA_SPACE}  # \d \w \s; \D \W \S are their complements
 ECMA_ANCHORS = {"$": r"\Z", ".": "[^\n\r\u2028\u2029]", "\\b": r"(?a:\b)", "\\B": r"(?a:\B)", "[]": "(?!)"}
-PATTERN_TOKEN = re.compile(r"\[\^?(?:\\.|[^\]\\])*\]?|\\.|.", re.DOTALL)  # a [class], an escape or a character
+PYTHON_ONLY = ("\\A", "\\Z", "\\a", "\\N", "\\U", "(?", "+")  # escapes, groups, possessive quantifiers
+# a [class], a {n,m} quantifier, an escape or a character
+PATTERN_TOKEN = re.compile(r"\[\^?(?:\\.|[^\]\\])*\]?|\{[0-9]+(?:,[0-9]*)?\}|\\.|.", re.DOTALL)
 
 
 def ecma_pattern(pattern: str, where: str) -> str:
     """A JSON Schema pattern (ECMA 262) as a Python pattern that matches the same: \\d \\w \\s and their negations
-    ASCII or ECMA's spaces, `.` not a line end, `$` the end only (not before a last newline), \\b ASCII."""
-    out = []
-    for token in PATTERN_TOKEN.findall(pattern):
+    ASCII or ECMA's spaces, `.` not a line end, `$` the end only (not before a last newline), \\b ASCII, a `{` that
+    starts no quantifier a character. What Python would read otherwise stops the start."""
+    out, previous = [], ""
+    for match in PATTERN_TOKEN.finditer(pattern):
+        token, rest = match.group(), pattern[match.end() :]
+        lookaround = token == "(" and rest.startswith("?") and not rest.startswith(("?:", "?=", "?!", "?<"))
+        possessive = token == "+" and (previous in ("*", "+", "?") or (previous[:1] == "{" and len(previous) > 1))
+        if token in PYTHON_ONLY[:5] or lookaround or possessive:
+            shown = "(?" + rest[1:2] if lookaround else previous + token if possessive else token
+            raise ConfigError(f"{where}: pattern {pattern!r}: {shown} is Python's, not ECMA 262's: {PATTERN_FIX}")
         if token in ECMA_ANCHORS:
             out.append(ECMA_ANCHORS[token])
         elif token[0] == "\\" and token[1].lower() in ECMA_SETS:
@@ -454,32 +463,47 @@ def ecma_pattern(pattern: str, where: str) -> str:
         elif token.startswith("[") and len(token) > 1:
             out.append(ecma_class(pattern, token, where))
         else:
-            out.append(token)
+            out.append("\\{" if token == "{" else token)  # ({,3} is a quantifier in Python, characters in ECMA)
+        previous = token
     try:
         return re.compile("".join(out)).pattern
     except re.error as exc:  # e.g. (?<name>...), \p{L}: ECMA 262 only
-        raise ConfigError(
-            f"{where}: pattern {pattern!r} cannot be enforced here ({exc.msg}): "
-            "write it in the syntax ECMA 262 and Python share"
-        ) from None
+        raise ConfigError(f"{where}: pattern {pattern!r} cannot be enforced here ({exc.msg}): {PATTERN_FIX}") from None
+
+
+PATTERN_FIX = "write it in the syntax ECMA 262 and Python share"
+SET_ESCAPES = ("\\d", "\\D", "\\w", "\\W", "\\s", "\\S")
 
 
 def ecma_class(pattern: str, token: str, where: str) -> str:
-    """A [class] of `pattern` with \\d \\w \\s as ECMA 262 reads them; [^] is any character."""
+    """A [class] of `pattern` as ECMA 262 reads it: \\d \\w \\s as above, a `-` beside one of them a character,
+    [^] any character. One with \\D \\W or \\S in it (Python's classes cannot say "not in ECMA's \\s") is written
+    as an alternation: [a\\S] as (?:[a]|[^\\s]), [^\\W_] as (?:(?![_])[\\w])."""
     if token == "[^]":
         return r"[\s\S]"
     negated, closed = token.startswith("[^"), token.endswith("]")
-    parts = []
-    for part in re.findall(r"\\.|.", token[2 if negated else 1 : -1 if closed else None], re.DOTALL):
-        if part in ("\\D", "\\W", "\\S"):
-            raise ConfigError(
-                f"{where}: pattern {pattern!r}: {part} inside [...] cannot be enforced as ECMA 262 reads it; "
-                f"write it outside the brackets, e.g. (?:[...]|{part})"
-            )
-        if part in ("[", "$"):  # literal in ECMA 262; Python would warn of a nested set, fastjsonschema rewrite $
-            part = "\\" + part
-        parts.append(ECMA_SETS.get(part[1:], part) if part[0] == "\\" else part)
-    return f"[{'^' if negated else ''}{''.join(parts)}{']' if closed else ''}"
+    parts = re.findall(r"\\.|.", token[2 if negated else 1 : -1 if closed else None], re.DOTALL)
+    included, excluded = [], []  # what the class lists; the sets its \D \W \S leave out
+    for n, part in enumerate(parts):
+        if part in PYTHON_ONLY[:5]:
+            raise ConfigError(f"{where}: pattern {pattern!r}: {part} is Python's, not ECMA 262's: {PATTERN_FIX}")
+        if part in SET_ESCAPES[1::2]:
+            excluded.append(ECMA_SETS[part[1].lower()])
+        elif part == "-" and SET_ESCAPES.count(parts[n - 1] if n else "") + SET_ESCAPES.count(
+            "".join(parts[n + 1 : n + 2])
+        ):
+            included.append("\\-")  # [+-\d] is +, - or a digit in ECMA 262, not a range
+        elif part in ("[", "$"):  # characters in ECMA 262; Python would warn of a nested set, fastjsonschema rewrite $
+            included.append("\\" + part)
+        else:
+            included.append(ECMA_SETS.get(part[1:], part) if part[0] == "\\" else part)
+    listed = "".join(included)
+    if not excluded or not closed:
+        return f"[{'^' if negated else ''}{listed}{']' if closed else ''}"
+    if not negated:  # in the list, or outside one of the sets
+        return "(?:" + "|".join([f"[{listed}]"] * bool(listed) + [f"[^{left_out}]" for left_out in excluded]) + ")"
+    ahead = f"(?![{listed}])" * bool(listed) + "".join(f"(?=[{left_out}])" for left_out in excluded[:-1])
+    return f"(?:{ahead}[{excluded[-1]}])"  # not in the list, and in every set
 
 
 def check_action(action: Action, props: dict[str, Any], where: str) -> None:

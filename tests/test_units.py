@@ -872,6 +872,11 @@ def test_digits_in_a_character_class_are_ascii_and_an_unclosed_class_stops_the_s
         (r"^\s$", ["\ufeff"], ["\x1c"]),  # Python's \s differs from ECMA's both ways
         (r"\bfoo\b", ["杭foo杭"], ["afoo"]),  # a word boundary between ASCII word characters and others
         (r"^[^]$", ["a", "\n"], ["ab"]),  # [^] is any character
+        (r"^[+-\d]$", ["+", "-", "5"], [",", ".", "/"]),  # a - beside \d is a character, not a range
+        (r"^[\s\S]+$", ["a\nb"], [""]),  # any character: \S inside [...] too
+        (r"^[^\W_]+$", ["abc1"], ["a_b", "杭州"]),  # letters and digits, ASCII
+        (r"^a{,3}$", ["a{,3}"], ["aa"]),  # {,3} is no quantifier in ECMA 262: characters
+        (r"^[\u4e00-\u9fa5]{2,4}$", ["张伟", "張偉"], ["张", "ab", "张伟\n"]),  # a Chinese name
     ],
 )
 def test_a_pattern_is_enforced_as_ecma_262_reads_it(pattern, accepted, refused):
@@ -887,7 +892,9 @@ def test_a_pattern_is_enforced_as_ecma_262_reads_it(pattern, accepted, refused):
 @pytest.mark.parametrize(
     ("pattern", "said"),
     [
-        (r"^[\S]+$", r"pattern '^[\\S]+$': \S inside [...] cannot be enforced as ECMA 262 reads it; write it outside"),
+        (r"^a\Z", r"pattern '^a\\Z': \Z is Python's, not ECMA 262's: write it in the syntax ECMA 262 and Python share"),
+        (r"(?i)^ab$", "pattern '(?i)^ab$': (?i is Python's, not ECMA 262's"),
+        (r"^a++$", "pattern '^a++$': ++ is Python's, not ECMA 262's"),
         (r"^(?<y>[0-9]{4})$", "pattern '^(?<y>[0-9]{4})$' cannot be enforced here (unknown extension ?<y): write"),
         (r"^\p{L}+$", r"pattern '^\\p{L}+$' cannot be enforced here (bad escape \p): write it in the syntax"),
     ],
