@@ -89,14 +89,14 @@ bot.ACTIONS["/v1/actions/on-call"] = get_on_call
 @pytest.mark.parametrize("prelude", [EXITS, SUB_TASKS_EXIT], ids=["in-the-action", "in-a-task-it-starts"])
 async def test_a_bot_whose_actions_call_sys_exit_keeps_serving(fake, remote, bot_process, prelude):
     process = await bot_process(bot_env(fake), prelude=prelude)
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     on_call = graph_request("/v1/actions/on-call", {"team": "运维"})
-    results = await remote(fake.invoke_many([weather(fake), on_call, rate()], timeout=10))
+    results = await remote(fake.invoke_many([weather(fake), on_call, rate()]))
     assert [result.status for result in results] == [500, 500, 200]
     assert (await remote(fake.invoke(rate("EUR")))).status == 200  # still serving, on the same connection
     assert process.proc.returncode is None and len(fake.connections) == 1
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(10) == 0
+    assert await process.wait() == 0
     assert "SystemExit(1) raised in an action" in process.output
 
 
@@ -120,7 +120,7 @@ bot.ACTIONS["/v1/actions/weather"] = get_weather
 
 async def test_an_action_that_swallows_cancellation_neither_loses_its_ack_nor_holds_the_exit(fake, remote, bot_process):
     process = await bot_process(bot_env(fake, SHUTDOWN_GRACE_SECONDS="1"), prelude=STUBBORN)
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake)))
     await process.wait_for_output("action started")
     process.proc.send_signal(signal.SIGTERM)
@@ -231,14 +231,14 @@ bot.ACTIONS["/v1/actions/on-call"] = get_on_call
 
 async def test_a_burst_of_cpu_bound_plain_def_calls_leaves_the_loop_answering(fake, remote, bot_process):
     process = await bot_process(bot_env(fake, ACTION_TIMEOUT_SECONDS="4"), prelude=CPU_BOUND)
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     burst = [graph_request("/v1/actions/on-call", {"team": f"team {n}"}) for n in range(60)]
-    calls = asyncio.ensure_future(remote(fake.invoke_many(burst, timeout=30)))
+    calls = asyncio.ensure_future(remote(fake.invoke_many(burst)))
     await process.wait_for_output("burning")
     started = time.monotonic()
-    await remote(fake.ping(timeout=8))
+    await remote(fake.ping())  # answered while the burst burns CPU
     pinged = time.monotonic() - started
-    fast = await remote(fake.invoke(rate(), timeout=8))  # an async def action, beside the burst
+    fast = await remote(fake.invoke(rate()))  # an async def action, beside the burst
     results = await calls
     print(f"ping answered in {pinged:.3f} s, a fast action in {fast.elapsed:.3f} s")  # shown with -s
     assert fast.status == 200 and {result.status for result in results} <= {200, 504}
@@ -246,7 +246,7 @@ async def test_a_burst_of_cpu_bound_plain_def_calls_leaves_the_loop_answering(fa
     assert "run such work in a process pool (README §4)" in process.output
     assert len(fake.connections) == 1  # keepalive never gave up on it
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(15) == 0
+    assert await process.wait() == 0
 
 
 async def test_hung_plain_def_calls_take_at_most_the_pool_then_503_at_once_with_one_warning(monkeypatch, caplog):
@@ -288,17 +288,17 @@ async def test_plain_def_calls_waiting_for_their_turn_are_served_in_the_order_th
         time.sleep(0.005)  # waits as on I/O; in its first 20 ms it counts as burning CPU, so two run at once
         return location
 
-    calls = [asyncio.ensure_future(bot.run_action(burns, {"location": "x"}, 10)) for _ in range(2)]
+    calls = [asyncio.ensure_future(bot.run_action(burns, {"location": "x"}, 60)) for _ in range(2)]
     arrivals = iter(range(40))
 
     def arrive(_: object = None) -> None:  # each call that ends brings a new one, as steady traffic does
         if (n := next(arrivals, None)) is not None:
-            calls.append(asyncio.ensure_future(bot.run_action(quick, {"location": str(n)}, 10)))
+            calls.append(asyncio.ensure_future(bot.run_action(quick, {"location": str(n)}, 60)))
             calls[-1].add_done_callback(arrive)
 
     for _ in range(10):
         arrive()
-    await wait_until(lambda: len(calls) == 42 and all(call.done() for call in calls), timeout=15)
+    await wait_until(lambda: len(calls) == 42 and all(call.done() for call in calls), timeout=60)
     assert [call.result() for call in calls[2:]] == [str(n) for n in range(40)]  # every one served
     assert max(abs(place - n) for place, n in enumerate(started)) <= 2, started  # a newcomer never jumps the queue
 
@@ -341,7 +341,7 @@ async def test_replies_and_reconnects_need_no_thread_of_the_loops_default_pool(f
     if proxy:  # aiohttp's trust_env would read the proxy variables, and netrc, in the loop's default pool
         env |= {"HTTP_PROXY": proxy.url, "NO_PROXY": "", "no_proxy": ""}
     process = await bot_process(env, prelude=HUNG_THREADS)
-    [connection] = await remote(fake.wait_connected(1, timeout=10))
+    [connection] = await remote(fake.wait_connected(1))
     for n in range(8):  # more than the default pool's workers (6 on 2 cores)
         await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, graph_request("/v1/actions/on-call", {"team": str(n)})))
     webhook = fake.webhook_url().replace(f"127.0.0.1:{fake.port}", local)
@@ -349,10 +349,10 @@ async def test_replies_and_reconnects_need_no_thread_of_the_loops_default_pool(f
     assert reply.status == 200 and len(fake.webhook_posts) == 1
     await remote(fake.drop(connection))
     await remote(
-        fake.wait_for(lambda: len(fake.live_connections()) == 1 and fake.live_connections()[0] is not connection, 15)
+        fake.wait_for(lambda: len(fake.live_connections()) == 1 and fake.live_connections()[0] is not connection)
     )
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(15) == 0
+    assert await process.wait() == 0
     if proxy:
         await remote(proxy.close())
         assert any(request.startswith("CONNECT") for request in proxy.requests)  # it did go through the proxy
@@ -375,7 +375,7 @@ async def test_a_proxys_password_never_reaches_the_log_of_python_bot_py(fake, re
         process = await bot_process(env | {"LOG_LEVEL": "DEBUG"})  # the open direct, the websocket through the proxy
         await process.wait_for_output("reconnecting in")
         process.proc.send_signal(signal.SIGTERM)
-        assert await process.wait(10) == 0
+        assert await process.wait() == 0
     finally:
         await remote(proxy.close())
     assert "proxy rejected connection: HTTP 407" in process.output
@@ -450,7 +450,7 @@ async def test_the_full_pool_warning_is_given_once_while_hung_calls_remain(monke
                 await bot.run_action(hangs, {"location": "x"}, 0.05)
         for _ in range(5):  # two at once on the one free thread: one is refused, the other returns
             outcomes = await asyncio.gather(
-                *(bot.run_action(quick, {"location": "y"}, 2) for _ in range(2)), return_exceptions=True
+                *(bot.run_action(quick, {"location": "y"}, 30) for _ in range(2)), return_exceptions=True
             )
             assert sorted(map(str, outcomes)) == ["all 4 action threads are busy", "y"]
     finally:
@@ -490,4 +490,4 @@ async def test_a_websocket_proxy_that_fails_fails_a_connection_not_the_bot(fake,
     assert process.proc.returncode is None and "Traceback" not in process.output
     assert fake.open_requests  # the open went direct; the websocket tried the proxy
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(10) == 0
+    assert await process.wait() == 0

@@ -29,7 +29,7 @@ def simulate(*args: str, path: str | None = WEATHER, stdin: str | None = None) -
     where = ["--path", path] if path else []
     return subprocess.run(
         [sys.executable, "-m", "tests.simulate", *SAMPLES, *where, *args],
-        cwd=ROOT, env=bot_env(), input=stdin, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=bot_env(), input=stdin, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
@@ -302,7 +302,7 @@ def simulate_own(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
     own = ["--tools", "leave_tools.yaml", "--actions", "leave_skills"]
     return subprocess.run(
         [sys.executable, "-m", "tests.simulate", *own, *args],
-        cwd=tmp_path, env=bot_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env=bot_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
