@@ -139,6 +139,7 @@ class FakeDingTalk:
         self.webhook_endless: float | None = None  # answer 200, then stream a body for ever, a chunk every this many s
         self.webhook_streamed = 0  # bytes of such endless bodies written so far
         self.slow_sessions: dict[str, float] = {}  # session -> latency, overriding webhook_latency
+        self.webhooks_held = False  # answer no webhook post until release_webhooks(): replies that hang until told
         self.expired_sessions: set[str] = set()
         # connection-open faults
         self.open_status: int | None = None  # answer with this HTTP error status
@@ -409,6 +410,11 @@ class FakeDingTalk:
 
         self._later(close_later())
 
+    async def release_webhooks(self) -> None:
+        """Let the webhook posts held by `webhooks_held` be answered, and those to come."""
+        self.webhooks_held = False
+        await self._notify()
+
     async def drop(self, conn: Connection) -> None:
         """Cut the TCP connection without a websocket close frame."""
         conn.transport.abort()
@@ -427,6 +433,9 @@ class FakeDingTalk:
         latency = self.slow_sessions.get(session, self.webhook_latency)
         if latency:
             await asyncio.sleep(latency)
+        if self.webhooks_held:
+            async with self._changed:
+                await self._changed.wait_for(lambda: not self.webhooks_held)
         if self.webhook_endless is not None:
             response = web.StreamResponse(headers={"Content-Type": "application/json"})
             await response.prepare(request)

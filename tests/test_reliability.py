@@ -203,13 +203,16 @@ async def test_past_the_in_flight_limit_callbacks_are_answered_503_at_once_and_t
     fake, remote, start_bot, monkeypatch, caplog
 ):
     monkeypatch.setattr(bot, "MAX_CALLBACKS_IN_HAND", 3)
-    fake.webhook_latency = 1.5  # longer than the keepalive below: reading must not pause meanwhile
-    async with start_bot(keepalive_seconds=0.5):
+    fake.webhooks_held = True  # the replies of the three in hand hang until released, below
+    async with start_bot(keepalive_seconds=1.0, webhook_timeout_seconds=60):
         [conn] = fake.live_connections()
         ids = [await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=conn)) for _ in range(5)]
-        busy = [GraphResult.from_ack(await remote(fake.wait_ack(m, timeout=1)), 0) for m in ids[3:]]
-        assert not fake.acks.keys() & set(ids[:3])  # answered before the three in hand finish
-        served = [GraphResult.from_ack(await remote(fake.wait_ack(m, timeout=5)), 0) for m in ids[:3]]
+        busy = [GraphResult.from_ack(await remote(fake.wait_ack(m)), 0) for m in ids[3:]]
+        assert not fake.acks.keys() & set(ids[:3])  # answered at once: before the three in hand can finish
+        pings = conn.pings  # held longer than the keepalive: reading must not pause meanwhile (each ping is sent
+        await remote(fake.wait_for(lambda: conn.pings >= pings + 3))  # only once the bot has read the last pong)
+        await remote(fake.release_webhooks())
+        served = [GraphResult.from_ack(await remote(fake.wait_ack(m)), 0) for m in ids[:3]]
         assert fake.live_connections() == [conn]  # still the first connection
     assert [r.status for r in served + busy] == [200, 200, 200, 503, 503]
     assert busy[0].body["error"] == "3 callbacks in hand: busy" and len(fake.webhook_posts) == 3
@@ -425,20 +428,21 @@ async def test_gateway_that_disconnects_every_connection_gets_backoff_not_a_stor
 async def test_disconnect_with_callbacks_in_flight_loses_no_ack(fake, remote, start_bot, caplog, monkeypatch):
     monkeypatch.setattr(bot, "HEALTHY_AFTER_SECONDS", 0.0)  # as if the connection had been up for hours
     caplog.set_level(logging.INFO, logger="bot")
-    fake.webhook_latency = 1.5
+    fake.webhooks_held = True  # the replies hang until released, below
     async with start_bot():
         [old] = fake.live_connections()
         ids = [await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=old)) for _ in range(5)]
-        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 5, 5))  # all five in flight
+        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 5))  # all five in flight
         disconnecting = asyncio.ensure_future(remote(fake.disconnect(old)))
-        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 2))  # the replacement opens at once ...
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2))  # the replacement opens at once ...
         new = fake.connections[1]
-        assert not old.closed.is_set()  # ... while the retired one still finishes its work
+        # ... while the retired one still finishes its work: its five replies cannot end before the release
+        assert not old.closed.is_set() and not fake.acks.keys() & set(ids)
         late = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=old))
         await disconnecting
-        fake.webhook_latency = 0
+        await remote(fake.release_webhooks())
         assert (await remote(fake.invoke(weather(fake), conn=new))).status == 200
-        await remote(fake.wait_ack(late, timeout=5))  # served on the retired connection, before DingTalk closes it
+        await remote(fake.wait_ack(late))  # served on the retired connection, before DingTalk closes it
     acks = {message_id: fake.acks.get(message_id, []) for message_id in [*ids, late]}
     assert all(len(a) == 1 and GraphResult.from_ack(a[0], 0).status == 200 for a in acks.values()), acks
     assert not fake.misrouted_acks and "ack for" not in caplog.text  # each on the connection its frame came on
@@ -560,10 +564,13 @@ async def test_ledger_never_evicts_a_callback_in_flight():
 
 
 async def test_a_burst_beyond_aiohttps_default_pool_is_all_delivered_and_acked_200(fake, remote, start_bot):
-    fake.webhook_latency = 2.0  # 300 replies at once, each taking 2 s: a pool of 100 would queue 200 of them
-    async with start_bot(webhook_timeout_seconds=5.0):
+    fake.webhooks_held = True  # 300 replies that hang until all 300 are in flight: a pool of 100 would queue 200
+    async with start_bot(webhook_timeout_seconds=120):
         requests = [weather(fake) for _ in range(300)]
-        results = await remote(fake.invoke_many(requests, timeout=20))
+        calls = asyncio.ensure_future(remote(fake.invoke_many(requests, timeout=120)))
+        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 300, 60))
+        await remote(fake.release_webhooks())
+        results = await calls
     assert [r.status for r in results] == [200] * 300
     assert len(fake.webhook_posts) == 300  # one POST each
 
