@@ -221,10 +221,11 @@ async def bot_process(tmp_path: Path) -> AsyncIterator[Callable[..., Coroutine[A
 
 
 def hangs_until(release: threading.Event) -> Callable[[str], str]:
-    """A plain-def action that hangs, like requests.get without a timeout, until `release` is set (30 s at most)."""
+    """A plain-def action that hangs, like requests.get without a timeout, until `release` is set (120 s at most:
+    far longer than any test waits for something else)."""
 
     def hangs(location: str) -> str:
-        release.wait(30)
+        release.wait(120)
         return location
 
     return hangs

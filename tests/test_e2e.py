@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import socket
+import threading
 import time
 
 import pytest
@@ -403,15 +404,24 @@ async def test_a_blocking_call_in_an_async_action_is_named_in_one_warning(fake, 
 
 
 async def test_a_plain_def_action_does_not_hold_the_loop(fake, remote, start_bot, monkeypatch, caplog):
+    started, release = threading.Event(), threading.Event()
+
     def get_ticket(location: str) -> str:
+        started.set()
         time.sleep(1.6)  # in a worker thread: the loop goes on
+        release.wait(120)  # and the action goes on until the ping below has been answered
         return location
 
     monkeypatch.setitem(bot.ACTIONS, "/v1/actions/ticket", get_ticket)
     async with start_bot():
         request = graph_request("/v1/actions/ticket", PARAMS, session_webhook=fake.webhook_url())
         slow = asyncio.ensure_future(remote(fake.invoke(request)))
-        assert (await remote(fake.ping(timeout=1))) is not None  # answered while the action runs
+        try:
+            await wait_until(started.is_set)
+            assert (await remote(fake.ping())) is not None
+            assert not slow.done()  # answered while the action runs
+        finally:
+            release.set()
         assert (await slow).status == 200
     assert "held the event loop" not in caplog.text
 

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import signal
 import time
 from typing import Any
@@ -88,15 +89,17 @@ async def test_hanging_open_keeps_the_bot_responsive_and_is_retried(fake, remote
     port = free_port()
     async with start_bot(instances=2, health_port=port, connect_timeout_seconds=1.0):
         first, second = fake.live_connections()
-        fake.open_delay = 30
+        fake.open_delay = 600  # far longer than the bound below
         await remote(fake.disconnect(first))
-        await remote(fake.wait_for(lambda: fake.open_attempts >= 3, 5))  # the reopen is now hanging
+        await remote(fake.wait_for(lambda: fake.open_attempts >= 3))  # the reopen is now hanging
         started = time.monotonic()
         status, body = await healthz(port)
-        await remote(fake.ping(second, timeout=2))
-        assert time.monotonic() - started < 1.0  # the loop is free while the open hangs
+        await remote(fake.ping(second))
+        # the loop is free while the open hangs: a generous bound, where an open that held the loop (the SDK's
+        # blocking one, without a time limit) would hold it for the open's 600 s
+        assert time.monotonic() - started < 30
         assert (status, body["connected"]) == (503, 1)
-        await wait_until(lambda: "no answer within 1 s" in caplog.text, 5)
+        await wait_until(lambda: "no answer within 1 s" in caplog.text)
         fake.open_delay = 0
         await wait_health(port, 200)
 
@@ -220,14 +223,18 @@ async def test_past_the_in_flight_limit_callbacks_are_answered_503_at_once_and_t
     assert all(len(fake.acks[m]) == 1 for m in ids)
 
 
-async def test_a_routine_disconnect_soon_after_an_outage_is_replaced_within_seconds(fake, remote, start_bot):
+async def test_a_routine_disconnect_soon_after_an_outage_is_replaced_within_seconds(fake, remote, start_bot, caplog):
+    caplog.set_level(logging.INFO, logger="bot")
     fake.open_status = 500  # an outage: three failed opens, 1 + 2 s of backoff
     async with start_bot(connected=0):
-        await remote(fake.wait_for(lambda: fake.open_attempts >= 3, 10))
+        await remote(fake.wait_for(lambda: fake.open_attempts >= 3))
         fake.open_status = None
-        [conn] = await remote(fake.wait_connected(1, 10))
+        [conn] = await remote(fake.wait_connected(1))
         await remote(fake.disconnect(conn))  # a disconnect, not a failure: no 8 s backoff
-        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 6))
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2))
+    # within seconds: the wait the bot chose, by its own clock, rather than a stopwatch on a busy machine
+    [delay] = re.findall(r"DingTalk retired the connection \(disconnect\); reconnecting in ([\d.]+) s", caplog.text)
+    assert float(delay) <= bot.RETIRED_MAX_DELAY_SECONDS + 1  # 4 s at most, + jitter: not the 8 s of the outage's
 
 
 async def test_a_cancelled_client_start_closes_its_connection(fake, remote):
@@ -332,11 +339,14 @@ async def test_failing_action_affects_only_its_own_call(fake, remote, start_bot,
         return ""
 
     monkeypatch.setitem(bot.ACTIONS, "/v1/actions/flaky", flaky)
-    async with start_bot(action_timeout_seconds=1.0):
-        bad = graph_request("/v1/actions/flaky", PARAMS, session_webhook=fake.webhook_url())
-        results = await remote(fake.invoke_many([bad, weather(fake), weather(fake)]))
+    async with start_bot(action_timeout_seconds=5.0):  # time enough for the other two, while the bad one hangs
+        bad = asyncio.ensure_future(
+            remote(fake.invoke(graph_request("/v1/actions/flaky", PARAMS, session_webhook=fake.webhook_url())))
+        )
+        others = await remote(fake.invoke_many([weather(fake), weather(fake)]))
+        assert not bad.done() or behaviour == "raises"  # the other two answered while the bad one hangs
+        results = [await bad, *others]
     assert [r.status for r in results] == [status, 200, 200]
-    assert max(r.elapsed for r in results[1:]) < results[0].elapsed or behaviour == "raises"
     assert len(fake.webhook_posts) == 2
 
 
@@ -489,9 +499,9 @@ async def test_no_connection_opens_once_stopping_has_begun(fake, remote, bot_pro
 
 THREADS = {
     # a blocking call run the way README section 4 recommends
-    "to_thread": "await asyncio.to_thread(time.sleep, 60)",
+    "to_thread": "await asyncio.to_thread(time.sleep, 600)",
     # a thread of the action's own, not a daemon
-    "plain-thread": "threading.Thread(target=time.sleep, args=(60,)).start(); await asyncio.Event().wait()",
+    "plain-thread": "threading.Thread(target=time.sleep, args=(600,)).start(); await asyncio.Event().wait()",
 }
 
 
@@ -513,9 +523,8 @@ bot.ACTIONS["/v1/actions/weather"] = get_weather
     message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake)))
     await process.wait_for_output("action started")
     process.proc.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    assert await process.wait(10) == 0
-    assert time.monotonic() - started < 5  # grace 0.5 s + 1 s for threads, not the thread's 60 s
+    # not the thread's 600 s: a generous bound far below it; and exit 0, not the forced exit 10 s after the grace
+    assert await process.wait(60) == 0
     assert f"callback {message_id} abandoned" in process.output
     assert "exiting with 1 thread(s) still running" in process.output
 
@@ -579,12 +588,9 @@ async def test_a_burst_beyond_aiohttps_default_pool_is_all_delivered_and_acked_2
 async def test_an_endless_webhook_answer_is_502_within_its_limits(fake, remote, start_bot, caplog, chunk_every):
     fake.webhook_endless = chunk_every  # 200, then a body that never ends
     async with start_bot(webhook_timeout_seconds=1.0):
-        started = time.monotonic()
-        result = await remote(fake.invoke(weather(fake), timeout=10))
-        took = time.monotonic() - started
+        result = await remote(fake.invoke(weather(fake)))  # the body never ends: answered at all is within limits
     assert result.status == 502
-    assert took < 3, took  # the time limit holds while data keeps coming
-    if chunk_every:
+    if chunk_every:  # the time limit holds while data keeps coming
         assert "timed out after 1.0 s" in caplog.text
     else:
         assert f"answer larger than {bot.MAX_ANSWER_BYTES} bytes" in caplog.text
@@ -631,7 +637,7 @@ async def test_a_retired_connection_the_gateway_never_closes_is_closed_after_the
     fake, remote, start_bot, monkeypatch
 ):
     monkeypatch.setattr(bot, "RETIRE_WINDOW_SECONDS", 0.5)
-    fake.retire_close_after = 60
+    fake.retire_close_after = 600  # far past the wait below: the bot closes it
     async with start_bot():
         [conn] = fake.live_connections()
         await remote(fake.disconnect(conn))

@@ -726,13 +726,18 @@ def test_a_templated_path_without_its_parameter_is_a_config_error(parameters, pr
 # ----- plain def actions: a thread each, so a burst or a hung one starves nobody -----
 
 
-async def test_a_burst_of_slow_plain_def_actions_is_not_misreported_as_timeouts():
+async def test_a_burst_of_slow_plain_def_actions_is_not_misreported_as_timeouts(monkeypatch):
+    # a pool as shipped, of its own: no thread another test left busy
+    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(bot.ACTION_THREADS.size))
+    side_by_side = threading.Barrier(30, timeout=120)
+
     def slow(location: str) -> str:
-        time.sleep(0.5)
+        side_by_side.wait()  # returns once all 30 are running at the same time
         return location
 
-    # side by side, each within its 1.5 s: six at a time (asyncio.to_thread's pool on 2 cores) would take 2.5 s
-    results = await asyncio.gather(*(bot.run_action(slow, {"location": str(n)}, 1.5) for n in range(30)))
+    # side by side, each within its time limit: six at a time (asyncio.to_thread's pool on 2 cores) would never
+    # fill the barrier, and every call would be a 504 when its 30 s ran out
+    results = await asyncio.gather(*(bot.run_action(slow, {"location": str(n)}, 30) for n in range(30)))
     assert results == [str(n) for n in range(30)]
 
 
@@ -745,7 +750,8 @@ async def test_hung_plain_def_actions_do_not_starve_the_ones_after_them():
             with pytest.raises(bot.GraphError) as err:
                 await bot.run_action(hangs, {"location": "x"}, 0.05)
             assert err.value.status == 504
-        assert await bot.run_action(quick, {"location": "fine"}, 1) == "fine"
+        # not starved: it cannot wait for a hung thread (they hang until the release below) and be served
+        assert await bot.run_action(quick, {"location": "fine"}, 30) == "fine"
     finally:
         release.set()
 
@@ -898,20 +904,28 @@ async def test_a_lookup_of_a_name_that_does_not_encode_fails_instead_of_never_an
 
 
 class SwallowsItsCancellation:
+    def __init__(self) -> None:
+        self.release, self.finished = asyncio.Event(), False
+
     async def __call__(self, location: str) -> str:  # not an async def function: run through a worker thread first
         for _ in range(3):
             try:
-                await asyncio.sleep(10)
+                await self.release.wait()
             except BaseException:
                 pass
+        self.finished = True
         return location
 
 
 async def test_an_awaitable_action_that_ignores_its_time_limit_is_answered_504_on_time():
-    started = time.monotonic()
-    with pytest.raises(bot.GraphError) as err:
-        await bot.run_action(SwallowsItsCancellation(), {"location": "杭州"}, 0.3)
-    assert err.value.status == 504 and time.monotonic() - started < 1.5
+    action = SwallowsItsCancellation()
+    try:
+        with pytest.raises(bot.GraphError) as err:
+            await bot.run_action(action, {"location": "杭州"}, 0.3)
+        # on time: answered while the call still runs (it cannot end before the release below)
+        assert err.value.status == 504 and not action.finished
+    finally:
+        action.release.set()
 
 
 # ----- the likeliest tools.yaml mistakes, said in tools.yaml's terms -----
