@@ -139,6 +139,7 @@ class FakeDingTalk:
         self.webhook_endless: float | None = None  # answer 200, then stream a body for ever, a chunk every this many s
         self.webhook_streamed = 0  # bytes of such endless bodies written so far
         self.slow_sessions: dict[str, float] = {}  # session -> latency, overriding webhook_latency
+        self.webhooks_held = False  # answer no webhook post until release_webhooks(): replies that hang until told
         self.expired_sessions: set[str] = set()
         # connection-open faults
         self.open_status: int | None = None  # answer with this HTTP error status
@@ -215,12 +216,13 @@ class FakeDingTalk:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> Any:
-        """Wait until predicate() is truthy (re-checked whenever the fake sees something)."""
+    async def wait_for(self, predicate: Any, timeout: float = 30.0) -> Any:
+        """Wait until predicate() is truthy (re-checked whenever the fake sees something). The default timeout is
+        generous, for a busy machine: a bound on the wait, not a measure of speed."""
         async with self._changed:
             return await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
 
-    async def wait_connected(self, count: int = 1, timeout: float = 5.0) -> list[Connection]:
+    async def wait_connected(self, count: int = 1, timeout: float = 30.0) -> list[Connection]:
         await self.wait_for(lambda: len(self.live_connections()) >= count, timeout)
         return self.live_connections()
 
@@ -364,7 +366,7 @@ class FakeDingTalk:
         await conn.ws.send_str(json.dumps(frame, ensure_ascii=False))
         return message_id
 
-    async def wait_ack(self, message_id: str, timeout: float = 5.0, count: int = 1) -> dict[str, Any]:
+    async def wait_ack(self, message_id: str, timeout: float = 30.0, count: int = 1) -> dict[str, Any]:
         await self.wait_for(lambda: len(self.acks.get(message_id, [])) >= count, timeout)
         return self.acks[message_id][count - 1]
 
@@ -373,7 +375,7 @@ class FakeDingTalk:
         graph_request: dict[str, Any] | str,
         *,
         message_id: str | None = None,
-        timeout: float = 5.0,
+        timeout: float = 30.0,
         conn: Connection | None = None,
     ) -> GraphResult:
         """Push a Graph callback and wait for its ack."""
@@ -382,11 +384,11 @@ class FakeDingTalk:
         ack = await self.wait_ack(message_id, timeout)
         return GraphResult.from_ack(ack, time.monotonic() - started)
 
-    async def invoke_many(self, requests: list[dict[str, Any]], timeout: float = 10.0) -> list[GraphResult]:
+    async def invoke_many(self, requests: list[dict[str, Any]], timeout: float = 30.0) -> list[GraphResult]:
         """Push several Graph callbacks at once and wait for all their acks."""
         return await asyncio.gather(*(self.invoke(r, timeout=timeout) for r in requests))
 
-    async def ping(self, conn: Connection | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    async def ping(self, conn: Connection | None = None, timeout: float = 30.0) -> dict[str, Any]:
         opaque = uuid.uuid4().hex
         message_id = await self.send_frame("SYSTEM", "ping", {"opaque": opaque}, conn=conn)
         ack = await self.wait_ack(message_id, timeout)
@@ -408,6 +410,11 @@ class FakeDingTalk:
 
         self._later(close_later())
 
+    async def release_webhooks(self) -> None:
+        """Let the webhook posts held by `webhooks_held` be answered, and those to come."""
+        self.webhooks_held = False
+        await self._notify()
+
     async def drop(self, conn: Connection) -> None:
         """Cut the TCP connection without a websocket close frame."""
         conn.transport.abort()
@@ -426,6 +433,9 @@ class FakeDingTalk:
         latency = self.slow_sessions.get(session, self.webhook_latency)
         if latency:
             await asyncio.sleep(latency)
+        if self.webhooks_held:
+            async with self._changed:
+                await self._changed.wait_for(lambda: not self.webhooks_held)
         if self.webhook_endless is not None:
             response = web.StreamResponse(headers={"Content-Type": "application/json"})
             await response.prepare(request)

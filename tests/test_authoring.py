@@ -39,7 +39,7 @@ def test_a_rule_bot_py_leaves_to_the_check_starts_the_bot_but_stops_the_simulato
     broken.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
     assert bot.load_operations(broken, SAMPLE_ACTIONS)  # bot.py would start: it checks what a running bot needs
     run = [sys.executable, "-m", "tests.simulate", "--tools", str(broken), "--actions", "tests.samples", "--list"]
-    result = subprocess.run(run, cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(run, cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     [line] = result.stderr.splitlines()
     assert line.startswith("✗ tools.yaml: ") and "format 'week-number' is not one the bot can check" in line

@@ -25,7 +25,7 @@ async def test_missing_credential_exits_2_with_one_line_and_no_network(fake, bot
     env = bot_env(fake)
     del env[missing]
     process = await bot_process(env)
-    assert await process.wait(10) == 2
+    assert await process.wait() == 2
     assert process.lines == [
         f"error: {missing} is not set: copy .env.example to .env and fill in your app's credentials"
         " (or try the bot offline first: python -m tests.simulate)"
@@ -35,7 +35,7 @@ async def test_missing_credential_exits_2_with_one_line_and_no_network(fake, bot
 
 async def test_bad_setting_exits_2_naming_it(fake, bot_process):
     process = await bot_process(bot_env(fake, INSTANCES="zero"))
-    assert await process.wait(10) == 2
+    assert await process.wait() == 2
     assert process.lines == ["error: INSTANCES='zero' is not a valid int"]
     assert fake.open_requests == []
 
@@ -46,7 +46,7 @@ async def test_tools_yaml_path_without_action_exits_2_naming_it_before_any_netwo
         "  /v1/actions/no-such-action:\n    post:\n      operationId: Nothing\n      x-dingtalk-display-result: auto\n"
     )
     process = await bot_process(bot_env(fake), tools=tools.replace("paths:\n", f"paths:\n{extra}"))
-    assert await process.wait(10) == 2
+    assert await process.wait() == 2
     assert process.lines == [
         "error: tools.yaml declares /v1/actions/no-such-action, but ACTIONS in bot.py has no action for it"
     ]
@@ -55,7 +55,7 @@ async def test_tools_yaml_path_without_action_exits_2_naming_it_before_any_netwo
 
 async def test_missing_tools_yaml_exits_2_naming_the_file(fake, bot_process):
     process = await bot_process(bot_env(fake), tools="")
-    assert await process.wait(10) == 2
+    assert await process.wait() == 2
     [line] = process.lines
     assert line.startswith("error: tools.yaml: cannot read ") and "No such file or directory" in line
     assert fake.open_attempts == 0
@@ -68,10 +68,10 @@ async def test_dotenv_file_is_read_and_real_environment_wins(fake, remote, bot_p
     env["INSTANCES"] = "1"  # real environment beats .env
     process = await bot_process(env)
     try:
-        await remote(fake.wait_connected(1, timeout=10))
+        await remote(fake.wait_connected(1))
     finally:
         process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(10) == 0
+    assert await process.wait() == 0
     assert {r.body["clientId"] for r in fake.open_requests} == {fake.client_id}
     assert len(fake.open_requests) == 1
 
@@ -80,13 +80,13 @@ async def test_dotenv_file_is_read_and_real_environment_wins(fake, remote, bot_p
 async def test_signal_with_callback_in_flight_finishes_it_and_exits_0(fake, remote, bot_process, signum):
     fake.webhook_latency = 1.0
     process = await bot_process(bot_env(fake))
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     request = graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())
     message_id = await remote(fake.send_frame("CALLBACK", "/v1.0/graph/api/invoke", request))
-    await remote(fake.wait_for(lambda: fake.webhook_posts, 5))  # the reply is now in flight
+    await remote(fake.wait_for(lambda: fake.webhook_posts))  # the reply is now in flight
     process.proc.send_signal(signum)
-    assert await process.wait(10) == 0
-    ack = await remote(fake.wait_ack(message_id, timeout=1))
+    assert await process.wait() == 0
+    ack = await remote(fake.wait_ack(message_id))  # sent before the exit: the fake's thread may still be reading it
     assert '\\"success\\": true' in ack["data"]
     assert f"{signal.Signals(signum).name} received" in process.output
     assert "stopped" in process.lines[-1]
@@ -94,22 +94,22 @@ async def test_signal_with_callback_in_flight_finishes_it_and_exits_0(fake, remo
 
 async def test_sigterm_when_idle_exits_0(fake, remote, bot_process):
     process = await bot_process(bot_env(fake))
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(5) == 0
+    assert await process.wait() == 0
 
 
 async def test_secret_and_session_tokens_never_in_output(fake, remote, bot_process):
     fake.client_secret = "S3cr3t-Value-4711"
     fake.webhook_status = 500  # the failure path logs the webhook URL
     process = await bot_process(bot_env(fake, LOG_LEVEL="DEBUG"))
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     for session in ("aswh_token_one", "aswh_token_two"):
         request = graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url(session))
         await remote(fake.invoke(request))
         fake.webhook_status = 200
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(10) == 0
+    assert await process.wait() == 0
     assert "webhook http://127.0.0.1" in process.output and "session=***" in process.output
     assert "S3cr3t-Value-4711" not in process.output
     assert "aswh_token" not in process.output
@@ -121,16 +121,16 @@ async def test_secret_and_session_tokens_never_in_output(fake, remote, bot_proce
 async def test_a_dotenv_file_not_in_utf8_is_one_line_and_exit_2(fake, bot_process, tmp_path, encoding, problem):
     (tmp_path / ".env").write_bytes(f"# 注释 / a comment\nCLIENT_ID={fake.client_id}\n".encode(encoding))
     process = await bot_process(bot_env(fake))
-    assert await process.wait(10) == 2
+    assert await process.wait() == 2
     assert process.lines == [f"error: {tmp_path / '.env'} is not UTF-8 ({problem}): save it as UTF-8"]
     assert fake.open_attempts == 0
 
 
 async def test_an_action_timeout_past_dingtalks_redelivery_gets_a_warning_at_start(fake, remote, bot_process):
     process = await bot_process(bot_env(fake, ACTION_TIMEOUT_SECONDS="30"))
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(10) == 0
+    assert await process.wait() == 0
     assert "ACTION_TIMEOUT_SECONDS=30: DingTalk has been seen to redeliver a callback not acked within about 16 s" in (
         process.output
     )
@@ -147,14 +147,14 @@ async def test_wss_with_a_certificate_from_a_ca_trusted_through_ssl_cert_file(tm
         fake = remote.fake
         assert fake.base_url.startswith("https://")
         untrusting = await bot_process(bot_env(fake))  # the system's CAs only
-        await untrusting.wait_for_output("CERTIFICATE_VERIFY_FAILED", timeout=15)
+        await untrusting.wait_for_output("CERTIFICATE_VERIFY_FAILED")
         untrusting.kill()
         process = await bot_process(bot_env(fake, SSL_CERT_FILE=str(tmp_path / "company-ca.pem")))
-        await remote(fake.wait_connected(1, timeout=15))
+        await remote(fake.wait_connected(1))
         request = graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())
         result = await remote(fake.invoke(request))
         process.proc.send_signal(signal.SIGTERM)
-        assert await process.wait(10) == 0
+        assert await process.wait() == 0
     assert result.status == 200 and fake.webhook_posts[0].markdown.startswith("### 杭州")
     assert fake.webhook_posts[0].host == f"127.0.0.1:{fake.port}"  # over https, as the open and wss:// were
 
@@ -164,7 +164,7 @@ async def test_wss_with_a_certificate_from_a_ca_trusted_through_ssl_cert_file(tm
 
 def test_version_flag_prints_the_engines_and_the_sdks_versions_and_exits_0():
     result = subprocess.run(
-        [sys.executable, "bot.py", "--version"], cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=30
+        [sys.executable, "bot.py", "--version"], cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.startswith(f"dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {bot.SDK_VERSION}, Python ")
@@ -174,9 +174,9 @@ def test_version_flag_prints_the_engines_and_the_sdks_versions_and_exits_0():
 
 async def test_the_first_log_line_names_the_engines_and_the_sdks_versions(fake, remote, bot_process):
     process = await bot_process(bot_env(fake))
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(10) == 0
+    assert await process.wait() == 0
     assert f"bot: dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {bot.SDK_VERSION}): serving 3 action(s)" in (
         process.output
     )
@@ -185,7 +185,7 @@ async def test_the_first_log_line_names_the_engines_and_the_sdks_versions(fake, 
 @pytest.mark.parametrize(("args", "code"), [(["--help"], 0), (["-V"], 2), (["--port", "8000"], 2)])
 def test_other_arguments_print_the_usage_not_a_credentials_error(args, code):
     result = subprocess.run(
-        [sys.executable, "bot.py", *args], cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=30
+        [sys.executable, "bot.py", *args], cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == code and result.stdout == ""
     assert result.stderr.startswith("usage: python bot.py [--version]") and "CLIENT_ID" not in result.stderr
@@ -196,7 +196,7 @@ async def test_a_tools_yaml_mistake_is_said_before_missing_credentials(fake, bot
     del env["CLIENT_ID"], env["CLIENT_SECRET"]
     tools = SAMPLE_TOOLS.read_text(encoding="utf-8").replace("  /v1/actions/on-call:", "  /v1/actions/on-calls:")
     process = await bot_process(env, tools=tools)
-    assert await process.wait(10) == 2
+    assert await process.wait() == 2
     [line] = process.lines
     assert line.startswith(
         "error: tools.yaml declares /v1/actions/on-calls, but ACTIONS in bot.py has no action for it"

@@ -47,11 +47,16 @@ def test_the_add_an_action_recipe_runs_as_written(tmp_path: Path) -> None:
     else:
         tools = f"{tools.rstrip()}\n{pasted}\n"
     (project / "tools.yaml").write_text(tools, encoding="utf-8")
-    tests = project / "tests" / "test_actions.py"
-    tests.write_text(tests.read_text(encoding="utf-8") + "\n\n" + block("python", "def test_get_stock"))
+    tests = project / "tests" / "test_actions.py"  # the demos' tests, the author's own, or none once deleted
+    existing = tests.read_text(encoding="utf-8") if tests.exists() else ""
+    recipe = block("python", "def test_get_stock")
+    imported = {alias.name for node in ast.parse(existing).body if isinstance(node, ast.Import) for alias in node.names}
+    needed = [name for name in ("pytest", "bot") if f"{name}." in recipe and name not in imported]  # what its tests use
+    imports = "".join(f"import {name}\n" for name in needed)
+    tests.write_text("\n\n".join(filter(None, [existing.rstrip(), imports, recipe])), encoding="utf-8")
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=project, capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, *args], cwd=project, capture_output=True, text=True, timeout=120)
 
     tested = run(
         "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", "tests/test_actions.py", "tests/test_tools_yaml.py"

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import signal
 import time
 from typing import Any
@@ -37,7 +38,7 @@ def fast_retry(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_wrong_credentials_at_start_exit_2_with_one_clear_line(fake, bot_process):
     env = bot_env(fake, CLIENT_SECRET="Wr0ng-Secret-Value")
     process = await bot_process(env)
-    assert await process.wait(10) == 2
+    assert await process.wait() == 2
     [line] = [line for line in process.lines if "ERROR" in line]
     assert "DingTalk rejected CLIENT_ID / CLIENT_SECRET (authFailed: 鉴权失败)" in line
     assert "凭证与基础信息 / Credentials & basic info" in line
@@ -47,9 +48,9 @@ async def test_wrong_credentials_at_start_exit_2_with_one_clear_line(fake, bot_p
 
 async def test_whitespace_around_credentials_is_stripped(fake, remote, bot_process):
     process = await bot_process(bot_env(fake, CLIENT_SECRET=f"  {fake.client_secret}\n"))
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(10) == 0
+    assert await process.wait() == 0
     assert fake.client_secret not in process.output
 
 
@@ -66,7 +67,7 @@ async def test_open_rejected_later_backs_off_reports_and_recovers(fake, remote, 
         else:
             fake.open_status = 500
         await remote(fake.disconnect(fake.live_connections()[0]))
-        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 3, 15))  # two refused reopen attempts
+        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 3))  # two refused reopen attempts
         assert (await healthz(port))[0] == 503
         refused = fake.open_requests[1:]
         gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(refused)]
@@ -88,15 +89,17 @@ async def test_hanging_open_keeps_the_bot_responsive_and_is_retried(fake, remote
     port = free_port()
     async with start_bot(instances=2, health_port=port, connect_timeout_seconds=1.0):
         first, second = fake.live_connections()
-        fake.open_delay = 30
+        fake.open_delay = 600  # far longer than the bound below
         await remote(fake.disconnect(first))
-        await remote(fake.wait_for(lambda: fake.open_attempts >= 3, 5))  # the reopen is now hanging
+        await remote(fake.wait_for(lambda: fake.open_attempts >= 3))  # the reopen is now hanging
         started = time.monotonic()
         status, body = await healthz(port)
-        await remote(fake.ping(second, timeout=2))
-        assert time.monotonic() - started < 1.0  # the loop is free while the open hangs
+        await remote(fake.ping(second))
+        # the loop is free while the open hangs: a generous bound, where an open that held the loop (the SDK's
+        # blocking one, without a time limit) would hold it for the open's 600 s
+        assert time.monotonic() - started < 30
         assert (status, body["connected"]) == (503, 1)
-        await wait_until(lambda: "no answer within 1 s" in caplog.text, 5)
+        await wait_until(lambda: "no answer within 1 s" in caplog.text)
         fake.open_delay = 0
         await wait_health(port, 200)
 
@@ -107,11 +110,11 @@ async def test_hanging_open_keeps_the_bot_responsive_and_is_retried(fake, remote
 async def test_unusable_open_answers_are_retried_until_right(fake, remote, start_bot, caplog):
     fake.open_raw_body = "<html>gateway maintenance</html>"
     async with start_bot(connected=0):
-        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 1, 5))
+        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 1))
         fake.open_raw_body = '{"ticket": "no-endpoint"}'
-        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 2, 5))
+        await remote(fake.wait_for(lambda: len(fake.open_requests) >= 2))
         fake.open_raw_body = None
-        await remote(fake.wait_connected(1, 10))
+        await remote(fake.wait_connected(1))
         assert (await remote(fake.invoke(weather(fake)))).status == 200
     assert "no endpoint and ticket in '<html>gateway maintenance</html>'" in caplog.text
     assert "(never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)" in caplog.text
@@ -131,10 +134,10 @@ async def test_odd_open_answers_after_connecting_are_retried_not_fatal(fake, rem
         fake.open_raw_body = answer
         await remote(fake.disconnect(fake.live_connections()[0]))
         attempts = fake.open_attempts
-        await remote(fake.wait_for(lambda: fake.open_attempts >= attempts + 2, 5))  # still retrying
+        await remote(fake.wait_for(lambda: fake.open_attempts >= attempts + 2))  # still retrying
         assert not running.task.done()
         fake.open_raw_body = None
-        await remote(fake.wait_connected(1, 10))
+        await remote(fake.wait_connected(1))
         assert (await remote(fake.invoke(weather(fake)))).status == 200
 
 
@@ -144,7 +147,7 @@ async def test_odd_open_answers_after_connecting_are_retried_not_fatal(fake, rem
 @pytest.mark.parametrize("fault", ["disconnect", "drop", "frozen"])
 async def test_lost_connection_is_noticed_reflected_and_replaced(fake, remote, start_bot, fault, fast_retry):
     port = free_port()
-    async with start_bot(health_port=port, keepalive_seconds=0.3):
+    async with start_bot(health_port=port, keepalive_seconds=1.0):  # a frozen connection is noticed within 3 s
         [conn] = fake.live_connections()
         fake.reject_websocket = True  # hold the gap open long enough to see it
         if fault == "disconnect":
@@ -153,7 +156,7 @@ async def test_lost_connection_is_noticed_reflected_and_replaced(fake, remote, s
             await remote(fake.drop(conn))
         else:
             conn.frozen = True  # no pongs, no acks: the bot must notice by itself
-        body = await wait_health(port, 503, timeout=5)
+        body = await wait_health(port, 503)
         assert body == {"status": "degraded", "instances": 1, "connected": 0}
         fake.reject_websocket = False
         await wait_health(port, 200)
@@ -174,12 +177,13 @@ async def test_silently_dead_connection_is_replaced_within_20_s_on_default_setti
 
 
 async def test_late_jittery_pongs_keep_a_healthy_connection(fake, remote, start_bot):
-    # On a clock 12.5 times faster than the shipped one (KEEPALIVE_SECONDS=5 -> 0.4): pongs 4 to 8 s late.
-    fake.pong_delay, fake.pong_jitter = 0.48, 0.16
-    async with start_bot(keepalive_seconds=0.4):
+    # On a clock 5 times faster than the shipped one (KEEPALIVE_SECONDS=5 -> 1): pongs 4 to 8 s late. (Not faster:
+    # the margin to the 2 s ping timeout, 0.4 s at the least, must hold on a busy machine too.)
+    fake.pong_delay, fake.pong_jitter = 1.2, 0.4
+    async with start_bot(keepalive_seconds=1.0):
         [conn] = fake.live_connections()
-        await remote(fake.wait_for(lambda: conn.pings >= 8, 10))  # about 3.5 s, every pong late
-        assert (await remote(fake.ping(conn, timeout=2)))["code"] == 200
+        await remote(fake.wait_for(lambda: conn.pings >= 8))  # about 10 s, every pong late
+        assert (await remote(fake.ping(conn)))["code"] == 200
         assert fake.connections == [conn] and not conn.closed.is_set()
 
 
@@ -189,11 +193,11 @@ async def test_a_callback_on_a_lost_connection_still_finishes_before_shutdown(fa
     async with start_bot() as running:
         [conn] = fake.live_connections()
         message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=conn))
-        await remote(fake.wait_for(lambda: fake.webhook_posts, 5))  # the reply is in flight ...
+        await remote(fake.wait_for(lambda: fake.webhook_posts))  # the reply is in flight ...
         await remote(fake.drop(conn))  # ... when its connection is lost
         await wait_until(lambda: "connection lost" in caplog.text)  # and the bot has noticed
         running.stop.set()
-        assert await asyncio.wait_for(asyncio.shield(running.task), 10) == 0
+        assert await asyncio.wait_for(asyncio.shield(running.task), 30) == 0
     assert f"callback {message_id} POST /v1/actions/weather -> 200" in caplog.text  # replied, in full
     assert f"ack for {message_id} not sent: the connection closed" in caplog.text
     assert "abandoned" not in caplog.text and "Session is closed" not in caplog.text
@@ -203,13 +207,16 @@ async def test_past_the_in_flight_limit_callbacks_are_answered_503_at_once_and_t
     fake, remote, start_bot, monkeypatch, caplog
 ):
     monkeypatch.setattr(bot, "MAX_CALLBACKS_IN_HAND", 3)
-    fake.webhook_latency = 1.5  # longer than the keepalive below: reading must not pause meanwhile
-    async with start_bot(keepalive_seconds=0.5):
+    fake.webhooks_held = True  # the replies of the three in hand hang until released, below
+    async with start_bot(keepalive_seconds=1.0, webhook_timeout_seconds=60):
         [conn] = fake.live_connections()
         ids = [await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=conn)) for _ in range(5)]
-        busy = [GraphResult.from_ack(await remote(fake.wait_ack(m, timeout=1)), 0) for m in ids[3:]]
-        assert not fake.acks.keys() & set(ids[:3])  # answered before the three in hand finish
-        served = [GraphResult.from_ack(await remote(fake.wait_ack(m, timeout=5)), 0) for m in ids[:3]]
+        busy = [GraphResult.from_ack(await remote(fake.wait_ack(m)), 0) for m in ids[3:]]
+        assert not fake.acks.keys() & set(ids[:3])  # answered at once: before the three in hand can finish
+        pings = conn.pings  # held longer than the keepalive: reading must not pause meanwhile (each ping is sent
+        await remote(fake.wait_for(lambda: conn.pings >= pings + 3))  # only once the bot has read the last pong)
+        await remote(fake.release_webhooks())
+        served = [GraphResult.from_ack(await remote(fake.wait_ack(m)), 0) for m in ids[:3]]
         assert fake.live_connections() == [conn]  # still the first connection
     assert [r.status for r in served + busy] == [200, 200, 200, 503, 503]
     assert busy[0].body["error"] == "3 callbacks in hand: busy" and len(fake.webhook_posts) == 3
@@ -217,14 +224,18 @@ async def test_past_the_in_flight_limit_callbacks_are_answered_503_at_once_and_t
     assert all(len(fake.acks[m]) == 1 for m in ids)
 
 
-async def test_a_routine_disconnect_soon_after_an_outage_is_replaced_within_seconds(fake, remote, start_bot):
+async def test_a_routine_disconnect_soon_after_an_outage_is_replaced_within_seconds(fake, remote, start_bot, caplog):
+    caplog.set_level(logging.INFO, logger="bot")
     fake.open_status = 500  # an outage: three failed opens, 1 + 2 s of backoff
     async with start_bot(connected=0):
-        await remote(fake.wait_for(lambda: fake.open_attempts >= 3, 10))
+        await remote(fake.wait_for(lambda: fake.open_attempts >= 3))
         fake.open_status = None
-        [conn] = await remote(fake.wait_connected(1, 10))
+        [conn] = await remote(fake.wait_connected(1))
         await remote(fake.disconnect(conn))  # a disconnect, not a failure: no 8 s backoff
-        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 6))
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2))
+    # within seconds: the wait the bot chose, by its own clock, rather than a stopwatch on a busy machine
+    [delay] = re.findall(r"DingTalk retired the connection \(disconnect\); reconnecting in ([\d.]+) s", caplog.text)
+    assert float(delay) <= bot.RETIRED_MAX_DELAY_SECONDS + 1  # 4 s at most, + jitter: not the 8 s of the outage's
 
 
 async def test_a_cancelled_client_start_closes_its_connection(fake, remote):
@@ -238,7 +249,7 @@ async def test_a_cancelled_client_start_closes_its_connection(fake, remote):
     started.cancel()  # as a TaskGroup or the SDK's start_forever() would, instead of stop()
     with pytest.raises(asyncio.CancelledError):
         await started
-    await remote(fake.wait_for(lambda: conn.closed.is_set(), 5))
+    await remote(fake.wait_for(lambda: conn.closed.is_set()))
 
 
 # ----- odd frames: every one is answered or skipped, none stops the bot -----
@@ -286,7 +297,7 @@ async def test_redelivered_callback_gets_exactly_one_reply(fake, remote, start_b
         request = weather(fake)
         await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, request, message_id="dup-1", conn=first))
         if when == "in-flight":
-            await remote(fake.wait_for(lambda: fake.webhook_posts, 5))
+            await remote(fake.wait_for(lambda: fake.webhook_posts))
         else:
             await remote(fake.wait_ack("dup-1"))
         # DingTalk may redeliver on another of the app's connections
@@ -301,13 +312,13 @@ async def test_redelivered_callback_gets_exactly_one_reply(fake, remote, start_b
 
 @pytest.mark.parametrize("fault", ["hang", "cut-off"])
 async def test_webhook_fault_is_502_while_others_are_served(fake, remote, start_bot, caplog, fault):
-    async with start_bot(webhook_timeout_seconds=1.0):
+    async with start_bot(webhook_timeout_seconds=5.0):  # time enough for the healthy reply, while the other hangs
         if fault == "hang":
-            fake.slow_sessions["aswh_stuck"] = 60
+            fake.slow_sessions["aswh_stuck"] = 600
         else:
             fake.webhook_cut_off = True
         stuck = asyncio.ensure_future(remote(fake.invoke(weather(fake, "aswh_stuck"))))
-        await remote(fake.wait_for(lambda: fake.webhook_posts, 5))
+        await remote(fake.wait_for(lambda: fake.webhook_posts))
         if fault == "hang":
             fine = await remote(fake.invoke(weather(fake)))  # served while the other one hangs
             assert fine.status == 200 and not stuck.done()
@@ -329,11 +340,14 @@ async def test_failing_action_affects_only_its_own_call(fake, remote, start_bot,
         return ""
 
     monkeypatch.setitem(bot.ACTIONS, "/v1/actions/flaky", flaky)
-    async with start_bot(action_timeout_seconds=1.0):
-        bad = graph_request("/v1/actions/flaky", PARAMS, session_webhook=fake.webhook_url())
-        results = await remote(fake.invoke_many([bad, weather(fake), weather(fake)]))
+    async with start_bot(action_timeout_seconds=5.0):  # time enough for the other two, while the bad one hangs
+        bad = asyncio.ensure_future(
+            remote(fake.invoke(graph_request("/v1/actions/flaky", PARAMS, session_webhook=fake.webhook_url())))
+        )
+        others = await remote(fake.invoke_many([weather(fake), weather(fake)]))
+        assert not bad.done() or behaviour == "raises"  # the other two answered while the bad one hangs
+        results = [await bad, *others]
     assert [r.status for r in results] == [status, 200, 200]
-    assert max(r.elapsed for r in results[1:]) < results[0].elapsed or behaviour == "raises"
     assert len(fake.webhook_posts) == 2
 
 
@@ -344,11 +358,11 @@ async def test_failing_action_affects_only_its_own_call(fake, remote, start_bot,
 async def test_sigterm_during_a_burst_of_20(fake, remote, bot_process, grace):
     fake.webhook_latency = 1.0 if grace == "within" else 5.0
     process = await bot_process(bot_env(fake, SHUTDOWN_GRACE_SECONDS="10" if grace == "within" else "0.5"))
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     ids = [await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake))) for _ in range(20)]
-    await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 20, 5))  # all 20 in flight
+    await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 20))  # all 20 in flight
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(15) == 0
+    assert await process.wait() == 0
     if grace == "within":
         assert all(len(fake.acks.get(i, [])) == 1 for i in ids)
         assert "abandoned" not in process.output
@@ -367,12 +381,12 @@ async def test_cancelled_first_delivery_lets_a_redelivery_start_afresh():
         return 200, "{}"
 
     first = asyncio.create_task(ledger.answer_once("m1", hangs))
-    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(started.wait(), 30)
     redelivery = asyncio.create_task(ledger.answer_once("m1", hangs))  # waits for the first one's answer
     first.cancel()  # what shutdown does to a delivery still running
     for task in (first, redelivery):  # anyone waiting on it stops waiting
         with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 5)
+            await asyncio.wait_for(task, 30)
 
     async def answers() -> tuple[int, str]:
         return 200, '{"again": true}'
@@ -387,10 +401,10 @@ async def test_http_proxy_carries_the_open_the_websocket_and_the_webhook(fake, r
     proxy = await remote(ForwardProxy().start())
     try:  # the fake speaks plain http and ws: HTTP_PROXY, read by aiohttp and websockets themselves
         process = await bot_process(bot_env(fake, HTTP_PROXY=proxy.url, NO_PROXY="", no_proxy=""))
-        await remote(fake.wait_connected(1, timeout=10))
+        await remote(fake.wait_connected(1))
         assert (await remote(fake.invoke(weather(fake)))).status == 200
         process.proc.send_signal(signal.SIGTERM)
-        assert await process.wait(10) == 0
+        assert await process.wait() == 0
     finally:
         await remote(proxy.close())
     base = fake.base_url
@@ -413,7 +427,7 @@ def test_backoff_stays_bounded_after_any_number_of_failures():
 async def test_gateway_that_disconnects_every_connection_gets_backoff_not_a_storm(fake, remote, start_bot):
     fake.disconnect_at_once = True
     async with start_bot(connected=0):
-        await remote(fake.wait_for(lambda: len(fake.connections) >= 3, 15))  # each one retired as it opened
+        await remote(fake.wait_for(lambda: len(fake.connections) >= 3))  # each one retired as it opened
         opens = [r.received_at for r in fake.open_requests[:3]]
     gaps = [b - a for a, b in itertools.pairwise(opens)]
     assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps  # 1, 2 s (+ jitter) and on: no tight loop
@@ -425,20 +439,21 @@ async def test_gateway_that_disconnects_every_connection_gets_backoff_not_a_stor
 async def test_disconnect_with_callbacks_in_flight_loses_no_ack(fake, remote, start_bot, caplog, monkeypatch):
     monkeypatch.setattr(bot, "HEALTHY_AFTER_SECONDS", 0.0)  # as if the connection had been up for hours
     caplog.set_level(logging.INFO, logger="bot")
-    fake.webhook_latency = 1.5
+    fake.webhooks_held = True  # the replies hang until released, below
     async with start_bot():
         [old] = fake.live_connections()
         ids = [await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=old)) for _ in range(5)]
-        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 5, 5))  # all five in flight
+        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 5))  # all five in flight
         disconnecting = asyncio.ensure_future(remote(fake.disconnect(old)))
-        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 2))  # the replacement opens at once ...
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2))  # the replacement opens at once ...
         new = fake.connections[1]
-        assert not old.closed.is_set()  # ... while the retired one still finishes its work
+        # ... while the retired one still finishes its work: its five replies cannot end before the release
+        assert not old.closed.is_set() and not fake.acks.keys() & set(ids)
         late = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=old))
         await disconnecting
-        fake.webhook_latency = 0
+        await remote(fake.release_webhooks())
         assert (await remote(fake.invoke(weather(fake), conn=new))).status == 200
-        await remote(fake.wait_ack(late, timeout=5))  # served on the retired connection, before DingTalk closes it
+        await remote(fake.wait_ack(late))  # served on the retired connection, before DingTalk closes it
     acks = {message_id: fake.acks.get(message_id, []) for message_id in [*ids, late]}
     assert all(len(a) == 1 and GraphResult.from_ack(a[0], 0).status == 200 for a in acks.values()), acks
     assert not fake.misrouted_acks and "ack for" not in caplog.text  # each on the connection its frame came on
@@ -454,40 +469,40 @@ async def test_disconnect_around_shutdown_still_acks_everything_in_hand(fake, re
     async with start_bot() as running:
         [conn] = fake.live_connections()
         ids = [await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=conn)) for _ in range(3)]
-        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 3, 5))
+        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 3))
         if order == "disconnect-then-stop":
             await remote(fake.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn))
             running.stop.set()
         else:
             running.stop.set()
             await remote(fake.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn))
-        assert await asyncio.wait_for(asyncio.shield(running.task), 10) == 0
+        assert await asyncio.wait_for(asyncio.shield(running.task), 30) == 0
     for message_id in ids:  # sent before the bot closed the connection; the fake's thread may still be reading them
-        await remote(fake.wait_ack(message_id, timeout=5))
+        await remote(fake.wait_ack(message_id))
     assert all(len(fake.acks.get(message_id, [])) == 1 for message_id in ids), fake.acks
 
 
 async def test_no_connection_opens_once_stopping_has_begun(fake, remote, bot_process):
     fake.webhook_latency = 4.0  # keeps the drain busy past the moment the other instance's open answers
     process = await bot_process(bot_env(fake, INSTANCES="2", SHUTDOWN_GRACE_SECONDS="10", WEBHOOK_TIMEOUT_SECONDS="10"))
-    first, second = await remote(fake.wait_connected(2, timeout=10))
+    first, second = await remote(fake.wait_connected(2))
     in_flight = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=first))
-    await remote(fake.wait_for(lambda: fake.webhook_posts, 5))
+    await remote(fake.wait_for(lambda: fake.webhook_posts))
     fake.open_delay = 1.0
     attempts = fake.open_attempts
     await remote(fake.drop(second))
-    await remote(fake.wait_for(lambda: fake.open_attempts > attempts, 5))  # that open is now hanging
+    await remote(fake.wait_for(lambda: fake.open_attempts > attempts))  # that open is now hanging
     process.proc.send_signal(signal.SIGTERM)
-    assert await process.wait(15) == 0
+    assert await process.wait() == 0
     assert len(fake.connections) == 2  # the open answered during the drain, and no connection followed it
     assert len(fake.acks[in_flight]) == 1
 
 
 THREADS = {
     # a blocking call run the way README section 4 recommends
-    "to_thread": "await asyncio.to_thread(time.sleep, 60)",
+    "to_thread": "await asyncio.to_thread(time.sleep, 600)",
     # a thread of the action's own, not a daemon
-    "plain-thread": "threading.Thread(target=time.sleep, args=(60,)).start(); await asyncio.Event().wait()",
+    "plain-thread": "threading.Thread(target=time.sleep, args=(600,)).start(); await asyncio.Event().wait()",
 }
 
 
@@ -505,13 +520,12 @@ async def get_weather(location: str) -> str:
 bot.ACTIONS["/v1/actions/weather"] = get_weather
 """
     process = await bot_process(bot_env(fake, SHUTDOWN_GRACE_SECONDS="0.5"), prelude=prelude)
-    await remote(fake.wait_connected(1, timeout=10))
+    await remote(fake.wait_connected(1))
     message_id = await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake)))
     await process.wait_for_output("action started")
     process.proc.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    assert await process.wait(10) == 0
-    assert time.monotonic() - started < 5  # grace 0.5 s + 1 s for threads, not the thread's 60 s
+    # not the thread's 600 s: a generous bound far below it; and exit 0, not the forced exit 10 s after the grace
+    assert await process.wait(60) == 0
     assert f"callback {message_id} abandoned" in process.output
     assert "exiting with 1 thread(s) still running" in process.output
 
@@ -560,10 +574,13 @@ async def test_ledger_never_evicts_a_callback_in_flight():
 
 
 async def test_a_burst_beyond_aiohttps_default_pool_is_all_delivered_and_acked_200(fake, remote, start_bot):
-    fake.webhook_latency = 2.0  # 300 replies at once, each taking 2 s: a pool of 100 would queue 200 of them
-    async with start_bot(webhook_timeout_seconds=5.0):
+    fake.webhooks_held = True  # 300 replies that hang until all 300 are in flight: a pool of 100 would queue 200
+    async with start_bot(webhook_timeout_seconds=120):
         requests = [weather(fake) for _ in range(300)]
-        results = await remote(fake.invoke_many(requests, timeout=20))
+        calls = asyncio.ensure_future(remote(fake.invoke_many(requests, timeout=120)))
+        await remote(fake.wait_for(lambda: len(fake.webhook_posts) == 300, 60))
+        await remote(fake.release_webhooks())
+        results = await calls
     assert [r.status for r in results] == [200] * 300
     assert len(fake.webhook_posts) == 300  # one POST each
 
@@ -572,12 +589,9 @@ async def test_a_burst_beyond_aiohttps_default_pool_is_all_delivered_and_acked_2
 async def test_an_endless_webhook_answer_is_502_within_its_limits(fake, remote, start_bot, caplog, chunk_every):
     fake.webhook_endless = chunk_every  # 200, then a body that never ends
     async with start_bot(webhook_timeout_seconds=1.0):
-        started = time.monotonic()
-        result = await remote(fake.invoke(weather(fake), timeout=10))
-        took = time.monotonic() - started
+        result = await remote(fake.invoke(weather(fake)))  # the body never ends: answered at all is within limits
     assert result.status == 502
-    assert took < 3, took  # the time limit holds while data keeps coming
-    if chunk_every:
+    if chunk_every:  # the time limit holds while data keeps coming
         assert "timed out after 1.0 s" in caplog.text
     else:
         assert f"answer larger than {bot.MAX_ANSWER_BYTES} bytes" in caplog.text
@@ -593,7 +607,7 @@ async def test_a_frame_over_websockets_default_1_mib_is_read_and_answered(fake, 
     async with start_bot():
         padding = "明" * 700_000  # a parameter the action does not take: the frame is about 2 MiB, the reply small
         big = graph_request(WEATHER, {**PARAMS, "padding": padding}, session_webhook=fake.webhook_url())
-        result = await remote(fake.invoke(big, timeout=10))
+        result = await remote(fake.invoke(big))
         assert result.status == 200
         assert len(fake.live_connections()) == 1 and len(fake.connections) == 1  # the same connection
 
@@ -614,8 +628,8 @@ async def test_a_second_disconnect_is_only_acked(fake, remote, start_bot, caplog
     async with start_bot():
         [conn] = fake.live_connections()
         ids = await remote(disconnect_twice(conn))
-        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 10))
-        await remote(fake.wait_for(lambda: all(m in fake.acks for m in ids), 5))
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2))
+        await remote(fake.wait_for(lambda: all(m in fake.acks for m in ids)))
         assert [len(fake.acks[m]) for m in ids] == [1, 1]
     assert len(fake.connections) == 2 and caplog.text.count("DingTalk retired the connection") == 1
 
@@ -624,12 +638,12 @@ async def test_a_retired_connection_the_gateway_never_closes_is_closed_after_the
     fake, remote, start_bot, monkeypatch
 ):
     monkeypatch.setattr(bot, "RETIRE_WINDOW_SECONDS", 0.5)
-    fake.retire_close_after = 60
+    fake.retire_close_after = 600  # far past the wait below: the bot closes it
     async with start_bot():
         [conn] = fake.live_connections()
         await remote(fake.disconnect(conn))
-        await remote(fake.wait_for(conn.closed.is_set, 5))
-        await remote(fake.wait_connected(1, 5))  # its replacement
+        await remote(fake.wait_for(conn.closed.is_set))
+        await remote(fake.wait_connected(1))  # its replacement
 
 
 async def test_a_retired_connection_that_drops_leaves_no_unretrieved_error(fake, remote, start_bot, caplog):
@@ -640,7 +654,7 @@ async def test_a_retired_connection_that_drops_leaves_no_unretrieved_error(fake,
         await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), conn=conn))
         await remote(fake.send_frame("SYSTEM", "disconnect", {"reason": "connection is expired"}, conn=conn))
         await remote(fake.drop(conn))
-        await remote(fake.wait_for(lambda: len(fake.connections) == 2, 10))
+        await remote(fake.wait_for(lambda: len(fake.connections) == 2))
         await wait_until(lambda: "callback" in caplog.text and "-> 200" in caplog.text)
     assert "never retrieved" not in caplog.text
 
@@ -660,9 +674,9 @@ async def test_the_open_asks_for_json_and_names_the_bot_as_the_sdk_does(fake, re
 async def test_system_chatter_and_callbacks_without_a_message_id_are_each_acked_once(fake, remote, start_bot):
     fake.chatter = True  # CONNECTED, REGISTERED and KEEPALIVE on every new connection
     async with start_bot():
-        await remote(fake.wait_for(lambda: len(fake.acks) >= 3, 5))
+        await remote(fake.wait_for(lambda: len(fake.acks) >= 3))
         await remote(fake.send_frame("CALLBACK", GRAPH_TOPIC, weather(fake), message_id=""))
-        ack = await remote(fake.wait_ack("", timeout=5))
+        ack = await remote(fake.wait_ack(""))
         assert (await remote(fake.invoke(weather(fake)))).status == 200
     topics = [f["headers"]["topic"] for f in fake.frames_out if f["type"] == "SYSTEM"]
     assert topics == ["CONNECTED", "REGISTERED", "KEEPALIVE"]
