@@ -155,7 +155,7 @@ def start_bot(
 class BotProcess:
     """`python bot.py` as a user runs it, from a copy in a directory of its own (so no developer's .env next to
     the real bot.py is read), serving the sample skills: run_bot.py runs PRELUDE (and a test's own `prelude`),
-    then bot.main(). Its output (stdout+stderr) is collected as it comes."""
+    then bot.main(bot.ACTIONS). Its output (stdout+stderr) is collected as it comes."""
 
     def __init__(self, env: dict[str, str], workdir: Path, prelude: str = "", tools: str | None = None) -> None:
         self.env, self.workdir, self.prelude, self.tools = env, workdir, prelude, tools
