@@ -615,7 +615,7 @@ async def run_action(
         if inspect.iscoroutinefunction(action):
             work = action(**kwargs)
         else:
-            job = Job(label, named(action))
+            job = Job(label, action)
             work = ACTION_THREADS.run(functools.partial(action, **kwargs), job)
         result = await settled(loop.create_task(contained(work), name=f"action {label}"), deadline)
         if inspect.isawaitable(result):  # an async def behind a plain decorator, or with async __call__
@@ -666,9 +666,9 @@ async def contained(coro: Awaitable) -> Any:
 
 
 class Job:
-    """A plain-def call: its name and its action's, when a thread took it, the thread's CPU clock and reading then."""
+    """A plain-def call: its name and action, when a thread took it, the thread's CPU clock and reading then."""
 
-    def __init__(self, name: str, action: str) -> None:
+    def __init__(self, name: str, action: Action) -> None:
         self.name, self.action, self.started, self.cpu = name, action, None, None
 
 
@@ -683,7 +683,7 @@ class ActionThreads:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: list[tuple[Callable[[], Any], asyncio.Future, Job]] = []
         self.running: dict[asyncio.Future, Job] = {}  # until its thread is done with it, time limit or not
-        self.said: set[str] = set()  # warnings given, each once: "full", "late" or an action's name
+        self.said: set[Any] = set()  # warnings given, each once: "full", "late", or an action (CPU-bound)
 
     async def run(self, call: Callable[[], Any], job: Job) -> Any:
         if len(self.running) >= self.size:
@@ -740,7 +740,7 @@ class ActionThreads:
             if time.clock_gettime(job.cpu[0]) - job.cpu[1] > 0.1 * elapsed:
                 why = "it takes the GIL from the event loop, so plain-def calls wait their turn"
                 self.warn(
-                    f"cpu {job.action}",
+                    job.action,
                     "action %s is CPU-bound: %s; run such work in a process pool (README §4)",
                     job.name,
                     why,
@@ -748,7 +748,7 @@ class ActionThreads:
                 return True
         return False
 
-    def warn(self, key: str, message: str, *args: Any) -> None:
+    def warn(self, key: Any, message: str, *args: Any) -> None:
         if key not in self.said:
             self.said.add(key)
             log.warning(message, *args)
@@ -866,7 +866,8 @@ class ActionHandler(dingtalk_stream.GraphHandler):
         except Exception:  # a bug here must still produce an ack, or DingTalk waits and redelivers
             log.exception("callback %s: unexpected error", message_id)
             status, body = 500, failure("internal error")
-        if len(body) * 14 > ACK_ROOM and (size := bytes_as_sent(body)) > ACK_ROOM:  # (14: an emoji, as sent)
+        room = ACK_ROOM - 12 * len(message_id)  # (an emoji is 14 bytes as sent, 12 in the ack's header)
+        if len(body) * 14 > room and (size := bytes_as_sent(body)) > room:
             log.error("callback %s: answer too large: %d bytes as sent, over %d", message_id, size, MAX_ACK_BYTES)
             status, body = 500, failure("internal error in action: answer too large")  # what the ledger keeps
         log.info("callback %s %s -> %d in %.0f ms", message_id, route, status, (time.monotonic() - started) * 1000)
@@ -875,18 +876,13 @@ class ActionHandler(dingtalk_stream.GraphHandler):
     async def deliver(self, operation: Operation, result: Any, webhook: str | None) -> str:
         """The action's result as its operation's display mode asks: the Graph response body."""
         if operation.display == "auto" and isinstance(result, dict | list):
-            with contextlib.suppress(TypeError, ValueError, RecursionError):  # not JSON: said below
-                return json.dumps(result, ensure_ascii=False, allow_nan=False)
+            return as_json(result, operation.action, "data that is", ensure_ascii=False)
         elif operation.display == "markdown" and isinstance(result, str):
             return json.dumps({"content": result}, ensure_ascii=False)
         elif operation.display == "disabled" and isinstance(result, str | Card) and webhook:
             card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
             payload = {"contentType": "ai_card", "content": {"templateId": card.template_id, "cardData": card.data}}
-            try:
-                data = json.dumps(payload, allow_nan=False).encode()
-            except (TypeError, ValueError, RecursionError) as exc:  # e.g. a date, a Decimal, NaN: nothing is posted
-                log.error("action %s returned a Card whose data is not JSON: %s", named(operation.action), exc)
-                raise GraphError(500, "internal error in action") from None
+            data = as_json(payload, operation.action, "a Card whose data is").encode()  # before anything is posted
             await reply_card(self.http, webhook, data, self.settings.webhook_timeout_seconds)
             return '{"success": true}'
         log.error(
@@ -907,6 +903,15 @@ def graph_response(status: int, body: str) -> dict[str, Any]:
 
 def failure(reason: str) -> str:
     return json.dumps({"success": False, "error": reason}, ensure_ascii=False)
+
+
+def as_json(value: Any, action: Action, what: str, ensure_ascii: bool = True) -> str:
+    """`value` as JSON text, or GraphError(500) and one line naming the action and what is not JSON."""
+    try:
+        return json.dumps(value, ensure_ascii=ensure_ascii, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:  # a date, a Decimal, NaN, a 5,000-digit int, a cycle
+        log.error("action %s returned %s not JSON: %s", named(action), what, exc)
+        raise GraphError(500, "internal error in action") from None
 
 
 def bytes_as_sent(body: str) -> int:
@@ -1577,6 +1582,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # line ends, controls, lone surrogates
 
 
+def printable(text: str) -> str:
+    """`text` on one line: line ends, control characters and lone surrogates escaped as Python writes them."""
+    return UNPRINTABLE.sub(lambda character: ascii(character.group())[1:-1], text)
+
+
 class RedactingFilter(logging.Filter):
     """Keeps secrets and webhook session tokens out of every log line, whichever library wrote it, and each message
     on one line: a value it shows is escaped (a path's %0A would otherwise start a forged line)."""
@@ -1590,10 +1600,15 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):  # e.g. 0.24.3's logger.exception("unknown exception", e)
             message = f"{record.msg} {record.args!r}"
-        message = UNPRINTABLE.sub(lambda character: ascii(character.group())[1:-1], redact(message, self.secrets))
-        record.msg, record.args = message, None
+        record.msg, record.args = printable(redact(message, self.secrets)), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
+            error = record.exc_info[1]
+            for _ in range(8):  # its message, and its causes', each on one line too (a chain may go round)
+                with contextlib.suppress(Exception):  # (a __str__ may fail)
+                    said = str(error)
+                    record.exc_text = record.exc_text.replace(said, printable(said))
+                error = error and (error.__cause__ or error.__context__)
         if record.exc_text:
             record.exc_text = redact(record.exc_text, self.secrets)
         return True

@@ -113,18 +113,31 @@ async def test_a_lone_surrogate_in_an_answer_is_answered_200(fake, remote, start
     assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text
 
 
-async def test_a_path_value_cannot_forge_a_log_line(fake, remote, bot_process):
-    process = await bot_process(bot_env(fake))
+ROSTER_REFUSES = """
+from tests.samples import ON_CALL
+
+async def get_on_call(team: str, weeks: int = 1) -> str:
+    raise ValueError(f"no roster for team {team}")  # a traceback with the caller's words in it
+
+bot.ACTIONS[ON_CALL] = get_on_call
+"""
+
+
+async def test_a_value_cannot_forge_a_log_line_through_a_path_or_a_traceback(fake, remote, bot_process):
+    process = await bot_process(bot_env(fake), prelude=ROSTER_REFUSES)
     await remote(fake.wait_connected(1, timeout=30))
     forged = "2026-12-06 17:00:00 ERROR   bot: DingTalk rejected CLIENT_ID / CLIENT_SECRET"
     result = await remote(fake.invoke(graph_request(f"/v1/items/1%0A{quote(forged)}", {}), message_id="msg-forge"))
     assert result.status == 404
-    await process.wait_for_output("callback msg-forge POST", 30)
+    failed = await remote(fake.invoke(graph_request(ON_CALL, {"team": f"ops\n{forged}"}), message_id="msg-trace"))
+    assert failed.status == 500
+    await process.wait_for_output("callback msg-trace POST", 30)
     process.proc.send_signal(signal.SIGTERM)
     assert await process.wait(30) == 0
     assert not [line for line in process.lines if line.startswith(forged[:20])]
     said = [line for line in process.lines if "msg-forge" in line]
     assert len(said) == 2 and all(f"/v1/items/1\\n{forged}" in line for line in said), said  # 404, then the line
+    assert f"ValueError: no roster for team ops\\n{forged}" in process.output  # the traceback's last line
 
 
 # ----- plain defs: runaway CPU-bound calls neither stall nor get blamed on others -----

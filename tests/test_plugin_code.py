@@ -164,15 +164,25 @@ async def test_a_second_signal_exits_at_once_even_while_an_action_holds_the_loop
 # ----- what an action returns, and how long it takes -----
 
 
-async def test_auto_data_that_is_not_json_is_a_500_naming_the_action(fake, remote, start_bot, caplog):
-    async def not_a_number(currency: str) -> dict:
-        return {"rate": float("nan")}  # json.dumps would write NaN, which is not JSON
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (float("nan"), "Out of range float values are not JSON compliant"),  # json.dumps would write NaN
+        (datetime.date(2026, 1, 1), "Object of type date is not JSON serializable"),
+    ],
+    ids=["nan", "date"],
+)
+async def test_auto_data_that_is_not_json_is_a_500_naming_the_action_and_the_type(
+    fake, remote, start_bot, caplog, value, said
+):
+    async def not_json(currency: str) -> dict:
+        return {"rate": value}
 
-    bot.ACTIONS[RATE] = not_a_number
+    bot.ACTIONS[RATE] = not_json
     async with start_bot():
         result = await remote(fake.invoke(rate()))
     assert (result.status, result.body) == (500, {"success": False, "error": "internal error in action"})
-    assert "action not_a_number returned dict, but GET /v1/actions/exchange-rate is" in caplog.text
+    assert f"action not_json returned data that is not JSON: {said}" in caplog.text
 
 
 async def test_a_blocking_async_def_past_its_time_limit_is_a_504_like_any_other(caplog):
