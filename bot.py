@@ -241,14 +241,14 @@ class Operation:
     template: re.Pattern | None  # for a path with {name} segments: matches it, one group per segment
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """`params` typed and validated, or GraphError(400) naming the parameter and the rule it broke."""
+        """`params` typed and validated, or ActionError (400) naming the parameter and the rule it broke."""
         values = {}
         for name, value in params.items():
             types = self.types.get(name) or frozenset()
             if value is not None or "null" in types:  # null means "not given"
                 values[name] = typed(value, types, name in self.query)
         if missing := [name for name in self.schema.get("required", ()) if name not in values]:
-            raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
+            raise ActionError(f"missing parameter(s): {', '.join(missing)}")
         try:
             return self.validate(values)
         except fastjsonschema.JsonSchemaValueException as exc:
@@ -256,7 +256,7 @@ class Operation:
             rule = exc.message.removeprefix(f"{exc.name} ")
             if exc.rule == "pattern":  # as the author wrote it, not as translated for Python
                 rule = f"must match pattern {exc.definition.get('x-pattern', exc.definition['pattern'])}"
-            raise GraphError(400, f"parameter {name} {rule}, got {shown(exc.value)}") from None
+            raise ActionError(f"parameter {name} {rule}, got {shown(exc.value)}") from None
 
 
 def as_list(kind: Any) -> list:
@@ -860,9 +860,9 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             time_limit = self.settings.action_timeout_seconds
             result = await run_action(operation.action, params, time_limit, operation.takes, route)
             status, body = 200, await self.deliver(operation, result, webhook)
-        except GraphError as err:
-            log.warning("callback %s: %d %s", message_id, err.status, err.reason)
-            status, body = err.status, failure(err.reason)
+        except (GraphError, ActionError) as err:  # a refusal: the call's parameters, or the action's own
+            log.warning("callback %s: %d %s", message_id, err.status, str(err)[:1000])
+            status, body = err.status, failure(str(err)[:1000])
         except Exception:  # a bug here must still produce an ack, or DingTalk waits and redelivers
             log.exception("callback %s: unexpected error", message_id)
             status, body = 500, failure("internal error")
