@@ -448,30 +448,38 @@ def ecma_pattern(pattern: str, where: str) -> str:
     """A JSON Schema pattern (ECMA 262) as a Python pattern that matches the same: \\d \\w \\s and their negations
     ASCII or ECMA's spaces, `.` not a line end, `$` the end only (not before a last newline), \\b ASCII, a `{` that
     starts no quantifier a character. What Python would read otherwise stops the start."""
-    out, previous = [], ""
+    out, previous, written = [], "", pattern
+    pattern = SURROGATE_PAIR.sub(lambda pair: chr(int(pair[1], 16) * 1024 + int(pair[2], 16) - 0x35FDC00), pattern)
+    if half := LONE_SURROGATE.search(pattern):  # ECMA 262 reads UTF-16, Python code points
+        raise ConfigError(f"{where}: pattern {written!r}: {half[0]} is half a character: write its pair in full")
     for match in PATTERN_TOKEN.finditer(pattern):
         token, rest = match.group(), pattern[match.end() :]
         lookaround = token == "(" and rest.startswith("?") and not rest.startswith(("?:", "?=", "?!", "?<"))
         possessive = token == "+" and (previous in ("*", "+", "?") or (previous[:1] == "{" and len(previous) > 1))
         if token in PYTHON_ONLY[:5] or lookaround or possessive:
             shown = "(?" + rest[1:2] if lookaround else previous + token if possessive else token
-            raise ConfigError(f"{where}: pattern {pattern!r}: {shown} is Python's, not ECMA 262's: {PATTERN_FIX}")
+            raise ConfigError(f"{where}: pattern {written!r}: {shown} is Python's, not ECMA 262's: {PATTERN_FIX}")
         if token in ECMA_ANCHORS:
             out.append(ECMA_ANCHORS[token])
         elif token[0] == "\\" and token[1].lower() in ECMA_SETS:
             out.append(f"[{'^' if token[1].isupper() else ''}{ECMA_SETS[token[1].lower()]}]")
         elif token.startswith("[") and len(token) > 1:
-            out.append(ecma_class(pattern, token, where))
+            out.append(ecma_class(written, token, where))
+        elif token[0] == "\\" and token[1] in "123456789":  # a group that took no part matches empty in ECMA 262
+            out.append(f"(?({token[1]}){token})")
         else:
             out.append("\\{" if token == "{" else token)  # ({,3} is a quantifier in Python, characters in ECMA)
         previous = token
     try:
         return re.compile("".join(out)).pattern
-    except re.error as exc:  # e.g. (?<name>...), \p{L}: ECMA 262 only
-        raise ConfigError(f"{where}: pattern {pattern!r} cannot be enforced here ({exc.msg}): {PATTERN_FIX}") from None
+    except (re.error, OverflowError) as exc:  # e.g. (?<name>...), \p{L}: ECMA 262 only; a{4294967296}
+        problem = getattr(exc, "msg", str(exc))
+        raise ConfigError(f"{where}: pattern {written!r} cannot be enforced here ({problem}): {PATTERN_FIX}") from None
 
 
 PATTERN_FIX = "write it in the syntax ECMA 262 and Python share"
+SURROGATE_PAIR = re.compile(r"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})")  # an emoji, say
+LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 SET_ESCAPES = ("\\d", "\\D", "\\w", "\\W", "\\s", "\\S")
 
 
@@ -493,7 +501,7 @@ def ecma_class(pattern: str, token: str, where: str) -> str:
             "".join(parts[n + 1 : n + 2])
         ):
             included.append("\\-")  # [+-\d] is +, - or a digit in ECMA 262, not a range
-        elif part in ("[", "$"):  # characters in ECMA 262; Python would warn of a nested set, fastjsonschema rewrite $
+        elif part in "[$^&~|":  # characters in ECMA 262 (Python would read ^ as "not" or warn of set operations)
             included.append("\\" + part)
         else:
             included.append(ECMA_SETS.get(part[1:], part) if part[0] == "\\" else part)
@@ -909,7 +917,7 @@ def as_json(value: Any, action: Action, what: str, ensure_ascii: bool = True) ->
     """`value` as JSON text, or GraphError(500) and one line naming the action and what is not JSON."""
     try:
         return json.dumps(value, ensure_ascii=ensure_ascii, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:  # a date, a Decimal, NaN, a 5,000-digit int, a cycle
+    except Exception as exc:  # a date, a Decimal, NaN, a 5,000-digit int, a cycle, a container that fails to iterate
         log.error("action %s returned %s not JSON: %s", named(action), what, exc)
         raise GraphError(500, "internal error in action") from None
 
@@ -1582,6 +1590,19 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # line ends, controls, lone surrogates
 
 
+def messages_of(error: BaseException | None) -> Iterator[str]:
+    """The messages and notes of `error`, its causes and contexts, and a group's exceptions: what a traceback shows."""
+    seen, left = set(), [error]
+    while left:
+        error = left.pop()
+        if error is None or id(error) in seen:  # (a chain may go round)
+            continue
+        seen.add(id(error))
+        with contextlib.suppress(Exception):  # (a __str__ may fail)
+            yield from [str(error), *map(str, getattr(error, "__notes__", ()))]
+        left += [error.__cause__, error.__context__, *getattr(error, "exceptions", ())]
+
+
 def printable(text: str) -> str:
     """`text` on one line: line ends, control characters and lone surrogates escaped as Python writes them."""
     return UNPRINTABLE.sub(lambda character: ascii(character.group())[1:-1], text)
@@ -1603,12 +1624,8 @@ class RedactingFilter(logging.Filter):
         record.msg, record.args = printable(redact(message, self.secrets)), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-            error = record.exc_info[1]
-            for _ in range(8):  # its message, and its causes', each on one line too (a chain may go round)
-                with contextlib.suppress(Exception):  # (a __str__ may fail)
-                    said = str(error)
-                    record.exc_text = record.exc_text.replace(said, printable(said))
-                error = error and (error.__cause__ or error.__context__)
+            for said in messages_of(record.exc_info[1]):  # each on one line too
+                record.exc_text = record.exc_text.replace(said, printable(said))
         if record.exc_text:
             record.exc_text = redact(record.exc_text, self.secrets)
         return True

@@ -117,7 +117,11 @@ ROSTER_REFUSES = """
 from tests.samples import ON_CALL
 
 async def get_on_call(team: str, weeks: int = 1) -> str:
-    raise ValueError(f"no roster for team {team}")  # a traceback with the caller's words in it
+    error = ValueError(f"no roster for team {team}")  # a traceback with the caller's words in it ...
+    for depth in range(12):  # ... deep in a chain of causes ...
+        error, error.__cause__ = ValueError(f"level {depth}"), error
+    error.add_note(f"while reading the roster of {team}")  # ... and in a note
+    raise error
 
 bot.ACTIONS[ON_CALL] = get_on_call
 """
@@ -137,7 +141,8 @@ async def test_a_value_cannot_forge_a_log_line_through_a_path_or_a_traceback(fak
     assert not [line for line in process.lines if line.startswith(forged[:20])]
     said = [line for line in process.lines if "msg-forge" in line]
     assert len(said) == 2 and all(f"/v1/items/1\\n{forged}" in line for line in said), said  # 404, then the line
-    assert f"ValueError: no roster for team ops\\n{forged}" in process.output  # the traceback's last line
+    assert f"ValueError: no roster for team ops\\n{forged}" in process.output  # escaped, where it is
+    assert f"while reading the roster of ops\\n{forged}" in process.output
 
 
 # ----- plain defs: runaway CPU-bound calls neither stall nor get blamed on others -----

@@ -883,6 +883,11 @@ def test_digits_in_a_character_class_are_ascii_and_an_unclosed_class_stops_the_s
         (r"^[^\W_]+$", ["abc1"], ["a_b", "杭州"]),  # letters and digits, ASCII
         (r"^a{,3}$", ["a{,3}"], ["aa"]),  # {,3} is no quantifier in ECMA 262: characters
         (r"^[\u4e00-\u9fa5]{2,4}$", ["张伟", "張偉"], ["张", "ab", "张伟\n"]),  # a Chinese name
+        (r"^[\S^a]$", ["b", "^"], [" "]),  # a ^ the class lists is a character
+        (r"^[^^\Wa]$", ["b"], ["a", "^", " "]),
+        (r"^(a)?\1$", ["", "aa"], ["a"]),  # a group that took no part: its backreference matches empty
+        (r"^\uD83D\uDE00$", ["😀"], ["x"]),  # a surrogate pair is one character
+        (r"^[&&]$", ["&"], ["a"]),  # no set operation: characters
     ],
 )
 def test_a_pattern_is_enforced_as_ecma_262_reads_it(pattern, accepted, refused):
@@ -901,6 +906,8 @@ def test_a_pattern_is_enforced_as_ecma_262_reads_it(pattern, accepted, refused):
         (r"^a\Z", r"pattern '^a\\Z': \Z is Python's, not ECMA 262's: write it in the syntax ECMA 262 and Python share"),
         (r"(?i)^ab$", "pattern '(?i)^ab$': (?i is Python's, not ECMA 262's"),
         (r"^a++$", "pattern '^a++$': ++ is Python's, not ECMA 262's"),
+        (r"\uD83D[\uDE00-\uDE4F]", r"pattern '\\uD83D[\\uDE00-\\uDE4F]': \uD83D is half a character: write its pair"),
+        (r"a{4294967296}", "pattern 'a{4294967296}' cannot be enforced here (the repetition number is too large)"),
         (r"^(?<y>[0-9]{4})$", "pattern '^(?<y>[0-9]{4})$' cannot be enforced here (unknown extension ?<y): write"),
         (r"^\p{L}+$", r"pattern '^\\p{L}+$' cannot be enforced here (bad escape \p): write it in the syntax"),
     ],
