@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import itertools
+import json
 import logging
 import os
 import shutil
@@ -25,7 +28,7 @@ import pytest
 import yaml
 
 import bot
-from tests.fake_dingtalk import FakeDingTalk, unproxied_loopback
+from tests.fake_dingtalk import FakeDingTalk, GraphResult, graph_request, unproxied_loopback
 from tests.samples import PRELUDE, SAMPLE_ACTIONS, SAMPLE_TOOLS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +150,40 @@ def start_bot(
             await asyncio.wait_for(task, 30)
 
     return run
+
+
+@pytest.fixture
+def serve_actions(
+    remote: FakeThread, tmp_path: Path
+) -> Callable[..., contextlib.AbstractAsyncContextManager[Callable[..., Coroutine[Any, Any, GraphResult]]]]:
+    """`async with serve_actions({"/a": action}, **settings) as call:` serves each action as a POST operation (display
+    markdown; its keyword parameters, and any `declared` beside them, in the body, of any JSON type) through
+    bot.running() and the fake; `await call("/a", location="杭州")` answers as DingTalk gets it (a GraphResult)."""
+    served = itertools.count(1)
+
+    @contextlib.asynccontextmanager
+    async def serve(
+        actions: dict[str, Callable[..., Any]], declared: tuple[str, ...] = (), **overrides: Any
+    ) -> AsyncIterator[Callable[..., Coroutine[Any, Any, GraphResult]]]:
+        paths = {}
+        for path, action in actions.items():
+            params = inspect.signature(action).parameters.values()
+            named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            schema = {"type": "object", "properties": {name: {} for name in [*(p.name for p in named), *declared]}}
+            if required := [p.name for p in named if p.default is p.empty]:
+                schema["required"] = required
+            body = {"content": {"application/json": {"schema": schema}}}
+            paths[path] = {"post": {"x-dingtalk-display-result": "markdown", "requestBody": body}}
+        tools = tmp_path / f"tools-{next(served)}.yaml"
+        tools.write_text(json.dumps({"openapi": "3.0.1", "info": {"title": "t", "version": "1"}, "paths": paths}))
+
+        async def call(path: str, **params: Any) -> GraphResult:
+            return await remote(remote.fake.invoke(graph_request(path, params), timeout=60))
+
+        async with bot.running(actions, tools, settings=settings_for(remote.fake, **overrides)):
+            yield call
+
+    return serve
 
 
 # ----- subprocess helpers -----

@@ -22,63 +22,67 @@ from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS
 # ----- running an action -----
 
 
-async def test_run_action_passes_only_declared_parameters():
+async def test_an_action_gets_only_the_parameters_it_names(serve_actions):
     seen = {}
 
     async def action(location: str) -> str:
         seen["location"] = location
         return "ok"
 
-    assert await bot.run_action(action, {"location": "上海", "sessionWebhook": "x", "userId": "u"}, 30) == "ok"
-    assert seen == {"location": "上海"}
+    async with serve_actions({"/a": action}, declared=("userId", "sessionWebhook")) as call:
+        answered = await call("/a", location="上海", sessionWebhook="x", userId="u")
+    assert (answered.status, answered.body, seen) == (200, {"content": "ok"}, {"location": "上海"})
 
 
-async def test_run_action_with_kwargs_gets_every_parameter():
+async def test_an_action_with_kwargs_gets_every_parameter(serve_actions):
     async def action(**params: str) -> str:
         return ",".join(sorted(params))
 
-    assert await bot.run_action(action, {"b": "1", "a": "2"}, 30) == "a,b"
+    async with serve_actions({"/a": action}, declared=("a", "b")) as call:
+        assert (await call("/a", b="1", a="2")).body == {"content": "a,b"}
 
 
-async def test_run_action_missing_parameter_is_400_without_calling_it():
-    with pytest.raises(bot.GraphError) as err:
-        await bot.run_action(samples.get_weather, {"date": "明天"}, 1)
-    assert err.value.status == 400
-    assert "location" in err.value.reason
+async def test_a_missing_parameter_is_400_without_calling_the_action(serve_actions):
+    called = []
+
+    async def action(location: str, date: str = "今天") -> str:
+        called.append(location)
+        return location
+
+    async with serve_actions({"/a": action}) as call:
+        refused = await call("/a", date="明天")
+    assert refused.status == 400 and "location" in refused.body["error"] and called == []
 
 
-async def test_run_action_failure_is_500_with_traceback_in_log_only(caplog):
+async def test_a_failing_action_is_500_with_its_traceback_in_the_log_only(serve_actions, caplog):
     async def broken(location: str) -> str:
         raise RuntimeError("database password is hunter2")
 
-    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
-        await bot.run_action(broken, {"location": "杭州"}, 1)
-    assert err.value.status == 500
-    assert "hunter2" not in err.value.reason  # the caller gets a generic message
-    [record] = caplog.records
-    assert record.getMessage() == "action broken failed"
+    async with serve_actions({"/a": broken}) as call:
+        failed = await call("/a", location="杭州")
+    assert failed.status == 500
+    assert "hunter2" not in str(failed.body)  # the caller gets a generic message
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == ["action broken failed"]
     assert "hunter2" in caplog.text and "Traceback" in caplog.text
 
 
-async def test_timeout_inside_the_action_is_its_failure_not_ours(caplog):
+async def test_timeout_inside_the_action_is_its_failure_not_ours(serve_actions, caplog):
     async def slow_dependency(location: str) -> str:
         raise TimeoutError("database did not answer")
 
-    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
-        await bot.run_action(slow_dependency, {"location": "杭州"}, 30)
-    assert err.value.status == 500
+    async with serve_actions({"/a": slow_dependency}) as call:
+        assert (await call("/a", location="杭州")).status == 500
     assert "action slow_dependency failed" in caplog.text and "database did not answer" in caplog.text
 
 
-async def test_run_action_that_hangs_times_out_with_504(caplog):
+async def test_an_action_that_hangs_times_out_with_504(serve_actions, caplog):
     async def hangs(location: str) -> str:
         await asyncio.Event().wait()
         return ""
 
-    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
-        await bot.run_action(hangs, {"location": "杭州"}, 0.05)
-    assert err.value.status == 504
-    assert "timed out" in caplog.text
+    async with serve_actions({"/a": hangs}, action_timeout_seconds=0.1) as call:
+        assert (await call("/a", location="杭州")).status == 504
+    assert "action hangs timed out" in caplog.text
 
 
 # ----- Graph request parsing -----
@@ -301,11 +305,13 @@ def test_an_action_without_an_operation_is_a_config_error(tmp_path):
     assert str(err.value) == "ACTIONS in bot.py has /v1/actions/extra, but tools.yaml does not declare it"
 
 
-async def test_a_plain_def_action_runs_in_a_worker_thread():
+async def test_a_plain_def_action_runs_in_a_worker_thread(serve_actions):
     def blocking(location: str) -> str:
         return f"{location} in {threading.current_thread().name}"
 
-    assert (await bot.run_action(blocking, {"location": "杭州"}, 30)).startswith("杭州 in bot-action-")  # a worker's
+    async with serve_actions({"/a": blocking}) as call:
+        answered = await call("/a", location="杭州")
+    assert answered.body["content"].startswith("杭州 in bot-action-")  # a worker's
 
 
 def test_a_plain_def_action_is_accepted_at_start(tmp_path):
@@ -315,27 +321,33 @@ def test_a_plain_def_action_is_accepted_at_start(tmp_path):
     assert load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, samples.WEATHER: get_weather})
 
 
-async def test_a_plain_def_action_that_blocks_times_out_with_504_naming_the_setting(caplog):
+async def test_a_plain_def_action_that_blocks_times_out_with_504_naming_the_setting(serve_actions, caplog):
+    release = threading.Event()
+
     def slow(location: str) -> str:
-        time.sleep(1)
+        release.wait(120)
         return location
 
-    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
-        await bot.run_action(slow, {"location": "杭州"}, 0.1)
-    assert err.value.status == 504
+    try:
+        async with serve_actions({"/a": slow}, action_timeout_seconds=0.1) as call:
+            assert (await call("/a", location="杭州")).status == 504
+    finally:
+        release.set()
     assert "action slow timed out after 0.1 s (ACTION_TIMEOUT_SECONDS)" in caplog.text
 
 
 @pytest.mark.parametrize(
     ("status", "expected"), [(None, 400), (404, 404), (409, 409)], ids=["default", "not-found", "conflict"]
 )
-async def test_an_action_refuses_with_action_error_and_its_message_no_traceback(caplog, status, expected):
+async def test_an_action_refuses_with_action_error_and_its_message_no_traceback(
+    serve_actions, caplog, status, expected
+):
     async def get_ticket(ticket: str) -> str:
         raise bot.ActionError("工单号格式不对", *([status] if status else []))
 
-    with pytest.raises(bot.GraphError) as err:
-        await bot.run_action(get_ticket, {"ticket": "x"}, 1)
-    assert (err.value.status, err.value.reason) == (expected, "工单号格式不对")
+    async with serve_actions({"/a": get_ticket}) as call:
+        refused = await call("/a", ticket="x")
+    assert (refused.status, refused.body["error"]) == (expected, "工单号格式不对")
     assert "Traceback" not in caplog.text
 
 
@@ -741,17 +753,15 @@ async def test_a_burst_of_slow_plain_def_actions_is_not_misreported_as_timeouts(
     assert results == [str(n) for n in range(30)]
 
 
-async def test_hung_plain_def_actions_do_not_starve_the_ones_after_them():
+async def test_hung_plain_def_actions_do_not_starve_the_ones_after_them(serve_actions):
     release = threading.Event()
-    hangs, quick = hangs_until(release), echoes
-
+    actions = {"/hangs": hangs_until(release), "/quick": echoes}
     try:
-        for _ in range(8):  # more than asyncio.to_thread's pool holds on 2 cores
-            with pytest.raises(bot.GraphError) as err:
-                await bot.run_action(hangs, {"location": "x"}, 0.05)
-            assert err.value.status == 504
-        # not starved: it cannot wait for a hung thread (they hang until the release below) and be served
-        assert await bot.run_action(quick, {"location": "fine"}, 30) == "fine"
+        async with serve_actions(actions, action_timeout_seconds=0.5) as call:
+            for _ in range(8):  # more than asyncio.to_thread's pool holds on 2 cores
+                assert (await call("/hangs", location="x")).status == 504
+            # not starved: it cannot wait for a hung thread (they hang until the release below) and be served
+            assert (await call("/quick", location="fine")).body == {"content": "fine"}
     finally:
         release.set()
 
@@ -765,11 +775,12 @@ class AsyncCallable:
         return f"awaited {location}"
 
 
-async def test_odd_callables_are_run_and_named():
-    assert await bot.run_action(AsyncCallable(), {"location": "杭州"}, 30) == "awaited 杭州"  # its coroutine awaited
-    with pytest.raises(bot.GraphError) as err:
-        await bot.run_action(functools.partial(nap, 1), {}, 0.05)
-    assert err.value.status == 504  # not a 500 from a missing __name__
+async def test_odd_callables_are_run_and_named(serve_actions, caplog):
+    actions = {"/callable": AsyncCallable(), "/partial": functools.partial(nap, 1)}
+    async with serve_actions(actions, action_timeout_seconds=0.2) as call:
+        assert (await call("/callable", location="杭州")).body == {"content": "awaited 杭州"}  # its coroutine awaited
+        assert (await call("/partial")).status == 504  # not a 500 from a missing __name__
+    assert "action partial timed out" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -968,13 +979,13 @@ class SwallowsItsCancellation:
         return location
 
 
-async def test_an_awaitable_action_that_ignores_its_time_limit_is_answered_504_on_time():
+async def test_an_awaitable_action_that_ignores_its_time_limit_is_answered_504_on_time(serve_actions):
     action = SwallowsItsCancellation()
     try:
-        with pytest.raises(bot.GraphError) as err:
-            await bot.run_action(action, {"location": "杭州"}, 0.3)
-        # on time: answered while the call still runs (it cannot end before the release below)
-        assert err.value.status == 504 and not action.finished
+        async with serve_actions({"/a": action}, action_timeout_seconds=0.3) as call:
+            answered = await call("/a", location="杭州")
+            # on time: answered while the call still runs (it cannot end before the release below)
+            assert answered.status == 504 and not action.finished
     finally:
         action.release.set()
 
