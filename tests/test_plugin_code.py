@@ -44,10 +44,11 @@ async def interrupted(location: str) -> str:
 
 
 @pytest.mark.parametrize("action", [exits_async, exits_plain, interrupted])
-async def test_sys_exit_or_keyboard_interrupt_in_an_action_is_a_500_for_that_call(action, caplog):
-    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
-        await bot.run_action(action, {"location": "杭州"}, 2)
-    assert err.value.status == 500 and f"action {action.__name__} failed" in caplog.text
+async def test_sys_exit_or_keyboard_interrupt_in_an_action_is_a_500_for_that_call(serve_actions, action, caplog):
+    async with serve_actions({"/a": action}) as call:
+        assert (await call("/a", location="杭州")).status == 500
+        assert (await call("/a", location="杭州")).status == 500  # and the bot serves on
+    assert f"action {action.__name__} failed" in caplog.text
 
 
 EXITS = """
@@ -185,14 +186,13 @@ async def test_auto_data_that_is_not_json_is_a_500_naming_the_action_and_the_typ
     assert f"action not_json returned data that is not JSON: {said}" in caplog.text
 
 
-async def test_a_blocking_async_def_past_its_time_limit_is_a_504_like_any_other(caplog):
+async def test_a_blocking_async_def_past_its_time_limit_is_a_504_like_any_other(serve_actions, caplog):
     async def blocks(location: str) -> str:
         time.sleep(0.3)  # noqa: ASYNC251 (it holds the loop: the time limit cannot interrupt it)
         return location
 
-    with caplog.at_level(logging.ERROR, logger="bot"), pytest.raises(bot.GraphError) as err:
-        await bot.run_action(blocks, {"location": "杭州"}, 0.1)
-    assert err.value.status == 504
+    async with serve_actions({"/a": blocks}, action_timeout_seconds=0.1) as call:
+        assert (await call("/a", location="杭州")).status == 504
     assert "action blocks timed out after 0.1 s (ACTION_TIMEOUT_SECONDS)" in caplog.text
 
 
@@ -428,7 +428,7 @@ def test_the_redaction_hides_a_proxys_password_in_library_error_text(monkeypatch
 # ----- from an outside adversarial review -----
 
 
-async def test_an_async_def_that_ignores_its_time_limit_is_answered_504_on_time():
+async def test_an_async_def_that_ignores_its_time_limit_is_answered_504_on_time(serve_actions):
     release, finished = asyncio.Event(), []
 
     async def retries(location: str) -> str:
@@ -441,10 +441,10 @@ async def test_an_async_def_that_ignores_its_time_limit_is_answered_504_on_time(
         return location
 
     try:
-        with pytest.raises(bot.GraphError) as err:
-            await bot.run_action(retries, {"location": "杭州"}, 0.2)
-        # not held: answered while the call still runs (it cannot end before the release below); it is left behind
-        assert err.value.status == 504 and not finished
+        async with serve_actions({"/a": retries}, action_timeout_seconds=0.2) as call:
+            answered = await call("/a", location="杭州")
+            # not held: answered while the call still runs (it cannot end before the release below); left behind
+            assert answered.status == 504 and not finished
     finally:
         release.set()
 
