@@ -95,6 +95,7 @@ from dotenv import find_dotenv, load_dotenv
 from websockets.protocol import State as WebSocketState
 
 __all__ = [
+    "TOOLS_FILE",
     "VERSION",
     "ActionError",
     "Card",
@@ -296,9 +297,12 @@ def shown(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def load_operations(path: Path, actions: Mapping[str, Action]) -> dict[str, Operation]:
-    """The tools file as "METHOD /path" -> Operation, its paths and `actions` matched both ways. What a running bot
-    cannot use is a one-line ConfigError; tests/authoring.py checks the rest while you write."""
+def load_operations(path: Path | Mapping[str, Any], actions: Mapping[str, Action]) -> dict[str, Operation]:
+    """The tools file (its path, or its description already read) as "METHOD /path" -> Operation, its paths and
+    `actions` matched both ways. What a running bot cannot use is a one-line ConfigError; tests/authoring.py checks
+    the rest while you write."""
+    if isinstance(path, Mapping):
+        return operations_of(path, actions)
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -348,9 +352,14 @@ def read_operation(spec: dict, where: str, route: str, method: str, action: Acti
         raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(DISPLAY_MODES)}")
     schema: dict[str, Any] = {"type": "object", "properties": {}}
     if "requestBody" in op:
-        schema = json_schema(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
-        if schema.get("type") != "object" or not isinstance(schema.setdefault("properties", {}), dict):
+        body = resolve(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
+        schema = json_schema(spec, {key: value for key, value in body.items() if key != "properties"}, where)
+        if schema.get("type") != "object" or not isinstance(body.get("properties", {}), dict):
             raise ConfigError(f"{where}: the body schema must be type: object with properties")
+        schema["properties"] = {  # each named as a parameter, as the query's are
+            name: json_schema(spec, prop, f"{where}: parameter {name}")
+            for name, prop in body.get("properties", {}).items()
+        }
     props, query = schema["properties"], []
     for entry in [*spec["paths"][route].get("parameters", []), *op.get("parameters", [])]:
         entry = resolve(spec, entry, where)
@@ -363,9 +372,13 @@ def read_operation(spec: dict, where: str, route: str, method: str, action: Acti
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
-    for name, prop in props.items():  # else DingTalk would not fill it in, and the model could
-        if "x-dingtalk-context" in prop and not isinstance(prop["x-dingtalk-context"], dict):
+    for name, prop in props.items():
+        if "x-dingtalk-context" in prop and not isinstance(prop["x-dingtalk-context"], dict):  # else DingTalk would
             raise ConfigError(f"{where}: parameter {name}: indent property and format under its x-dingtalk-context")
+        try:  # each on its own first, to name the parameter whose schema does not compile
+            fastjsonschema.compile(prop)
+        except Exception as exc:
+            raise ConfigError(f"{where}: parameter {name}: {exc}") from None
     webhook = next((p for p in props if props[p].get("x-dingtalk-context") == WEBHOOK_CONTEXT), None)
     if display == "disabled" and webhook is None:
         raise ConfigError(

@@ -11,11 +11,12 @@ simulates. Each problem is one line: the file, the function or parameter, and th
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import re
 import types
 import typing
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,10 @@ CHECKED |= {"pattern", "items", "minItems", "maxItems", "uniqueItems", "minPrope
 CHECKED |= {"allOf", "anyOf", "oneOf", "not"}
 DESCRIPTIVE = {"title", "description", "example", "deprecated", "readOnly", "writeOnly", "externalDocs"}
 FORMATS = {*fastjsonschema.draft07.CodeGeneratorDraft07.FORMAT_REGEXS, "regex", "float", "double", "password"}
-FORMATS |= set(bot.INTEGER_FORMATS)
+FORMATS |= {"int32", "int64"}  # enforced as bounds
+
+
+Action = Callable[..., Any]
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -48,7 +52,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, bot.Action] | None = None) -> dict[str, Any]:
+def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Any]:
     """The operations of the tools file at `path` for `actions` (default bot.ACTIONS), as bot.py reads them, after
     every authoring rule: ConfigError, one line, for the first one broken."""
     actions = bot.ACTIONS if actions is None else actions
@@ -58,7 +62,7 @@ def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, bot.Action] | 
         raise ConfigError(f"{path.name} is not valid YAML: {' '.join(str(exc).split())}") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
         return bot.load_operations(path, actions)  # it says what is wrong, as it would at start
-    operations = check_spec(spec, actions, path.name)
+    operations = check_spec(spec, actions, path.name, path)
     try:
         validate_openapi(spec)
     except Exception as exc:  # openapi-spec-validator's errors carry the whole schema: its first line is enough
@@ -66,8 +70,11 @@ def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, bot.Action] | 
     return operations
 
 
-def check_spec(spec: Any, actions: Mapping[str, bot.Action], name: str = "tools.yaml") -> dict[str, Any]:
-    """The schema rules, bot.operations_of(spec, actions), then the signature rules (not OpenAPI's structural ones)."""
+def check_spec(
+    spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml", path: Path | None = None
+) -> dict[str, Any]:
+    """The schema rules, the operations as bot.load_operations reads them, then the rules of defaults and signatures
+    (not OpenAPI's structural ones)."""
     try:
         check_paths(spec, actions, name)
         check_structure(spec, name)
@@ -76,15 +83,16 @@ def check_spec(spec: Any, actions: Mapping[str, bot.Action], name: str = "tools.
         raise
     except Exception:  # a tools.yaml bot.py cannot read: it says why, below
         pass
-    operations = bot.operations_of(spec, actions, name)
+    operations = bot.load_operations(spec if path is None else path, actions)
     for operation in operations.values():
-        check_signature(
-            operation.action, operation.schema["properties"], f"{name}: {operation.method} {operation.path}"
-        )
+        where = f"{name}: {operation.method} {operation.path}"
+        for parameter, schema in operation.schema["properties"].items():
+            check_defaults(schema, f"{where}: parameter {parameter}")
+        check_signature(operation.action, operation.schema["properties"], where)
     return operations
 
 
-def check_paths(spec: dict, actions: Mapping[str, bot.Action], name: str) -> None:
+def check_paths(spec: dict, actions: Mapping[str, Action], name: str) -> None:
     """A path in tools.yaml and one in ACTIONS spelled two ways, or a path pasted outside `paths:`, said as such."""
     in_tools, in_actions = spec["paths"].keys() - actions.keys(), actions.keys() - spec["paths"].keys()
     for route in sorted(in_tools):
@@ -120,7 +128,7 @@ def check_structure(spec: dict, name: str) -> None:
                 if entries is not None and not isinstance(entries, list):
                     raise ConfigError(f"{where}: parameters must be a list")
                 for entry in entries or []:
-                    entry = bot.resolve(spec, entry, where)
+                    entry = resolve(spec, entry, where)
                     if entry.get("in") not in ("query", "path") or not isinstance(entry.get("name"), str):
                         raise ConfigError(f"{where}: only query and path parameters (in: query or path, with a name)")
                     segment = f"{{{entry['name']}}}"
@@ -140,24 +148,24 @@ def check_schemas(spec: dict, name: str) -> None:
                 continue
             where = f"{name}: {method.upper()} {route}"
             for entry in [*(item.get("parameters") or []), *(op.get("parameters") or [])]:
-                entry = bot.resolve(spec, entry, where)
-                check_compiles(spec, entry.get("schema") or {}, f"{where}: parameter {entry['name']}")
+                entry = resolve(spec, entry, where)
+                check_schema(spec, entry.get("schema") or {}, f"{where}: parameter {entry['name']}")
             if op.get("requestBody") is not None:
-                body = bot.resolve(spec, op["requestBody"]["content"]["application/json"]["schema"], where)
+                body = resolve(spec, op["requestBody"]["content"]["application/json"]["schema"], where)
                 for prop, schema in (body.get("properties") or {}).items():
-                    check_compiles(spec, schema, f"{where}: parameter {prop}")
+                    check_schema(spec, schema, f"{where}: parameter {prop}")
                 check_schema(spec, body, f"{where}: the body")
 
 
-def check_compiles(spec: dict, node: Any, where: str) -> None:
-    """One parameter's schema compiles (named here; bot.py names only the operation), and keeps the rules above."""
-    check_schema(spec, node, where)
-    try:
-        fastjsonschema.compile(bot.json_schema(spec, node, where))
-    except ConfigError:
-        raise
-    except Exception as exc:  # JsonSchemaDefinitionException, re.error, or TypeError for a value of the wrong kind
-        raise ConfigError(f"{where}: {exc}") from None
+def resolve(spec: dict, node: Any, where: str) -> Any:
+    """Follow local $refs ("#/components/schemas/X"); where one goes wrong, bot.py says so."""
+    for _ in range(32):
+        if not (isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/")):
+            return node
+        node = functools.reduce(
+            lambda n, key: n.get(key) if isinstance(n, dict) else None, node["$ref"][2:].split("/"), spec
+        )
+    return node
 
 
 def check_schema(spec: dict, node: Any, where: str, depth: int = 0) -> None:
@@ -169,7 +177,7 @@ def check_schema(spec: dict, node: Any, where: str, depth: int = 0) -> None:
         raise ConfigError(
             f"{where}: {', '.join(beside)} beside a $ref is ignored: move it into {node['$ref']} (OpenAPI 3.0)"
         )
-    schema = bot.resolve(spec, node, where)
+    schema = resolve(spec, node, where)
     for key, value in schema.items():
         if key in ("items", "not", "additionalProperties"):
             check_schema(spec, value, where, depth + 1)
@@ -185,10 +193,24 @@ def check_schema(spec: dict, node: Any, where: str, depth: int = 0) -> None:
             raise ConfigError(f"{where}: multipleOf must be greater than 0, not {value!r}")
         elif key not in CHECKED and key not in DESCRIPTIVE and not str(key).startswith("x-"):
             raise ConfigError(f"{where}: {key!r} is not a schema keyword the bot can check")
-    if "default" in schema:
-        translated = bot.json_schema(spec, schema, where)
-        if rule := broken_rule({k: v for k, v in translated.items() if k != "default"}, translated["default"]):
-            raise ConfigError(f"{where}: its default {schema['default']!r} breaks its own schema: {rule}")
+
+
+def check_defaults(schema: Any, where: str) -> None:
+    """Each default in a parameter's schema (as bot.py enforces it) keeps that schema: the bot fills it in unchecked."""
+    if not isinstance(schema, dict):
+        return
+    rest = {key: value for key, value in schema.items() if key != "default"}
+    if "default" in schema and (rule := broken_rule(rest, schema["default"])):
+        raise ConfigError(f"{where}: its default {schema['default']!r} breaks its own schema: {rule}")
+    for key, value in schema.items():
+        if key in ("items", "not", "additionalProperties"):
+            check_defaults(value, where)
+        elif key in ("allOf", "anyOf", "oneOf") and isinstance(value, list):
+            for item in value:
+                check_defaults(item, where)
+        elif key == "properties" and isinstance(value, dict):
+            for name, item in value.items():
+                check_defaults(item, f"{where}.{name}")
 
 
 def broken_rule(schema: dict[str, Any], value: Any) -> str | None:
@@ -202,26 +224,31 @@ def broken_rule(schema: dict[str, Any], value: Any) -> str | None:
     return None
 
 
-def check_signature(action: bot.Action, props: dict[str, Any], where: str) -> None:
+def check_signature(action: Action, props: dict[str, Any], where: str) -> None:
     """The bot passes parameters by name, and a plain annotation agrees with the declared type."""
     signature = inspect.signature(action)
     for param in signature.parameters.values():
         if param.kind is param.POSITIONAL_ONLY:
-            raise ConfigError(
-                f"{bot.described(action)} takes {param.name!r} by position (before /): the bot passes names"
-            )
+            raise ConfigError(f"{described(action)} takes {param.name!r} by position (before /): the bot passes names")
         if param.name not in props:
             continue
-        declared = next((kind for kind in bot.as_list(props[param.name].get("type")) if kind != "null"), None)
+        types = props[param.name].get("type")
+        declared = next((kind for kind in (types if isinstance(types, list) else [types]) if kind != "null"), None)
         allowed = json_types(annotation(action, param))
         if declared and allowed and declared not in allowed:
             expected = " or ".join(sorted(allowed))
             raise ConfigError(
-                f"{bot.described(action)} takes {param.name!r} as {expected}, but {where} declares {declared}"
+                f"{described(action)} takes {param.name!r} as {expected}, but {where} declares {declared}"
             )
 
 
-def annotation(action: bot.Action, param: inspect.Parameter) -> Any:
+def described(action: Action) -> str:
+    """`name() (file.py:12)`, pointing at the code, as bot.py names an action."""
+    name, code = getattr(action, "__name__", type(action).__name__), getattr(inspect.unwrap(action), "__code__", None)
+    return f"{name}() ({Path(code.co_filename).name}:{code.co_firstlineno})" if code else f"{name}()"
+
+
+def annotation(action: Action, param: inspect.Parameter) -> Any:
     """A parameter's annotation, evaluated if it is text; None for one that does not evaluate (not ours to judge)."""
     if not isinstance(param.annotation, str):
         return param.annotation

@@ -102,13 +102,17 @@ def operations() -> dict[str, bot.Operation]:
     spec = yaml.safe_load(SAMPLE_TOOLS.read_text(encoding="utf-8"))
     for path, action in bot.ACTIONS.items():
         if path not in SAMPLE_ACTIONS:
-            required = list(bot.action_parameters(action).required)
+            params = inspect.signature(action).parameters.values()
+            required = [
+                p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
             properties = {name: {"type": "string"} for name in required}
-            properties["sessionWebhook"] = {"type": "string", "x-dingtalk-context": bot.WEBHOOK_CONTEXT}
+            context = {"property": "currentConversation", "format": "sessionWebhook"}
+            properties["sessionWebhook"] = {"type": "string", "x-dingtalk-context": context}
             schema = {"type": "object", "required": required, "properties": properties}
             body = {"content": {"application/json": {"schema": schema}}}
             spec["paths"][path] = {"post": {"x-dingtalk-display-result": "disabled", "requestBody": body}}
-    return bot.operations_of(spec, bot.ACTIONS)
+    return bot.load_operations(spec, bot.ACTIONS)
 
 
 def settings_for(fake: FakeDingTalk, **overrides: Any) -> bot.Settings:

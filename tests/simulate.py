@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import dingtalk_stream
 
 import bot
 from tests import authoring
@@ -237,7 +238,7 @@ def context_values(operation: bot.Operation, pairs: list[str]) -> dict[str, str]
                 f"--context {name}: {where} declares no x-dingtalk-context parameter {name} (it has: {known})"
             )
         if name not in operation.takes.names and not operation.takes.takes_all:
-            action = bot.named(operation.action)
+            action = getattr(operation.action, "__name__", type(operation.action).__name__)
             raise UsageError(f"--context {name}: {action}() does not take {name}, so it would never see the value")
         values[name] = value
     return values
@@ -361,7 +362,7 @@ def show_webhook_post(post: WebhookPost) -> None:
     payload = post.payload
     content = payload.get("content") if isinstance(payload, dict) else None
     template = content.get("templateId") if isinstance(content, dict) else None
-    if template == bot.MARKDOWN_CARD_TEMPLATE_ID and post.markdown is not None:
+    if template == dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID and post.markdown is not None:  # the bot's card
         print("\n── reply in the chat (markdown card via sessionWebhook) ──")
         print(render_markdown(post.markdown))
     elif template is not None:
