@@ -39,7 +39,6 @@ from typing import Any
 import aiohttp
 import dingtalk_stream
 
-import bot
 from tests.fake_dingtalk import GRAPH_TOPIC, FakeDingTalk, GraphResult, bot_env, free_port, graph_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -841,8 +840,8 @@ def notes(m: Measurements, plan: Plan) -> list[str]:
     ]
     ours_growth = m.rss_after.get("ours", 0.0) - m.rss_connected.get("ours", 0.0)
     lines.append(
-        f"memory: bot.py keeps each messageId's result {bot.REMEMBER_SECONDS:.0f} s (at most "
-        f"{bot.REMEMBERED_CALLBACKS:,}) to answer redeliveries without a second reply, "
+        "memory: bot.py keeps each messageId's result 300 s (at most 100,000) to answer redeliveries without a "
+        "second reply, "
         f"so RSS follows recent traffic; ours grew "
         f"{ours_growth:+.1f} MB over {m.callbacks.get('ours', 0):,} callbacks"
     )

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 
+import dingtalk_stream
 import pytest
 
 import bot
@@ -33,7 +34,7 @@ async def test_happy_path_replies_markdown_card_and_acks_200(fake, remote, start
     [post] = fake.webhook_posts
     assert post.session == "aswh_happy"
     assert post.payload["contentType"] == "ai_card"
-    assert post.payload["content"]["templateId"] == bot.MARKDOWN_CARD_TEMPLATE_ID
+    assert post.payload["content"]["templateId"] == dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID
     assert "杭州" in post.markdown and "明天" in post.markdown
     [open_request] = fake.open_requests
     assert open_request.body["subscriptions"] == [{"type": "CALLBACK", "topic": "/v1.0/graph/api/invoke"}]
@@ -486,4 +487,4 @@ async def test_an_answer_too_large_to_ack_is_a_500_saying_so(fake, remote, start
         assert (await remote(fake.invoke(graph_request(ON_CALL, {"team": "运维"})))).status == 200  # still connected
     assert (result.status, result.body["error"]) == (500, "internal error in action: answer too large")
     assert len(fake.connections) == 1
-    assert "answer too large: 28" in caplog.text and f"bytes as sent, over {bot.MAX_ACK_BYTES}" in caplog.text
+    assert "answer too large: 28" in caplog.text and f"bytes as sent, over {256 << 10}" in caplog.text

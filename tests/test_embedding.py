@@ -184,7 +184,7 @@ async def test_embedded_the_bots_lines_show_under_the_apps_basic_config(fake, re
     try:
         async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake)) as clients:
             result = await remote(fake.invoke(graph_request(WEATHER, PARAMS, session_webhook=fake.webhook_url())))
-            bot.log.warning("a line with the secret %s in it", clients[0].credential.client_secret)
+            logging.getLogger("bot").warning("a line with the secret %s in it", clients[0].credential.client_secret)
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])

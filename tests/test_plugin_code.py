@@ -404,7 +404,7 @@ async def test_a_proxys_password_never_reaches_the_apps_log_when_embedded(fake, 
     try:
         with caplog.at_level(logging.DEBUG):  # as an app's own logging set-up would see the bot's lines
             async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake)):
-                bot.log.info("an action's own line with %s and %s", PASSWORD, ENCODED)
+                logging.getLogger("bot").info("an action's own line with %s and %s", PASSWORD, ENCODED)
                 await wait_until(lambda: "reconnecting in" in caplog.text)
     finally:
         await remote(proxy.close())

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import trustme
+from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
 
 import bot
 from tests.conftest import ROOT, FakeThread
@@ -167,7 +168,7 @@ def test_version_flag_prints_the_engines_and_the_sdks_versions_and_exits_0():
         [sys.executable, "bot.py", "--version"], cwd=ROOT, env=bot_env(), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stderr == ""
-    assert result.stdout.startswith(f"dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {bot.SDK_VERSION}, Python ")
+    assert result.stdout.startswith(f"dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {SDK_VERSION}, Python ")
     assert re.fullmatch(r"\d+\.\d+\.\d+", bot.VERSION)
     assert f"## {bot.VERSION} — " in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")  # says what changed
 
@@ -177,7 +178,7 @@ async def test_the_first_log_line_names_the_engines_and_the_sdks_versions(fake, 
     await remote(fake.wait_connected(1))
     process.proc.send_signal(signal.SIGTERM)
     assert await process.wait() == 0
-    assert f"bot: dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {bot.SDK_VERSION}): serving 3 action(s)" in (
+    assert f"bot: dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {SDK_VERSION}): serving 3 action(s)" in (
         process.output
     )
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import dingtalk_stream
 import pytest
 
 import bot
@@ -236,8 +237,8 @@ def post(payload: object) -> WebhookPost:
 
 
 def test_a_webhook_post_from_an_auto_or_markdown_operation_is_a_failure(capsys: pytest.CaptureFixture[str]):
-    markdown_card = post({"contentType": "ai_card", "content": {"templateId": bot.MARKDOWN_CARD_TEMPLATE_ID,
-                                                                 "cardData": {"content": "hi"}}})  # fmt: skip
+    template = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID
+    markdown_card = post({"contentType": "ai_card", "content": {"templateId": template, "cardData": {"content": "hi"}}})
     auto = sim.Simulator(operation(RATE), verbose=False, timeout=1.0)
     problems = auto.show_result(result(200, {"cny": 1}), [markdown_card])
     assert problems == [
