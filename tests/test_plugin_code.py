@@ -261,33 +261,34 @@ async def test_a_burst_of_cpu_bound_plain_def_calls_leaves_the_loop_answering(fa
     assert await process.wait() == 0
 
 
-async def test_hung_plain_def_calls_take_at_most_the_pool_then_503_at_once_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))
+async def test_hung_plain_def_calls_take_at_most_the_pool_then_503_at_once_with_one_warning(
+    serve_actions, monkeypatch, caplog
+):
+    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))  # a pool of four, to fill it quickly
     release = threading.Event()
-    hangs, quick = hangs_until(release), echoes
+    actions = {"/hangs": hangs_until(release), "/quick": echoes, "/async": samples_weather}
     before = set(threading.enumerate())  # whatever other tests left running is not counted below
     try:
-        for _ in range(4):
-            with pytest.raises(bot.GraphError) as err:
-                await bot.run_action(hangs, {"location": "x"}, 0.05)
-            assert err.value.status == 504
-        for _ in range(50):  # more calls to the hung backend: refused at once, no thread more
-            with pytest.raises(bot.GraphError) as err:
-                await bot.run_action(hangs, {"location": "x"}, 60)
-            # at once: the four hang until released (below), so a call that waited for one of their threads
-            # would end in a 504 when its 60 s ran out, never in a 503
-            assert err.value.status == 503
-        started = [t for t in threading.enumerate() if t not in before and t.name.startswith("bot-action-")]
-        assert len(started) == 4  # the pool's own threads, all still hung
-        assert caplog.text.count("all 4 action threads are taken, 4 by calls past their time limit") == 1
-        assert await bot.run_action(samples_weather, {"location": "杭州"}, 30)  # an async def is not affected
+        async with serve_actions(actions, action_timeout_seconds=0.5) as call:
+            for _ in range(4):
+                assert (await call("/hangs", location="x")).status == 504
+            for _ in range(50):  # more calls to the hung backend: refused at once, no thread more
+                refused = await call("/hangs", location="x")
+                # at once: a call that waited for one of the hung threads would say it got none in its time limit
+                assert (refused.status, refused.body["error"]) == (503, "all 4 action threads are busy")
+            started = [t for t in threading.enumerate() if t not in before and t.name.startswith("bot-action-")]
+            assert len(started) == 4  # the pool's own threads, all still hung
+            assert caplog.text.count("all 4 action threads are taken, 4 by calls past their time limit") == 1
+            assert (await call("/async", location="杭州")).status == 200  # an async def is not affected
+            release.set()
+            deadline = time.monotonic() + 60
+            while (await call("/quick", location="fine")).body != {"content": "fine"}:  # served again
+                assert time.monotonic() < deadline, "plain defs were not served again once the hung calls returned"
     finally:
         release.set()
-    await wait_until(lambda: not bot.ACTION_THREADS.running)  # the hung calls returned
-    assert await bot.run_action(quick, {"location": "fine"}, 30) == "fine"  # served again
 
 
-async def test_plain_def_calls_waiting_for_their_turn_are_served_in_the_order_they_came(monkeypatch):
+async def test_plain_def_calls_waiting_for_their_turn_are_served_in_the_order_they_came(serve_actions, monkeypatch):
     monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(8))
     started: list[int] = []
 
@@ -302,18 +303,19 @@ async def test_plain_def_calls_waiting_for_their_turn_are_served_in_the_order_th
         time.sleep(0.005)  # waits as on I/O; in its first 20 ms it counts as burning CPU, so two run at once
         return location
 
-    calls = [asyncio.ensure_future(bot.run_action(burns, {"location": "x"}, 60)) for _ in range(2)]
-    arrivals = iter(range(40))
+    async with serve_actions({"/burns": burns, "/quick": quick}, action_timeout_seconds=60) as call:
+        calls = [asyncio.ensure_future(call("/burns", location="x")) for _ in range(2)]
+        arrivals = iter(range(40))
 
-    def arrive(_: object = None) -> None:  # each call that ends brings a new one, as steady traffic does
-        if (n := next(arrivals, None)) is not None:
-            calls.append(asyncio.ensure_future(bot.run_action(quick, {"location": str(n)}, 60)))
-            calls[-1].add_done_callback(arrive)
+        def arrive(_: object = None) -> None:  # each call that ends brings a new one, as steady traffic does
+            if (n := next(arrivals, None)) is not None:
+                calls.append(asyncio.ensure_future(call("/quick", location=str(n))))
+                calls[-1].add_done_callback(arrive)
 
-    for _ in range(10):
-        arrive()
-    await wait_until(lambda: len(calls) == 42 and all(call.done() for call in calls), timeout=60)
-    assert [call.result() for call in calls[2:]] == [str(n) for n in range(40)]  # every one served
+        for _ in range(10):
+            arrive()
+        await wait_until(lambda: len(calls) == 42 and all(call.done() for call in calls), timeout=60)
+    assert [call.result().body for call in calls[2:]] == [{"content": str(n)} for n in range(40)]  # every one served
     assert max(abs(place - n) for place, n in enumerate(started)) <= 2, started  # a newcomer never jumps the queue
 
 
@@ -455,24 +457,22 @@ def test_a_proxy_url_without_a_scheme_has_its_password_redacted_too(monkeypatch)
     assert ENCODED in secrets and PASSWORD in secrets
 
 
-async def test_the_full_pool_warning_is_given_once_while_hung_calls_remain(monkeypatch, caplog):
+async def test_the_full_pool_warning_is_given_once_while_hung_calls_remain(serve_actions, monkeypatch, caplog):
     monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))
     release = threading.Event()
-    hangs = hangs_until(release)
 
     def quick(location: str) -> str:
         time.sleep(0.05)
         return location
 
     try:
-        for _ in range(3):
-            with pytest.raises(bot.GraphError):
-                await bot.run_action(hangs, {"location": "x"}, 0.05)
-        for _ in range(5):  # two at once on the one free thread: one is refused, the other returns
-            outcomes = await asyncio.gather(
-                *(bot.run_action(quick, {"location": "y"}, 30) for _ in range(2)), return_exceptions=True
-            )
-            assert sorted(map(str, outcomes)) == ["all 4 action threads are busy", "y"]
+        async with serve_actions({"/hangs": hangs_until(release), "/quick": quick}, action_timeout_seconds=0.5) as call:
+            for _ in range(3):
+                assert (await call("/hangs", location="x")).status == 504
+            for _ in range(5):  # two at once on the one free thread: one is refused, the other returns
+                outcomes = await asyncio.gather(*(call("/quick", location="y") for _ in range(2)))
+                said = sorted(str(outcome.body.get("error", outcome.body.get("content"))) for outcome in outcomes)
+                assert said == ["all 4 action threads are busy", "y"]
     finally:
         release.set()
     assert caplog.text.count("all 4 action threads are taken, 3 by calls past their time limit") == 1
