@@ -161,28 +161,35 @@ def serve_actions(
     remote: FakeThread, tmp_path: Path
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[Callable[..., Coroutine[Any, Any, GraphResult]]]]:
     """`async with serve_actions({"/a": action}, **settings) as call:` serves each action as a POST operation (display
-    markdown; its keyword parameters, and any `declared` beside them, in the body, of any JSON type) through
+    markdown; its keyword parameters, and any `declared` beside them, in the body, of any JSON type; or GET ones,
+    in the query) through
     bot.running() and the fake; `await call("/a", location="杭州")` answers as DingTalk gets it (a GraphResult)."""
     served = itertools.count(1)
 
     @contextlib.asynccontextmanager
     async def serve(
-        actions: dict[str, Callable[..., Any]], declared: tuple[str, ...] = (), **overrides: Any
+        actions: dict[str, Callable[..., Any]], declared: tuple[str, ...] = (), method: str = "post", **overrides: Any
     ) -> AsyncIterator[Callable[..., Coroutine[Any, Any, GraphResult]]]:
         paths = {}
         for path, action in actions.items():
             params = inspect.signature(action).parameters.values()
             named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            schema = {"type": "object", "properties": {name: {} for name in [*(p.name for p in named), *declared]}}
-            if required := [p.name for p in named if p.default is p.empty]:
-                schema["required"] = required
-            body = {"content": {"application/json": {"schema": schema}}}
-            paths[path] = {"post": {"x-dingtalk-display-result": "markdown", "requestBody": body}}
+            names, required = [*(p.name for p in named), *declared], [p.name for p in named if p.default is p.empty]
+            operation: dict[str, Any] = {"x-dingtalk-display-result": "markdown"}
+            if method == "get":  # each a query parameter
+                operation["parameters"] = [
+                    {"name": name, "in": "query", "required": name in required, "schema": {}} for name in names
+                ]
+            else:  # each a property of the JSON body
+                schema = {"type": "object", "properties": {name: {} for name in names}}
+                schema |= {"required": required} if required else {}
+                operation["requestBody"] = {"content": {"application/json": {"schema": schema}}}
+            paths[path] = {method: operation}
         tools = tmp_path / f"tools-{next(served)}.yaml"
         tools.write_text(json.dumps({"openapi": "3.0.1", "info": {"title": "t", "version": "1"}, "paths": paths}))
 
         async def call(path: str, **params: Any) -> GraphResult:
-            return await remote(remote.fake.invoke(graph_request(path, params), timeout=60))
+            return await remote(remote.fake.invoke(graph_request(path, params, method=method), timeout=60))
 
         async with bot.running(actions, tools, settings=settings_for(remote.fake, **overrides)):
             yield call

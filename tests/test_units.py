@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import re
 import threading
@@ -88,37 +89,44 @@ async def test_an_action_that_hangs_times_out_with_504(serve_actions, caplog):
 # ----- Graph request parsing -----
 
 
-def test_parse_post_body():
-    call = bot.parse_graph_request(
-        {"requestLine": {"method": "POST", "uri": "/v1/actions/weather"}, "body": '{"location": "杭州", "n": 1}'}
-    )
-    assert call == ("POST", "/v1/actions/weather", {"location": "杭州", "n": 1})
+async def echo(**params: Any) -> str:
+    return json.dumps(params, ensure_ascii=False, sort_keys=True)
 
 
-def test_parse_get_query_string():
-    call = bot.parse_graph_request(
-        {"requestLine": {"method": "GET", "uri": "/v1/actions/weather?location=%E6%9D%AD%E5%B7%9E&date="}, "body": "{}"}
-    )
-    assert call == ("GET", "/v1/actions/weather", {"location": "杭州", "date": ""})
+@pytest.mark.parametrize("method", ["post", "get"])
+async def test_a_post_body_and_a_get_query_reach_the_action_as_its_parameters(serve_actions, fake, remote, method):
+    if method == "post":
+        data = {"requestLine": {"method": "POST", "uri": "/echo"}, "body": '{"location": "杭州", "n": 1}'}
+        expected = {"location": "杭州", "n": 1}
+    else:  # query text stays text (the schema allows any type); an empty value is a value
+        data = {"requestLine": {"method": "GET", "uri": "/echo?location=%E6%9D%AD%E5%B7%9E&n="}, "body": "{}"}
+        expected = {"location": "杭州", "n": ""}
+    async with serve_actions({"/echo": echo}, declared=("location", "n"), method=method):
+        answered = await remote(fake.invoke(data))
+    assert json.loads(answered.body["content"]) == expected
 
 
-@pytest.mark.parametrize(
-    ("data", "reason"),
-    [
-        ([1, 2], "callback data is not a JSON object"),
-        ({"requestLine": "GET /"}, "requestLine is not a JSON object"),
-        ({"requestLine": {"method": "DELETE", "uri": "/x"}}, "unsupported method"),
-        ({"requestLine": {"method": "POST", "uri": 7}}, "uri is not a string"),
-        ({"requestLine": {"method": "POST", "uri": "/x"}, "body": "not json"}, "body is not a JSON object"),
-        ({"requestLine": {"method": "POST", "uri": "/x"}, "body": "[1]"}, "body is not a JSON object"),
-        ({"requestLine": {"method": "POST", "uri": "/x"}, "body": 5}, "body is not a JSON object"),
-    ],
-)
-def test_parse_rejects_malformed_requests_with_400(data, reason):
-    with pytest.raises(bot.GraphError) as err:
-        bot.parse_graph_request(data)
-    assert err.value.status == 400
-    assert reason in err.value.reason
+MALFORMED = [
+    ([1, 2], "callback data is not a JSON object"),
+    ({"requestLine": "GET /"}, "requestLine is not a JSON object"),
+    ({"requestLine": {"method": "DELETE", "uri": "/x"}}, "unsupported method"),
+    ({"requestLine": {"method": "POST", "uri": 7}}, "uri is not a string"),
+    ({"requestLine": {"method": "POST", "uri": "/x"}, "body": "not json"}, "body is not a JSON object"),
+    ({"requestLine": {"method": "POST", "uri": "/x"}, "body": "[1]"}, "body is not a JSON object"),
+    ({"requestLine": {"method": "POST", "uri": "/x"}, "body": 5}, "body is not a JSON object"),
+    *(
+        ({"requestLine": {"method": "POST", "uri": "/x"}, "body": f'{{"amount": {number}}}'}, "body is not a JSON")
+        for number in ("NaN", "Infinity", "-Infinity", "1e400")  # numbers JSON does not have
+    ),
+]
+
+
+async def test_malformed_requests_are_400_and_the_bot_serves_on(serve_actions, fake, remote):
+    async with serve_actions({"/echo": echo}, declared=("location",)) as call:
+        for data, reason in MALFORMED:
+            refused = await remote(fake.invoke(data))
+            assert refused.status == 400 and reason in refused.body["error"], (data, refused.body)
+        assert (await call("/echo", location="杭州")).status == 200
 
 
 # ----- one table of settings: .env.example and the README list exactly the declared ones -----
@@ -618,13 +626,6 @@ def test_nullable_adds_null_to_a_list_of_types():
     assert ticket_operations(schema)["POST /t"].check({"n": None}) == {"n": None}
 
 
-@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
-def test_numbers_json_does_not_have_are_a_400(number):
-    with pytest.raises(bot.GraphError) as err:
-        bot.parse_graph_request({"requestLine": {"method": "POST", "uri": "/x"}, "body": f'{{"amount": {number}}}'})
-    assert (err.value.status, err.value.reason) == (400, "body is not a JSON object")
-
-
 def test_values_that_keep_the_rules_pass_nullable_ones_as_none():
     params = {"ticket": "OPS-7", "title": "disk", "tags": ["ops"], "owner": {"id": "u1"}, "hours": 0.5, "note": None}
     assert TICKET.check({**params, "due": "2026-12-01"}) == {**params, "due": "2026-12-01"}
@@ -715,11 +716,11 @@ def test_a_templated_path_is_routed_and_its_segment_checked_like_any_parameter()
         assert err.value.status == 404
 
 
-def test_a_percent_encoded_path_routes_as_its_decoded_form():
-    call = bot.parse_graph_request(
-        {"requestLine": {"method": "POST", "uri": "/v1/actions/%77eather?x=1"}, "body": "{}"}
-    )
-    assert call == ("POST", "/v1/actions/weather", {"x": "1"})
+async def test_a_percent_encoded_path_routes_as_its_decoded_form(serve_actions, fake, remote):
+    async with serve_actions({"/v1/actions/weather": echo}, declared=("x",)):
+        data = {"requestLine": {"method": "POST", "uri": "/v1/actions/%77eather?x=1"}, "body": "{}"}
+        answered = await remote(fake.invoke(data))
+    assert json.loads(answered.body["content"]) == {"x": "1"}
 
 
 @pytest.mark.parametrize(
@@ -738,9 +739,7 @@ def test_a_templated_path_without_its_parameter_is_a_config_error(parameters, pr
 # ----- plain def actions: a thread each, so a burst or a hung one starves nobody -----
 
 
-async def test_a_burst_of_slow_plain_def_actions_is_not_misreported_as_timeouts(monkeypatch):
-    # a pool as shipped, of its own: no thread another test left busy
-    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(bot.ACTION_THREADS.size))
+async def test_a_burst_of_slow_plain_def_actions_is_not_misreported_as_timeouts(serve_actions):
     side_by_side = threading.Barrier(30, timeout=120)
 
     def slow(location: str) -> str:
@@ -749,8 +748,9 @@ async def test_a_burst_of_slow_plain_def_actions_is_not_misreported_as_timeouts(
 
     # side by side, each within its time limit: six at a time (asyncio.to_thread's pool on 2 cores) would never
     # fill the barrier, and every call would be a 504 when its 30 s ran out
-    results = await asyncio.gather(*(bot.run_action(slow, {"location": str(n)}, 30) for n in range(30)))
-    assert results == [str(n) for n in range(30)]
+    async with serve_actions({"/slow": slow}, action_timeout_seconds=60) as call:
+        results = await asyncio.gather(*(call("/slow", location=str(n)) for n in range(30)))
+    assert [result.body for result in results] == [{"content": str(n)} for n in range(30)]
 
 
 async def test_hung_plain_def_actions_do_not_starve_the_ones_after_them(serve_actions):
