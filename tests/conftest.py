@@ -129,7 +129,7 @@ def settings_for(fake: FakeDingTalk, **overrides: Any) -> bot.Settings:
 
 @dataclass
 class InProcessBot:
-    task: asyncio.Task  # bot.serve(); its result is the exit code
+    task: asyncio.Task  # what python bot.py serves; its result is the exit code
     stop: asyncio.Event  # what SIGTERM sets in `python bot.py`
 
 

@@ -325,10 +325,12 @@ async def test_health_port_in_use_is_a_clear_error(fake, caplog):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        settings = bot.Settings(client_id="a", client_secret="b", health_port=busy.getsockname()[1])
-        operations = bot.load_operations(SAMPLE_TOOLS, SAMPLE_ACTIONS)
-        assert await asyncio.wait_for(bot.serve(settings, asyncio.Event(), operations), 30) == 2
-    assert "cannot serve HEALTH_PORT" in caplog.text
+        port = busy.getsockname()[1]
+        settings = bot.Settings(client_id="a", client_secret="b", health_port=port)
+        with pytest.raises(bot.ConfigError) as err:  # python bot.py prints it and exits 2
+            async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings):
+                pytest.fail("running() must not yield when HEALTH_PORT is busy")
+    assert str(err.value).startswith(f"cannot serve HEALTH_PORT={port}: ")
     assert fake.open_requests == []
 
 

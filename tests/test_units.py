@@ -17,7 +17,8 @@ import pytest
 
 import bot
 from tests import authoring, samples
-from tests.conftest import echoes, hangs_until
+from tests.conftest import echoes, hangs_until, settings_for
+from tests.fake_dingtalk import GraphResult, graph_request
 from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS
 
 # ----- running an action -----
@@ -142,7 +143,7 @@ def documented_default(key: str, text: str) -> object:
         return "required" if text in ("", "— (required)") else text
     if text in ("", "unset", "empty"):
         return DECLARED[key].default
-    return bot.setting_value(key, text)
+    return getattr(bot.load_settings({"CLIENT_ID": "id", "CLIENT_SECRET": "secret", key: text}), key.lower())
 
 
 def declared_defaults() -> dict[str, object]:
@@ -702,18 +703,22 @@ def item_operations(parameters: list) -> dict[str, bot.Operation]:
 ITEM_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 
 
-def test_a_templated_path_is_routed_and_its_segment_checked_like_any_parameter():
-    operations = item_operations([ITEM_ID, {"name": "view", "in": "query", "schema": {"type": "string"}}])
-    operation, values = bot.find_operation(operations, "GET", "/items/42")
-    assert operation.path == "/items/{id}" and values == {"id": "42"}
-    assert operation.check({"view": "full"} | values) == {"view": "full", "id": 42}
-    with pytest.raises(bot.ActionError) as err:
-        operation.check({"id": "0"})
-    assert (err.value.status, str(err.value)) == (400, "parameter id must be bigger than or equal to 1, got 0")
-    for method, path in (("GET", "/items/42/more"), ("GET", "/items/"), ("POST", "/items/42")):
-        with pytest.raises(bot.GraphError) as err:
-            bot.find_operation(operations, method, path)
-        assert err.value.status == 404
+async def test_a_templated_path_is_routed_and_its_segment_checked_like_any_parameter(fake, remote, tmp_path):
+    view = {"name": "view", "in": "query", "schema": {"type": "string"}}
+    spec = {"openapi": "3.0.1", "paths": {"/items/{id}": {"get": {"parameters": [ITEM_ID, view]}}}}
+    (tools := tmp_path / "tools.yaml").write_text(json.dumps(spec), encoding="utf-8")
+
+    async def get(path: str, **params: str) -> GraphResult:
+        return await remote(fake.invoke(graph_request(path, params, method="GET")))
+
+    async with bot.running({"/items/{id}": item_action}, tools, settings=settings_for(fake)):
+        found, low, own_text = await get("/items/42", view="full"), await get("/items/0"), await get("/items/{id}")
+        elsewhere = [await get(path) for path in ("/items/42/more", "/items/")]
+        posted = await remote(fake.invoke(graph_request("/items/42", {})))
+    assert (found.status, found.body) == (200, {"id": 42, "view": "full"})
+    assert (low.status, low.body["error"]) == (400, "parameter id must be bigger than or equal to 1, got 0")
+    assert own_text.status == 400  # a template's own text is a path of it: its value "{id}" is then checked
+    assert [result.status for result in [*elsewhere, posted]] == [404, 404, 404]
 
 
 async def test_a_percent_encoded_path_routes_as_its_decoded_form(serve_actions, fake, remote):
@@ -807,14 +812,6 @@ def test_an_annotation_that_is_not_a_type_is_left_alone(tmp_path):
     assert load(tmp_path, TOOLS, {**SAMPLE_ACTIONS, samples.ON_CALL: odd_annotation})
 
 
-def test_a_templates_own_text_is_routed_as_a_path_of_it():
-    operations = item_operations([ITEM_ID, {"name": "view", "in": "query", "schema": {"type": "string"}}])
-    operation, values = bot.find_operation(operations, "GET", "/items/{id}")
-    assert values == {"id": "{id}"}  # the value comes from the path, and is then checked like any other
-    with pytest.raises(bot.ActionError):
-        operation.check(values)
-
-
 # ----- parameter rules: query text typed only where the schema allows no string; every rule enforced -----
 
 CODE = {"type": "string", "maxLength": 8}
@@ -824,7 +821,7 @@ def query_operation(schema: dict, **entry: Any) -> bot.Operation:
     parameter = {"name": "code", "in": "query", "schema": schema} | entry
     spec = {"openapi": "3.0.1", "paths": {"/q": {"get": {"parameters": [parameter]}}}}
     spec["components"] = {"schemas": {"Code": CODE}}
-    return bot.operations_of(spec, {"/q": query_action})["GET /q"]
+    return bot.load_operations(spec, {"/q": query_action})["GET /q"]
 
 
 @pytest.mark.parametrize(
