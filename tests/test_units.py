@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -10,6 +11,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -523,38 +525,38 @@ def test_bad_values_name_the_key(key, value):
 # ----- redaction -----
 
 
-def test_redact_hides_session_tokens_and_secrets():
-    line = 'POST https://api.dingtalk.com/agent/send?session=aswh_abc&x=1 "clientSecret": "s3cr3t"'
-    assert (
-        bot.redact(line, ("s3cr3t",))
-        == 'POST https://api.dingtalk.com/agent/send?session=***&x=1 "clientSecret": "***"'
-    )
+@contextlib.asynccontextmanager
+async def logging_as_embedded(fake: Any, remote: Any, secret: str) -> AsyncIterator[logging.Logger]:
+    """The bot's logger while running() serves with CLIENT_SECRET `secret`: its lines, as the app sees them."""
+    settings = settings_for(fake, client_secret=secret)
+    fake.client_secret = secret
+    async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings):
+        yield logging.getLogger("bot")
 
 
-def test_redacting_filter_covers_args_and_tracebacks():
-    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "secret %s at %s", ("s3cr3t", "?session=tok"), None)
-    try:
-        raise ValueError("s3cr3t in exception")
-    except ValueError:
-        import sys
-
-        record.exc_info = sys.exc_info()
-    bot.RedactingFilter(("s3cr3t",)).filter(record)
-    text = logging.Formatter().format(record)
-    assert "s3cr3t" not in text and "tok" not in text
-    assert "secret *** at ?session=***" in text and "ValueError" in text
+async def test_secrets_session_tokens_and_tracebacks_are_redacted(fake, remote, caplog):
+    async with logging_as_embedded(fake, remote, "s3cr3t") as log:
+        log.info('POST https://api.dingtalk.com/agent/send?session=aswh_abc&x=1 "clientSecret": "s3cr3t"')
+        try:
+            raise ValueError("s3cr3t in exception")
+        except ValueError:
+            log.exception("secret %s at %s", "s3cr3t", "?session=tok")
+    assert "s3cr3t" not in caplog.text and "aswh_abc" not in caplog.text and "session=tok" not in caplog.text
+    assert 'send?session=***&x=1 "clientSecret": "***"' in caplog.text
+    assert "secret *** at ?session=***" in caplog.text and "ValueError: *** in exception" in caplog.text
 
 
-def test_a_dummy_one_letter_secret_does_not_mask_every_word():
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "never connected yet: check the proxy", (), None)
-    bot.RedactingFilter(("y", "s3cr3t")).filter(record)
-    assert record.getMessage() == "never connected yet: check the proxy"
+async def test_a_dummy_one_letter_secret_does_not_mask_every_word(fake, remote, caplog):
+    async with logging_as_embedded(fake, remote, "y") as log:
+        log.info("never connected yet: check the proxy")
+    assert "never connected yet: check the proxy" in caplog.text
 
 
-def test_redacting_filter_survives_malformed_log_calls():
-    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "unknown exception", (ValueError("s3cr3t"),), None)
-    assert bot.RedactingFilter(("s3cr3t",)).filter(record)
-    assert record.getMessage() == "unknown exception (ValueError('***'),)"
+async def test_a_malformed_log_call_is_logged_redacted_not_raised(fake, remote, caplog, monkeypatch):
+    monkeypatch.setattr(logging, "raiseExceptions", True)  # a logging error would raise here
+    async with logging_as_embedded(fake, remote, "s3cr3t") as log:
+        log.error("unknown exception", ValueError("s3cr3t"))  # as dingtalk-stream 0.24.3 logs
+    assert "unknown exception (ValueError('***'),)" in caplog.text
 
 
 # ----- proxies -----
