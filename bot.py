@@ -1109,14 +1109,150 @@ def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS)
     return (0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)) + random.uniform(0, 1)
 
 
-class Connection:
-    """One websocket. Once DingTalk retires it (`disconnect`), new callbacks come on its replacement, but those that
-    still come on it are answered on it until it closes (DingTalk closes it RETIRE_WINDOW_SECONDS later)."""
+@dataclass
+class Frame:
+    """A frame in hand: its one ack goes back on the connection that read it."""
 
-    def __init__(self, websocket: Any) -> None:
-        self.websocket, self.opened_at = websocket, time.monotonic()
+    message_id: str
+    is_callback: bool
+    acked: bool = False
+
+
+class Connection:
+    """One websocket, from its open to its close: it reads its frames and answers each on itself (its frames in
+    hand), pings to stay alive, and ends when it closes, when it dies (no pong), or when DingTalk retires it
+    (`disconnect`): new callbacks then come on its replacement, and those that still come on it are answered on it
+    until it closes (DingTalk closes it RETIRE_WINDOW_SECONDS later)."""
+
+    def __init__(self, websocket: Any, client: StreamClient) -> None:
+        self.websocket, self.client, self.opened_at = websocket, client, time.monotonic()
+        self.in_hand: dict[asyncio.Task, Frame] = {}
         self.retired = asyncio.Event()  # DingTalk sent `disconnect`
         self.dead = asyncio.Event()  # no pong in time: replaced at once, not after a close handshake it cannot answer
+        self.reader: asyncio.Task | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.websocket.state is WebSocketState.OPEN and not (self.retired.is_set() or self.dead.is_set())
+
+    async def serve(self) -> str:
+        """Read frames until the connection ends; how it ended. Retired or dead, it is let go at once: a retired one
+        is read on in the background, a dead one closed there."""
+        self.reader = asyncio.create_task(self.read())
+        retired, dead = asyncio.create_task(self.retired.wait()), asyncio.create_task(self.dead.wait())
+        try:
+            await asyncio.wait([self.reader, retired, dead], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            retired.cancel()
+            dead.cancel()
+        if not self.reader.done():
+            self.reader.add_done_callback(lambda task: task.cancelled() or task.exception())  # how it ends is no news
+            if self.dead.is_set():
+                no_pong = 2 * self.client.settings.keepalive_seconds
+                raise ConnectionDead(f"keepalive ping timeout: no pong within {no_pong:.3g} s")
+            return "DingTalk retired the connection (disconnect)"
+        self.reader.result()  # raises how it was lost
+        return f"connection closed (code {self.websocket.close_code} {self.websocket.close_reason or ''})".strip()
+
+    async def read(self) -> None:
+        """Take frames until the connection closes, or until RETIRE_WINDOW_SECONDS after DingTalk retired it."""
+        pinging = asyncio.create_task(self.keep_alive())
+        try:
+            async with asyncio.timeout(None) as window:
+                async for raw in self.websocket:
+                    self.take(raw)
+                    if self.retired.is_set() and window.when() is None:
+                        window.reschedule(asyncio.get_running_loop().time() + RETIRE_WINDOW_SECONDS)
+        finally:
+            pinging.cancel()
+            await self.close()
+            self.let_go()
+
+    async def keep_alive(self) -> None:
+        """A ping every KEEPALIVE_SECONDS. A pong may be late on a jittery network (the Java and Go SDKs wait 5 s), but
+        none within twice that means the connection is dead: noticed within 3 x keepalive, replaced at once."""
+        keepalive = self.client.settings.keepalive_seconds
+        while True:
+            await asyncio.sleep(keepalive)
+            try:
+                async with asyncio.timeout(2 * keepalive):  # the ping itself waits while the send buffer is full
+                    await (await self.websocket.ping())
+            except TimeoutError:
+                self.dead.set()
+                await self.close()  # in the background: the next connection opens meanwhile
+                return
+            except websockets.exceptions.ConnectionClosed:
+                return
+
+    def take(self, raw: str | bytes) -> None:
+        """Answer one frame in a task of its own: reading never pauses, or keepalive would miss pongs."""
+        try:
+            frame = json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
+            frame = None
+        name = self.client.name
+        if not isinstance(frame, dict):
+            log.warning("%s: skipped a frame that is not a JSON object: %s", name, redact(repr(raw)[:200]))
+            return
+        headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
+        message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
+        if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
+            self.retired.set()
+        in_hand = Frame(message_id, is_callback=kind == dingtalk_stream.CallbackMessage.TYPE)
+        if in_hand.is_callback and (why := self.client.refusal()):
+            # DingTalk documents redelivery for EVENT frames only: a Graph call left unacked is most likely lost.
+            log.warning("%s: callback %s answered 503: %s", name, message_id, why)
+            answer = self.send_ack(in_hand, frame_ack(message_id, why, status=503))
+        else:
+            answer = self.answer(frame, in_hand)
+        task = asyncio.create_task(answer, name=f"frame {message_id}")
+        self.in_hand[task] = in_hand
+        task.add_done_callback(self.answered)
+
+    def answered(self, task: asyncio.Task) -> None:
+        del self.in_hand[task]
+        if self.reader is not None and self.reader.done():
+            self.let_go()
+
+    def let_go(self) -> None:
+        """Once it is closed and answered all it read, the client forgets it."""
+        if not self.in_hand:
+            self.client.connections.discard(self)
+
+    async def answer(self, frame: dict[str, Any], in_hand: Frame) -> None:
+        """Answer one frame with its handler and send the ack (cancelled by stop(), it is answered 503 there)."""
+        try:
+            ack = await self.client.ack_for(frame, in_hand.message_id)
+        except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
+            log.exception("%s: frame %s: unexpected error", self.client.name, in_hand.message_id)
+            ack = frame_ack(in_hand.message_id, "internal error", dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION)
+        if ack is not None:
+            await self.send_ack(in_hand, ack)
+
+    async def send_ack(self, in_hand: Frame, ack: dict[str, Any]) -> None:
+        """Send a frame's one ack (answers too large to ack were made 500s before)."""
+        if in_hand.acked:  # e.g. a callback answered 503 at stop() whose action then returned after all
+            return
+        in_hand.acked = True
+        try:
+            await self.websocket.send(json.dumps(ack))  # ASCII, as the SDK sends it
+        except websockets.exceptions.ConnectionClosed:
+            log.warning("%s: ack for %s not sent: the connection closed", self.client.name, in_hand.message_id)
+
+    async def answer_late_ones(self, grace: float) -> None:
+        """Give up on what is still in hand after the grace period: each callback still gets its one ack, a 503."""
+        if not (late := dict(self.in_hand)):
+            return
+        for task, frame in late.items():
+            if frame.is_callback and inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
+                log.warning(
+                    "callback %s abandoned: still running after the %.3g s grace period", frame.message_id, grace
+                )
+            task.cancel()
+        await asyncio.wait(late, timeout=1)
+        for frame in late.values():  # one not begun has nothing to say: it gets its 503 too
+            if frame.is_callback and not frame.acked:
+                await self.send_ack(frame, frame_ack(frame.message_id, STOPPED, status=503))
 
     async def close(self) -> None:
         """Close the websocket, within its close timeout and a second: one the peer no longer reads (a network gone
@@ -1130,37 +1266,34 @@ class Connection:
             pass
 
 
-@dataclass
-class Frame:
-    """A frame in hand: the connection it came on, where its one ack goes back."""
-
-    message_id: str
-    conn: Connection
-    is_callback: bool
-    acked: bool = False
-
-
 class StreamClient(dingtalk_stream.DingTalkStreamClient):
     """The SDK's client (credential, register_callback_handler, handlers, frame classes) with a start() and stop() of
-    its own, the same on dingtalk-stream 0.24.3 and 0.24.4b1. Its state: `connections`, each open websocket with the
-    task reading it, and `in_hand`, each frame being answered, with the connection its ack goes back on."""
+    its own, the same on dingtalk-stream 0.24.3 and 0.24.4b1. It holds a phase and its connections; each connection
+    holds the rest."""
 
     def __init__(self, credential: dingtalk_stream.Credential, settings: Settings, name: str = "stream-1") -> None:
         super().__init__(credential, logger=logging.getLogger("dingtalk_stream.client"))
         self.settings, self.name = settings, name
-        self.connections: dict[Connection, asyncio.Task] = {}
-        self.in_hand: dict[asyncio.Task, Frame] = {}
-        self.stopping = asyncio.Event()  # set by stop(): open no new connection
+        # "starting" until DingTalk first accepts the credentials (a refusal then ends it; later, one is retried),
+        # then "serving"; "stopping" once stop() or a cancellation began: no new connection opens
+        self.phase = "starting"
+        self.stopping = asyncio.Event()  # set with the phase "stopping": it wakes the pause between connections
+        self.connections: set[Connection] = set()  # until each is closed and has answered all it read
         self.deadline = math.inf  # set by stop(): a callback that comes later is answered 503 at once
         self.opening: asyncio.Task | None = None  # an open under way, which stop() abandons
-        self.accepted = False  # DingTalk accepted the credentials once: a later refusal is retried
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
         self.tried = asyncio.Event()  # the first open has ended: connected, or not
 
     @property
     def connected(self) -> bool:
-        live = (conn for conn in self.connections if not (conn.retired.is_set() or conn.dead.is_set()))
-        return any(conn.websocket.state is WebSocketState.OPEN for conn in live)
+        return any(conn.live for conn in self.connections)
+
+    def in_hand(self) -> dict[asyncio.Task, Connection]:
+        return {task: conn for conn in self.connections for task in conn.in_hand}
+
+    def begin_stopping(self) -> None:
+        self.phase = "stopping"
+        self.stopping.set()
 
     async def start(self) -> None:
         """Stay connected until stop(); credentials refused before the first connection raise CredentialsRejected."""
@@ -1168,44 +1301,42 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         try:
             connector = aiohttp.TCPConnector(resolver=Resolver())
             async with aiohttp.ClientSession(connector=connector) as http:
-                while not self.stopping.is_set():
+                while self.phase != "stopping":
                     await self.connect_and_serve(http)
         finally:
-            if not self.stopping.is_set():  # cancelled or failed, not stopped: let nothing dangle
-                self.stopping.set()
-                for task in self.in_hand:
+            if self.phase != "stopping":  # cancelled or failed, not stopped: let nothing dangle
+                self.begin_stopping()
+                for task in self.in_hand():
                     task.cancel()
                 await self.close_connections()
 
     async def stop(self, grace: float = 0.0) -> None:
         """Open no new connection, answer callbacks for up to `grace` seconds (then 503), close the connections."""
-        self.stopping.set()
+        self.begin_stopping()
         self.deadline = time.monotonic() + grace
         if self.opening is not None:
             self.opening.cancel()
-        if self.in_hand:
-            log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(self.in_hand))
-        while self.in_hand and (left := self.deadline - time.monotonic()) > 0:
-            await asyncio.wait(list(self.in_hand), timeout=left)
-        if late := dict(self.in_hand):
-            for task, frame in late.items():
-                if frame.is_callback and inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
-                    log.warning(
-                        "callback %s abandoned: still running after the %.3g s grace period", frame.message_id, grace
-                    )
-                task.cancel()
-            await asyncio.wait(late, timeout=1)
-            for frame in late.values():  # each callback gets its one ack: a 503, if it has none yet
-                if frame.is_callback and not frame.acked:
-                    await self.send_ack(frame, frame_ack(frame.message_id, STOPPED, status=503))
+        if in_hand := self.in_hand():
+            log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(in_hand))
+        while (in_hand := self.in_hand()) and (left := self.deadline - time.monotonic()) > 0:
+            await asyncio.wait(in_hand, timeout=left)
+        await asyncio.gather(*(conn.answer_late_ones(grace) for conn in list(self.connections)))
         self.deadline = time.monotonic()  # a frame read while the connections close is answered 503, not served
         await self.close_connections()
-        if self.in_hand:  # those answers: nothing is left running once stopped
-            await asyncio.wait(list(self.in_hand), timeout=1)
+        if in_hand := self.in_hand():  # those answers: nothing is left running once stopped
+            await asyncio.wait(in_hand, timeout=1)
 
     async def close_connections(self) -> None:
         for conn in list(self.connections):  # each one's reader then ends
             await conn.close()
+
+    def refusal(self) -> str | None:
+        """Why a new callback is answered 503 at once instead of being served, if it is."""
+        if time.monotonic() >= self.deadline:
+            return "the bot is stopping"
+        if sum(len(conn.in_hand) for conn in self.connections) >= MAX_CALLBACKS_IN_HAND:
+            return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand: busy"
+        return None
 
     async def connect_and_serve(self, http: aiohttp.ClientSession) -> None:
         """One connection from open to its end (or retirement), then the pause before the next."""
@@ -1215,15 +1346,19 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             try:
                 conn = await self.opening
             except asyncio.CancelledError:
-                if self.stopping.is_set() and not asyncio.current_task().cancelling():
+                if self.phase == "stopping" and not asyncio.current_task().cancelling():
                     return  # stop() abandoned the open
                 raise
-            if self.stopping.is_set():  # the open finished as stop() began
+            if self.phase == "stopping":  # the open finished as stop() began
                 await conn.close()
                 return
-            level, problem = logging.INFO, await self.serve(conn)
+            self.connections.add(conn)
+            self.phase = "serving"
+            self.tried.set()
+            log.info("%s: connected", self.name)
+            level, problem = logging.INFO, await conn.serve()
         except CredentialsRejected as exc:
-            if not self.accepted:
+            if self.phase == "starting":
                 if self.tried.is_set():  # running() has returned already: nobody else would say why this client ends
                     log.error("%s: %s", self.name, rejected(exc))
                 raise
@@ -1238,14 +1373,14 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         finally:
             self.opening = None
         self.tried.set()
-        if self.stopping.is_set():
+        if self.phase == "stopping":
             return
         # Only a connection that stayed up a while resets the backoff, so a gateway that closes every new connection
         # at once does not make the bot reconnect in a tight loop; a routine `disconnect` waits at most ~5 s.
         self.failures = 0 if conn and time.monotonic() - conn.opened_at >= HEALTHY_AFTER_SECONDS else self.failures + 1
         longest = RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else RECONNECT_MAX_DELAY_SECONDS
         delay = reconnect_delay(self.failures, longest)
-        if not self.accepted and level == logging.WARNING:
+        if self.phase == "starting" and level == logging.WARNING:
             problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)"
         log.log(level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
         with contextlib.suppress(TimeoutError):
@@ -1278,111 +1413,17 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         options = {"ping_interval": None, "ping_timeout": None, "close_timeout": min(keepalive, 5)}
         options |= {"open_timeout": time_limit, "max_size": MAX_FRAME_BYTES}
         if proxy := proxy_for(url):  # websockets looks up the proxy itself
-            return Connection(await websockets.connect(url, proxy=proxy, **options))
+            return Connection(await websockets.connect(url, proxy=proxy, **options), self)
         failed = OSError(f"no address for {parts.hostname}")
         port = parts.port or (443 if parts.scheme == "wss" else 80)
         for *_, address in await lookup(parts.hostname or "", port):  # each in turn, e.g. IPv6's, then IPv4's
             try:
                 return Connection(
-                    await websockets.connect(url, host=address[0], port=address[1], proxy=None, **options)
+                    await websockets.connect(url, host=address[0], port=address[1], proxy=None, **options), self
                 )
             except OSError as exc:
                 failed = exc
         raise failed
-
-    async def serve(self, conn: Connection) -> str:
-        """Read frames until the connection ends or is retired (then read on in the background); how it ended."""
-        reader = self.connections[conn] = asyncio.create_task(self.read(conn))
-        self.accepted = True
-        self.tried.set()
-        log.info("%s: connected", self.name)
-        retired, dead = asyncio.create_task(conn.retired.wait()), asyncio.create_task(conn.dead.wait())
-        try:
-            await asyncio.wait([reader, retired, dead], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            retired.cancel()
-            dead.cancel()
-        if not reader.done():
-            reader.add_done_callback(lambda task: task.cancelled() or task.exception())  # how it ends is no news
-            if conn.dead.is_set():
-                no_pong = 2 * self.settings.keepalive_seconds
-                raise ConnectionDead(f"keepalive ping timeout: no pong within {no_pong:.3g} s")
-            return "DingTalk retired the connection (disconnect)"
-        reader.result()  # raises how it was lost
-        return f"connection closed (code {conn.websocket.close_code} {conn.websocket.close_reason or ''})".strip()
-
-    async def read(self, conn: Connection) -> None:
-        """Take frames until the connection closes, or until RETIRE_WINDOW_SECONDS after DingTalk retired it."""
-        pinging = asyncio.create_task(self.keep_alive(conn))
-        try:
-            async with asyncio.timeout(None) as window:
-                async for raw in conn.websocket:
-                    self.take_frame(raw, conn)
-                    if conn.retired.is_set() and window.when() is None:
-                        window.reschedule(asyncio.get_running_loop().time() + RETIRE_WINDOW_SECONDS)
-        finally:
-            pinging.cancel()
-            del self.connections[conn]
-            await conn.close()
-
-    async def keep_alive(self, conn: Connection) -> None:
-        """A ping every KEEPALIVE_SECONDS. A pong may be late on a jittery network (the Java and Go SDKs wait 5 s), but
-        none within twice that means the connection is dead: noticed within 3 x keepalive, replaced at once."""
-        keepalive = self.settings.keepalive_seconds
-        while True:
-            await asyncio.sleep(keepalive)
-            try:
-                async with asyncio.timeout(2 * keepalive):  # the ping itself waits while the send buffer is full
-                    await (await conn.websocket.ping())
-            except TimeoutError:
-                conn.dead.set()
-                await conn.close()  # in the background: the next connection opens meanwhile
-                return
-            except websockets.exceptions.ConnectionClosed:
-                return
-
-    def take_frame(self, raw: str | bytes, conn: Connection) -> None:
-        """Answer one frame in a task of its own: reading never pauses, or keepalive would miss pongs."""
-        try:
-            frame = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
-            frame = None
-        if not isinstance(frame, dict):
-            log.warning("%s: skipped a frame that is not a JSON object: %s", self.name, redact(repr(raw)[:200]))
-            return
-        headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
-        message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
-        if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
-            conn.retired.set()
-        in_hand = Frame(message_id, conn, is_callback=kind == dingtalk_stream.CallbackMessage.TYPE)
-        if in_hand.is_callback and (why := self.refusal()):
-            # DingTalk documents redelivery for EVENT frames only: a Graph call left unacked is most likely lost.
-            log.warning("%s: callback %s answered 503: %s", self.name, message_id, why)
-            answer = self.send_ack(in_hand, frame_ack(message_id, why, status=503))
-        else:
-            answer = self.answer_frame(frame, in_hand)
-        task = asyncio.create_task(answer, name=f"frame {message_id}")
-        self.in_hand[task] = in_hand
-        task.add_done_callback(self.in_hand.pop)
-
-    def refusal(self) -> str | None:
-        """Why a new callback is answered 503 at once instead of being served, if it is."""
-        if time.monotonic() >= self.deadline:
-            return "the bot is stopping"
-        if len(self.in_hand) >= MAX_CALLBACKS_IN_HAND:
-            return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand: busy"
-        return None
-
-    async def answer_frame(self, frame: dict[str, Any], in_hand: Frame) -> None:
-        """Answer one frame with its handler and send the ack on the connection it came on (cancelled by stop(),
-        it is answered 503 there)."""
-        try:
-            ack = await self.ack_for(frame, in_hand.message_id)
-        except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
-            log.exception("%s: frame %s: unexpected error", self.name, in_hand.message_id)
-            ack = frame_ack(in_hand.message_id, "internal error", dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION)
-        if ack is not None:
-            await self.send_ack(in_hand, ack)
 
     async def ack_for(self, frame: dict[str, Any], message_id: str) -> dict[str, Any] | None:
         """The frame parsed by the SDK's classes and answered by its handler (the system one for ping, disconnect)."""
@@ -1402,16 +1443,6 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
             return frame_ack(message_id, "topic not subscribed", dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT)
         return (await handler.raw_process(message)).to_dict()
-
-    async def send_ack(self, in_hand: Frame, ack: dict[str, Any]) -> None:
-        """Send a frame's one ack, on the connection it came on (answers too large to ack were made 500s before)."""
-        if in_hand.acked:  # e.g. a callback answered 503 at stop() whose action then returned after all
-            return
-        in_hand.acked = True
-        try:
-            await in_hand.conn.websocket.send(json.dumps(ack))  # ASCII, as the SDK sends it
-        except websockets.exceptions.ConnectionClosed:
-            log.warning("%s: ack for %s not sent: the connection closed", self.name, in_hand.message_id)
 
 
 def frame_ack(message_id: str, problem: str, code: int = 200, status: int | None = None) -> dict[str, Any]:
@@ -1461,7 +1492,7 @@ async def connected(started: Mapping[StreamClient, asyncio.Task], within: float)
             if isinstance(error, CredentialsRejected):
                 raise ConfigError(rejected(error))
             raise error or ConfigError(f"{client.name} stopped before it connected")
-        if not client.accepted:
+        if client.phase == "starting":
             log.warning("%s not connected yet: going on; it keeps trying in the background", client.name)
 
 
@@ -1538,7 +1569,7 @@ async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> As
     """GET /healthz on HEALTH_PORT, if set: 200 when every client is connected, else 503 (and while stopping)."""
 
     async def healthz(_: web.Request) -> web.Response:
-        connected, stopping = sum(c.connected for c in clients), any(c.stopping.is_set() for c in clients)
+        connected, stopping = sum(c.connected for c in clients), any(c.phase == "stopping" for c in clients)
         status = "stopping" if stopping else "ok" if connected == len(clients) else "degraded"
         body = {"status": status, "instances": len(clients), "connected": connected}
         return web.json_response(body, status=200 if status == "ok" else 503)
