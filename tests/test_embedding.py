@@ -1,5 +1,5 @@
 """bot.py as an engine inside your own service: bot.running() with actions and a tools file of your own, a start that
-fails at start, and README section 9's FastAPI and aiohttp examples saved as app.py and run as written."""
+fails at start, and docs/embedding.md's FastAPI and aiohttp examples saved as app.py and run as written."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, free_port, graph_request
 from tests.samples import PRELUDE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
 PARAMS = {"location": "杭州", "date": "明天"}
-SECTION = (ROOT / "README.md").read_text(encoding="utf-8").split("## 9. ")[1].split("\n## 10.")[0]
+SECTION = (ROOT / "docs" / "embedding.md").read_text(encoding="utf-8")
+OFFLINE = (ROOT / "docs" / "offline.md").read_text(encoding="utf-8")  # the fake on its own, for an app of your own
 EXAMPLES = {
     "fastapi": next(b for b in re.findall(r"```python\n(.*?)```", SECTION, re.DOTALL) if "FastAPI(" in b),
     "aiohttp": next(b for b in re.findall(r"```python\n(.*?)```", SECTION, re.DOTALL) if "cleanup_ctx" in b),
@@ -73,7 +74,7 @@ async def test_running_says_so_when_it_is_not_connected_in_time_and_goes_on(fake
 
 
 async def launch(kind: str, env: dict[str, str], workdir: Path, port: int) -> asyncio.subprocess.Process:
-    """README section 9's example saved as app.py beside an unchanged bot.py, run as it says; the skills are the
+    """docs/embedding.md's example saved as app.py beside an unchanged bot.py, run as it says; the skills are the
     samples (tools.yaml and, through PRELUDE, ACTIONS), whatever the author has put in bot.py."""
     shutil.copy(ROOT / "bot.py", workdir / "bot.py")
     shutil.copy(SAMPLE_TOOLS, workdir / "tools.yaml")
@@ -207,7 +208,7 @@ async def test_without_a_network_an_apps_start_up_is_not_held(caplog):
 
 
 def readme_block(language: str, containing: str) -> str:
-    [found] = [b for b in re.findall(rf"```{language}\n(.*?)```", SECTION, re.DOTALL) if containing in b]
+    [found] = [b for b in re.findall(rf"```{language}\n(.*?)```", SECTION + OFFLINE, re.DOTALL) if containing in b]
     return found
 
 
