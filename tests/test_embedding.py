@@ -122,6 +122,36 @@ async def test_the_readme_example_serves_the_skill_and_its_own_route_and_drains_
             app.kill()
 
 
+async def app_healthz(port: int) -> tuple[int, dict]:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(f"http://127.0.0.1:{port}/healthz") as response:
+        return response.status, await response.json()
+
+
+async def until_healthz(port: int, expected: tuple[int, dict], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (answer := await app_healthz(port)) != expected:
+        assert time.monotonic() < deadline, f"the app's /healthz still answers {answer}, not {expected}"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_fastapi_example_reports_the_skills_connection_state_on_the_apps_own_port(fake, remote, tmp_path):
+    port = free_port()
+    app = await launch("fastapi", bot_env(fake), tmp_path, port)
+    try:
+        [connection] = await remote(fake.wait_connected(1))
+        await until_serving(port)
+        assert await app_healthz(port) == (200, {"instances": 1, "connected": 1})
+        fake.open_status = 503  # the connection drops, and no new one opens ...
+        await remote(fake.drop(connection))
+        await until_healthz(port, (503, {"instances": 1, "connected": 0}))
+        fake.open_status = None  # ... until DingTalk answers again
+        await until_healthz(port, (200, {"instances": 1, "connected": 1}))
+    finally:
+        app.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(app.communicate(), 30)
+
+
 async def until_serving(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
