@@ -313,3 +313,51 @@ async def wait_health(port: int, status: int, timeout: float = 30.0) -> dict:
         assert time.monotonic() < deadline, f"/healthz never answered {status}"
         await asyncio.sleep(0.05)
     return body
+
+
+# ----- your own skills through the bot: the `skill` fixture -----
+
+
+@dataclass
+class SkillAnswer:
+    """What one call through the bot came to, as the assistant and the user would see it."""
+
+    status: int  # the Graph status in the ack: 200, or 400 (a value breaking tools.yaml, an ActionError), 500...
+    body: Any  # auto: your data; markdown: {"content": ...}; disabled: {"success": true}; else {"error": ...}
+    card: Any  # disabled: the markdown posted through sessionWebhook, or a Card's {"templateId", "cardData"}
+
+
+@pytest.fixture
+async def skill(
+    fake: FakeDingTalk, remote: FakeThread
+) -> AsyncIterator[Callable[..., Coroutine[Any, Any, SkillAnswer]]]:
+    """`answer = await skill("/v1/actions/stock", symbol="AAPL", days=5)` calls one of bot.py's own operations
+    (ACTIONS and tools.yaml) through the real bot and the local fake DingTalk, as the assistant calls it: the values
+    checked against the operation's schema and typed, the result answered in its display mode. Context values
+    (userId...) are passed like the others; a path served by more than one method is written "GET /v1/..."."""
+    import json
+
+    from tests.fake_dingtalk import graph_request
+
+    operations = bot.load_operations(bot.TOOLS_FILE, bot.ACTIONS)
+
+    async def call(route: str, /, **params: Any) -> SkillAnswer:
+        method, _, path = route.rpartition(" ")
+        [operation] = [
+            op
+            for op in operations.values()
+            if method in ("", op.method) and (op.path == path or (op.template and op.template.fullmatch(path)))
+        ]
+        if operation.method == "GET":  # a query string carries text, as DingTalk sends it
+            params = {name: v if isinstance(v, str) else json.dumps(v) for name, v in params.items()}
+        webhook = fake.webhook_url() if operation.display == "disabled" else None
+        request = graph_request(path, params, method=operation.method, session_webhook=webhook)
+        result = await remote(fake.invoke(request))
+        posts = [post for post in fake.webhook_posts if webhook and webhook.endswith(f"session={post.session}")]
+        card = posts[-1].payload["content"] if posts else None  # your own Card's templateId and cardData ...
+        if card and card["templateId"] == bot.MARKDOWN_CARD_TEMPLATE_ID:
+            card = card["cardData"]["content"]  # ... or the markdown, in the built-in card
+        return SkillAnswer(result.status, result.body, card)
+
+    async with bot.running(bot.ACTIONS, bot.TOOLS_FILE, settings=settings_for(fake)):
+        yield call

@@ -8,7 +8,7 @@ One aiohttp server plays three parts:
 Point the bot at it with DINGTALK_OPENAPI_ENDPOINT=fake.base_url and allow the loopback webhook
 host (WEBHOOK_ALLOWED_HOSTS=127.0.0.1). Used by the tests and by `python -m tests.simulate`.
 
-On its own, for a bot or an app of yours (README section 9):
+On its own, for a bot or an app of yours (docs/offline.md#the-fake-on-its-own):
 
     python -m tests.fake_dingtalk [--port 8765]
 

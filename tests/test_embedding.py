@@ -1,5 +1,5 @@
 """bot.py as an engine inside your own service: bot.running() with actions and a tools file of your own, a start that
-fails at start, and README section 9's FastAPI and aiohttp examples saved as app.py and run as written."""
+fails at start, and docs/embedding.md's FastAPI and aiohttp examples saved as app.py and run as written."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from tests.fake_dingtalk import GRAPH_TOPIC, bot_env, free_port, graph_request
 from tests.samples import PRELUDE, SAMPLE_ACTIONS, SAMPLE_TOOLS, WEATHER
 
 PARAMS = {"location": "杭州", "date": "明天"}
-SECTION = (ROOT / "README.md").read_text(encoding="utf-8").split("## 9. ")[1].split("\n## 10.")[0]
+SECTION = (ROOT / "docs" / "embedding.md").read_text(encoding="utf-8")
+OFFLINE = (ROOT / "docs" / "offline.md").read_text(encoding="utf-8")  # the fake on its own, for an app of your own
 EXAMPLES = {
     "fastapi": next(b for b in re.findall(r"```python\n(.*?)```", SECTION, re.DOTALL) if "FastAPI(" in b),
     "aiohttp": next(b for b in re.findall(r"```python\n(.*?)```", SECTION, re.DOTALL) if "cleanup_ctx" in b),
@@ -73,7 +74,7 @@ async def test_running_says_so_when_it_is_not_connected_in_time_and_goes_on(fake
 
 
 async def launch(kind: str, env: dict[str, str], workdir: Path, port: int) -> asyncio.subprocess.Process:
-    """README section 9's example saved as app.py beside an unchanged bot.py, run as it says; the skills are the
+    """docs/embedding.md's example saved as app.py beside an unchanged bot.py, run as it says; the skills are the
     samples (tools.yaml and, through PRELUDE, ACTIONS), whatever the author has put in bot.py."""
     shutil.copy(ROOT / "bot.py", workdir / "bot.py")
     shutil.copy(SAMPLE_TOOLS, workdir / "tools.yaml")
@@ -119,6 +120,36 @@ async def test_the_readme_example_serves_the_skill_and_its_own_route_and_drains_
     finally:
         if app.returncode is None:
             app.kill()
+
+
+async def app_healthz(port: int) -> tuple[int, dict]:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(f"http://127.0.0.1:{port}/healthz") as response:
+        return response.status, await response.json()
+
+
+async def until_healthz(port: int, expected: tuple[int, dict], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (answer := await app_healthz(port)) != expected:
+        assert time.monotonic() < deadline, f"the app's /healthz still answers {answer}, not {expected}"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_fastapi_example_reports_the_skills_connection_state_on_the_apps_own_port(fake, remote, tmp_path):
+    port = free_port()
+    app = await launch("fastapi", bot_env(fake), tmp_path, port)
+    try:
+        [connection] = await remote(fake.wait_connected(1))
+        await until_serving(port)
+        assert await app_healthz(port) == (200, {"instances": 1, "connected": 1})
+        fake.open_status = 503  # the connection drops, and no new one opens ...
+        await remote(fake.drop(connection))
+        await until_healthz(port, (503, {"instances": 1, "connected": 0}))
+        fake.open_status = None  # ... until DingTalk answers again
+        await until_healthz(port, (200, {"instances": 1, "connected": 1}))
+    finally:
+        app.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(app.communicate(), 30)
 
 
 async def until_serving(port: int, timeout: float = 30.0) -> None:
@@ -207,7 +238,7 @@ async def test_without_a_network_an_apps_start_up_is_not_held(caplog):
 
 
 def readme_block(language: str, containing: str) -> str:
-    [found] = [b for b in re.findall(rf"```{language}\n(.*?)```", SECTION, re.DOTALL) if containing in b]
+    [found] = [b for b in re.findall(rf"```{language}\n(.*?)```", SECTION + OFFLINE, re.DOTALL) if containing in b]
     return found
 
 

@@ -3,7 +3,8 @@
 On a copy of the project, bot.py's demo actions, tools.yaml and tests/test_actions.py are replaced with one skill of
 one's own; then every test file that reads the project's own skills runs there and passes. The other files get their
 skills from tests/samples.py (the `start_bot` and `bot_process` fixtures, the simulator's --tools/--actions), never
-from bot.py's ACTIONS or tools.yaml; a check below keeps them so.
+from bot.py's ACTIONS or tools.yaml (what the `skill` fixture calls, for the files listed below); a check below keeps
+them so.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ import bot
 
 async def test_get_leave_says_how_many_days_are_left():
     assert await bot.get_leave(userId="u1", year=2026) == {"user": "u1", "year": 2026, "days": 5}
+
+
+async def test_get_leave_through_the_bot_types_the_year_and_keeps_to_its_range(skill):
+    answer = await skill("/v1/actions/leave", userId="u1", year=2027)
+    assert (answer.status, answer.body) == (200, {"user": "u1", "year": 2027, "days": 5})
+    assert (await skill("/v1/actions/leave", userId="u1", year=1999)).status == 400
 '''
 
 # What a copy with skills of one's own runs: every test file that reads bot.py's skills or tools.yaml.
@@ -128,3 +135,4 @@ def test_the_other_test_files_get_their_skills_from_the_fixtures() -> None:
                 uses_actions = "bot.ACTIONS" in (ast.get_source_segment(source, node) or "")
                 fixtures = {arg.arg for arg in node.args.args}
                 assert not uses_actions or fixtures & {"start_bot", "bot_process"}, f"{path.name}: {node.name}"
+                assert "skill" not in fixtures, f"{path.name}: {node.name} calls the project's own skills"

@@ -1,6 +1,6 @@
 """README section 4, "How to add an action", runs as written: its function and its line in ACTIONS, its tools.yaml block
-pasted at the end of `paths:`, and its tests, added to a copy of the project beside the skills already there, pass;
-the bot answers the new path, and refuses as shown."""
+pasted at the end of `paths:`, and its tests (calls through the bot, with the `skill` fixture), added to a copy of the
+project beside the skills already there, pass; the bot answers the new path, and refuses as shown."""
 
 from __future__ import annotations
 
@@ -59,10 +59,13 @@ def test_the_add_an_action_recipe_runs_as_written(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, *args], cwd=project, capture_output=True, text=True, timeout=120)
 
     tested = run(
-        "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", "tests/test_actions.py", "tests/test_tools_yaml.py"
+        "-m", "pytest", "-rA", "-n0", "-p", "no:cacheprovider", "tests/test_actions.py", "tests/test_tools_yaml.py"
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
-    assert "passed" in tested.stdout
+    names = re.findall(r"^async def (test_\w+)", recipe, re.MULTILINE)
+    assert len(names) == 2  # one happy path, one failure path
+    for name in names:  # each ran, and passed
+        assert f"PASSED tests/test_actions.py::{name}" in tested.stdout, tested.stdout
     answered = run("-m", "tests.simulate", "--path", "/v1/actions/stock", "AAPL", "5")
     assert answered.returncode == 0, answered.stdout + answered.stderr
     assert '"price": 123.45' in answered.stdout
