@@ -117,7 +117,7 @@ log = logging.getLogger("bot")
 
 @dataclass(frozen=True)
 class Card:
-    """For a `disabled` operation: a card of your own AI card template (README, "Three ways to answer")."""
+    """For a `disabled` operation: a card of your own AI card template (docs/skills.md#card-template)."""
 
     template_id: str  # from DingTalk's card platform, ends in .schema
     data: dict[str, Any]  # the template's variables
@@ -142,7 +142,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    """Each from the environment variable of its name in upper case, or .env (README's table, .env.example)."""
+    """Each from the environment variable of its name in upper case, or .env (docs/configuration.md#settings)."""
 
     client_id: str
     client_secret: str  # never logged
@@ -762,7 +762,7 @@ class ActionThreads:
                 why = "it takes the GIL from the event loop, so plain-def calls wait their turn"
                 self.warn(
                     job.action,
-                    "action %s is CPU-bound: %s; run such work in a process pool (README §4)",
+                    "action %s is CPU-bound: %s; run such work in a process pool (docs/skills.md#cpu-bound-work)",
                     job.name,
                     why,
                 )
@@ -1381,7 +1381,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         longest = RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else RECONNECT_MAX_DELAY_SECONDS
         delay = reconnect_delay(self.failures, longest)
         if self.phase == "starting" and level == logging.WARNING:
-            problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)"
+            problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; see"
+            problem += " docs/troubleshooting.md#never-connected)"
         log.log(level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), delay)
@@ -1771,7 +1772,10 @@ def main(actions: Mapping[str, Action]) -> int:
         print(f"dingtalk-skill-bot {VERSION} (dingtalk-stream {SDK_VERSION}, Python {platform.python_version()})")
         return 0
     if sys.argv[1:]:  # settings come from the environment and .env, not the command line
-        print("usage: python bot.py [--version]  (settings: the environment or .env, README §8)", file=sys.stderr)
+        print(
+            "usage: python bot.py [--version]  (settings: the environment or .env, docs/configuration.md#settings)",
+            file=sys.stderr,
+        )
         return 0 if sys.argv[1:] in (["-h"], ["--help"]) else 2
     try:
         read_dotenv()
@@ -1784,7 +1788,7 @@ def main(actions: Mapping[str, Action]) -> int:
     if settings.action_timeout_seconds > 16:
         log.warning(
             "ACTION_TIMEOUT_SECONDS=%g: DingTalk has been seen to redeliver a callback not acked within about 16 s; "
-            "README §4 says what to do with a slower backend",
+            "docs/skills.md#slow-backends says what to do with a slower backend",
             settings.action_timeout_seconds,
         )
     return asyncio.run(run(settings, operations))

@@ -255,7 +255,7 @@ async def test_a_burst_of_cpu_bound_plain_def_calls_leaves_the_loop_answering(fa
     print(f"ping answered in {pinged:.3f} s, a fast action in {fast.elapsed:.3f} s")  # shown with -s
     assert fast.status == 200 and {result.status for result in results} <= {200, 503, 504}  # 503: never started
     assert process.output.count("action get_on_call (POST /v1/actions/on-call) is CPU-bound") == 1  # one, with advice
-    assert "run such work in a process pool (README §4)" in process.output
+    assert "run such work in a process pool (docs/skills.md#cpu-bound-work)" in process.output
     assert len(fake.connections) == 1  # keepalive never gave up on it
     process.proc.send_signal(signal.SIGTERM)
     assert await process.wait() == 0

@@ -117,7 +117,9 @@ async def test_unusable_open_answers_are_retried_until_right(fake, remote, start
         await remote(fake.wait_connected(1))
         assert (await remote(fake.invoke(weather(fake)))).status == 200
     assert "no endpoint and ticket in '<html>gateway maintenance</html>'" in caplog.text
-    assert "(never connected yet: check the network, or HTTPS_PROXY behind a proxy; README §12)" in caplog.text
+    hint = "(never connected yet: check the network, or HTTPS_PROXY behind a proxy; see docs/troubleshooting.md#"
+    hint += "never-connected)"
+    assert hint in caplog.text
     assert 'no endpoint and ticket in \'{"ticket": "no-endpoint"}\'' in caplog.text
 
 
