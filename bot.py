@@ -108,8 +108,8 @@ __all__ = [
     "running",
 ]
 VERSION = "1.0.2"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
-Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
-log = logging.getLogger("bot")
+_Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
+_log = logging.getLogger("bot")
 
 
 # ----- Your contract / 约定：what an action may raise and return ----------------------------------------
@@ -161,12 +161,12 @@ class Settings:
     dingtalk_openapi_endpoint: str = "https://api.dingtalk.com"
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-RANGES = {"instances": (1, 32), "health_port": (1, 65535), "action_timeout_seconds": (0.1, 3600)}
-RANGES |= {"shutdown_grace_seconds": (0, 3600), "float": (0.1, 300)}  # "float": any other number of seconds
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_RANGES = {"instances": (1, 32), "health_port": (1, 65535), "action_timeout_seconds": (0.1, 3600)}
+_RANGES |= {"shutdown_grace_seconds": (0, 3600), "float": (0.1, 300)}  # "float": any other number of seconds
 
 
-def read_dotenv() -> None:
+def _read_dotenv() -> None:
     """The .env beside bot.py (or above) into the environment; real environment variables win."""
     try:
         load_dotenv(override=False)
@@ -179,7 +179,7 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     values = {}
     for row in fields(Settings):
         if text := env.get(row.name.upper(), "").strip():
-            values[row.name] = setting_value(row.name.upper(), text)
+            values[row.name] = _setting_value(row.name.upper(), text)
         elif row.default is MISSING:
             raise ConfigError(
                 f"{row.name.upper()} is not set: copy .env.example to .env and fill in your app's credentials"
@@ -188,7 +188,7 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     return Settings(**values)
 
 
-def setting_value(key: str, text: str) -> Any:
+def _setting_value(key: str, text: str) -> Any:
     """Setting `key` written as `text`, read as its field's type (numbers within RANGES), or ConfigError."""
     name, kind = key.lower(), Settings.__dataclass_fields__[key.lower()].type.split(" ")[0]  # "int | None": int
     if kind in ("int", "float"):
@@ -196,12 +196,12 @@ def setting_value(key: str, text: str) -> Any:
             value = int(text) if kind == "int" else float(text)
         except ValueError:
             raise ConfigError(f"{key}={text!r} is not a valid {kind}") from None
-        low, high = RANGES.get(name, RANGES["float"])
+        low, high = _RANGES.get(name, _RANGES["float"])
         if not low <= value <= high:
             raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
         return value
-    if name == "log_level" and text.upper() not in LOG_LEVELS:
-        raise ConfigError(f"{key}={text!r} must be one of {', '.join(LOG_LEVELS)}")
+    if name == "log_level" and text.upper() not in _LOG_LEVELS:
+        raise ConfigError(f"{key}={text!r} must be one of {', '.join(_LOG_LEVELS)}")
     if name == "dingtalk_openapi_endpoint" and urlsplit(text).scheme not in ("http", "https"):
         raise ConfigError(f"{key}={text!r} must start with https:// (or http://)")
     if name == "webhook_allowed_hosts":
@@ -212,14 +212,14 @@ def setting_value(key: str, text: str) -> Any:
 # ----- Operations / 操作：tools.yaml read once at start, each operation joined with its action ---------
 
 TOOLS_FILE = Path(__file__).with_name("tools.yaml")
-DISPLAY_MODES = ("auto", "markdown", "disabled")
-WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
-INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
-JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", type(None): "null"}
-SEGMENT = re.compile(r"{([^}/]+)}")  # a path's {name} segment
+_DISPLAY_MODES = ("auto", "markdown", "disabled")
+_WEBHOOK_CONTEXT = {"property": "currentConversation", "format": "sessionWebhook"}
+_INTEGER_FORMATS = {"int32": 2**31, "int64": 2**63}
+_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", type(None): "null"}
+_SEGMENT = re.compile(r"{([^}/]+)}")  # a path's {name} segment
 
 
-class ActionParameters(NamedTuple):
+class _ActionParameters(NamedTuple):
     names: frozenset[str]  # the keyword parameters it takes
     required: tuple[str, ...]  # those without a default
     takes_all: bool  # it has **params
@@ -232,8 +232,8 @@ class Operation:
     method: str
     path: str
     display: str  # x-dingtalk-display-result: auto, markdown or disabled
-    action: Action
-    takes: ActionParameters  # what its action takes
+    action: _Action
+    takes: _ActionParameters  # what its action takes
     schema: dict[str, Any]  # its parameters, query, path and body, as one JSON Schema object (draft 7)
     validate: Callable[[Any], Any]  # the schema, compiled
     query: frozenset[str]  # the parameters that come as text, in the query string or the path
@@ -247,7 +247,7 @@ class Operation:
         for name, value in params.items():
             types = self.types.get(name) or frozenset()
             if value is not None or "null" in types:  # null means "not given"
-                values[name] = typed(value, types, name in self.query)
+                values[name] = _typed(value, types, name in self.query)
         if missing := [name for name in self.schema.get("required", ()) if name not in values]:
             raise ActionError(f"missing parameter(s): {', '.join(missing)}")
         try:
@@ -257,14 +257,14 @@ class Operation:
             rule = exc.message.removeprefix(f"{exc.name} ")
             if exc.rule == "pattern":  # as the author wrote it, not as translated for Python
                 rule = f"must match pattern {exc.definition.get('x-pattern', exc.definition['pattern'])}"
-            raise ActionError(f"parameter {name} {rule}, got {shown(exc.value)}") from None
+            raise ActionError(f"parameter {name} {rule}, got {_shown(exc.value)}") from None
 
 
-def as_list(kind: Any) -> list:
+def _as_list(kind: Any) -> list:
     return kind if isinstance(kind, list) else [kind]
 
 
-def typed(value: Any, types: frozenset[str], from_query: bool) -> Any:
+def _typed(value: Any, types: frozenset[str], from_query: bool) -> Any:
     """Query text read by JSON's rules ("3", "2.5", "true", "[1]") where its schema allows only types other than
     string; 3.0 for an integer is 3. A value that does not convert is left as it is, for the validator to refuse."""
     if from_query and isinstance(value, str) and types and "string" not in types:
@@ -275,34 +275,34 @@ def typed(value: Any, types: frozenset[str], from_query: bool) -> Any:
     return int(value) if is_integral and "integer" in types else value
 
 
-def allowed_types(schema: Any) -> frozenset[str] | None:
+def _allowed_types(schema: Any) -> frozenset[str] | None:
     """The JSON types a schema allows, as its type, enum, allOf, anyOf and oneOf say; None when they do not."""
     if not isinstance(schema, dict):
         return None
-    known = [frozenset(as_list(schema["type"]))] if "type" in schema else []
+    known = [frozenset(_as_list(schema["type"]))] if "type" in schema else []
     if isinstance(schema.get("enum"), list):
-        known.append(frozenset(JSON_TYPES.get(type(value), "object") for value in schema["enum"]))
-    known += [types for sub in schema.get("allOf") or () if (types := allowed_types(sub)) is not None]
+        known.append(frozenset(_JSON_TYPES.get(type(value), "object") for value in schema["enum"]))
+    known += [types for sub in schema.get("allOf") or () if (types := _allowed_types(sub)) is not None]
     for key in ("anyOf", "oneOf"):
-        if (parts := [allowed_types(sub) for sub in schema.get(key) or ()]) and None not in parts:
+        if (parts := [_allowed_types(sub) for sub in schema.get(key) or ()]) and None not in parts:
             known.append(frozenset().union(*parts))
     known = [types | {"integer"} if "number" in types else types for types in known]  # an integer is a number
     return frozenset.intersection(*known) if known else None
 
 
-def shown(value: Any) -> str:
+def _shown(value: Any) -> str:
     with contextlib.suppress(ValueError, RecursionError):
         text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         return text if len(text) <= 60 else f"{text[:57]}..."
     return f"a {type(value).__name__}"
 
 
-def load_operations(path: Path | Mapping[str, Any], actions: Mapping[str, Action]) -> dict[str, Operation]:
+def load_operations(path: Path | Mapping[str, Any], actions: Mapping[str, _Action]) -> dict[str, Operation]:
     """The tools file (its path, or its description already read) as "METHOD /path" -> Operation, its paths and
     `actions` matched both ways. What a running bot cannot use is a one-line ConfigError; tests/authoring.py checks
     the rest while you write."""
     if isinstance(path, Mapping):
-        return operations_of(path, actions)
+        return _operations_of(path, actions)
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -310,25 +310,25 @@ def load_operations(path: Path | Mapping[str, Any], actions: Mapping[str, Action
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         problem = " ".join(str(exc).replace('"<unicode string>"', path.name).split()) or "nested too deeply"
         raise ConfigError(f"{path.name} is not valid YAML: {problem}") from None
-    return operations_of(spec, actions, path.name)
+    return _operations_of(spec, actions, path.name)
 
 
-def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml") -> dict[str, Operation]:
+def _operations_of(spec: Any, actions: Mapping[str, _Action], name: str = "tools.yaml") -> dict[str, Operation]:
     """The operations of an OpenAPI description already read (see load_operations)."""
     if not (isinstance(spec, dict) and str(spec.get("openapi", "")).startswith("3.") and spec.get("paths")):
         raise ConfigError(f"{name} is not an OpenAPI 3 description with paths (openapi: 3.0.1, paths: ...)")
     for route in sorted(spec["paths"].keys() - actions.keys()):  # tests/authoring.py says more: where a path sits
-        hint = nearest(route, actions)
+        hint = _nearest(route, actions)
         raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it{hint}")
     for route in sorted(actions.keys() - spec["paths"].keys()):
-        hint = nearest(route, spec["paths"])
+        hint = _nearest(route, spec["paths"])
         raise ConfigError(f"ACTIONS in bot.py has {route}, but {name} does not declare it{hint}")
     operations = {}
     for route, method in [(route, method) for route in spec["paths"] for method in ("get", "post")]:
         where = f"{name}: {method.upper()} {route}"
         try:
             if method in spec["paths"][route]:
-                operations[f"{method.upper()} {route}"] = read_operation(spec, where, route, method, actions[route])
+                operations[f"{method.upper()} {route}"] = _read_operation(spec, where, route, method, actions[route])
         except ConfigError:
             raise
         except (ValueError, re.error) as exc:  # a schema fastjsonschema cannot compile
@@ -340,34 +340,34 @@ def operations_of(spec: Any, actions: Mapping[str, Action], name: str = "tools.y
     return operations
 
 
-def nearest(name: str, names: Any, cutoff: float = 0.8) -> str:
+def _nearest(name: str, names: Any, cutoff: float = 0.8) -> str:
     guess = difflib.get_close_matches(name, [str(n) for n in names], n=1, cutoff=cutoff)
     return f" (did you mean {guess[0]}?)" if guess else ""
 
 
-def read_operation(spec: dict, where: str, route: str, method: str, action: Action) -> Operation:
+def _read_operation(spec: dict, where: str, route: str, method: str, action: _Action) -> Operation:
     """One operation: its display mode, and its query, path and body parameters as one JSON Schema object."""
     op = spec["paths"][route][method]
-    if (display := op.get("x-dingtalk-display-result", "auto")) not in DISPLAY_MODES:  # auto: DingTalk's default
-        raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(DISPLAY_MODES)}")
+    if (display := op.get("x-dingtalk-display-result", "auto")) not in _DISPLAY_MODES:  # auto: DingTalk's default
+        raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(_DISPLAY_MODES)}")
     schema: dict[str, Any] = {"type": "object", "properties": {}}
     if "requestBody" in op:
-        body = resolve(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
-        schema = json_schema(spec, {key: value for key, value in body.items() if key != "properties"}, where)
+        body = _follow_ref(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
+        schema = _json_schema(spec, {key: value for key, value in body.items() if key != "properties"}, where)
         if schema.get("type") != "object" or not isinstance(body.get("properties", {}), dict):
             raise ConfigError(f"{where}: the body schema must be type: object with properties")
         schema["properties"] = {  # each named as a parameter, as the query's are
-            name: json_schema(spec, prop, f"{where}: parameter {name}")
+            name: _json_schema(spec, prop, f"{where}: parameter {name}")
             for name, prop in body.get("properties", {}).items()
         }
     props, query = schema["properties"], []
     for entry in [*spec["paths"][route].get("parameters", []), *op.get("parameters", [])]:
-        entry = resolve(spec, entry, where)
+        entry = _follow_ref(spec, entry, where)
         if entry["in"] not in ("query", "path"):
             raise ConfigError(f"{where}: only query and path parameters (in: query or path) are supported")
         extras = {k: v for k, v in entry.items() if k == "example" or str(k).startswith("x-")}
-        described = next(iter(entry["content"].values())) if "content" in entry else entry  # content: {type: {schema}}
-        props[entry["name"]] = json_schema(spec, described.get("schema", {}), f"{where}: parameter {entry['name']}")
+        given = next(iter(entry["content"].values())) if "content" in entry else entry  # content: {type: {schema}}
+        props[entry["name"]] = _json_schema(spec, given.get("schema", {}), f"{where}: parameter {entry['name']}")
         props[entry["name"]] |= extras
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
@@ -379,21 +379,21 @@ def read_operation(spec: dict, where: str, route: str, method: str, action: Acti
             fastjsonschema.compile(prop)
         except Exception as exc:
             raise ConfigError(f"{where}: parameter {name}: {exc}") from None
-    webhook = next((p for p in props if props[p].get("x-dingtalk-context") == WEBHOOK_CONTEXT), None)
+    webhook = next((p for p in props if props[p].get("x-dingtalk-context") == _WEBHOOK_CONTEXT), None)
     if display == "disabled" and webhook is None:
         raise ConfigError(
             f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
             "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
         )
-    check_action(action, props, where)
-    template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if SEGMENT.search(route) else None
-    types = {name: allowed_types(prop) for name, prop in props.items()}
-    validate, takes, query_names = fastjsonschema.compile(schema), action_parameters(action), frozenset(query)
+    _check_action(action, props, where)
+    template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if _SEGMENT.search(route) else None
+    types = {name: _allowed_types(prop) for name, prop in props.items()}
+    validate, takes, query_names = fastjsonschema.compile(schema), _action_parameters(action), frozenset(query)
     args = (method.upper(), route, display, action, takes, schema, validate, query_names, types, webhook)
     return Operation(*args, template)
 
 
-def resolve(spec: dict, node: Any, where: str) -> dict:
+def _follow_ref(spec: dict, node: Any, where: str) -> dict:
     """Follow local $refs ("#/components/schemas/X") to the mapping they name."""
     for _ in range(32):  # a circle of $refs is an error, not a hang
         if not isinstance(node, dict):
@@ -408,7 +408,7 @@ def resolve(spec: dict, node: Any, where: str) -> dict:
     raise ConfigError(f"{where}: $refs go round in a circle")
 
 
-def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, Any]:
+def _json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, Any]:
     """An OpenAPI 3.0 schema as JSON Schema draft 7, for fastjsonschema: $refs resolved, `nullable` and the boolean
     exclusive bounds translated, int32/int64 as bounds. Without this, those rules would be enforced wrongly."""
     if depth > 32:
@@ -416,18 +416,18 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
     if isinstance(node, dict) and "$ref" in node and len(node) > 1:  # OpenAPI 3.0 would ignore the others: keep both
         beside = {key: value for key, value in node.items() if key != "$ref"}
         both = [
-            json_schema(spec, {"$ref": node["$ref"]}, where, depth + 1),
-            json_schema(spec, beside, where, depth + 1),
+            _json_schema(spec, {"$ref": node["$ref"]}, where, depth + 1),
+            _json_schema(spec, beside, where, depth + 1),
         ]
         return {"allOf": both} | ({"default": beside["default"]} if "default" in beside else {})
     out = {}
-    for key, value in resolve(spec, node, where).items():
+    for key, value in _follow_ref(spec, node, where).items():
         if key in ("items", "not") or (key == "additionalProperties" and isinstance(value, dict)):
-            out[key] = json_schema(spec, value, where, depth + 1)
+            out[key] = _json_schema(spec, value, where, depth + 1)
         elif key in ("allOf", "anyOf", "oneOf") and isinstance(value, list):
-            out[key] = [json_schema(spec, item, where, depth + 1) for item in value]
+            out[key] = [_json_schema(spec, item, where, depth + 1) for item in value]
         elif key == "properties" and isinstance(value, dict):
-            out[key] = {name: json_schema(spec, v, f"{where}.{name}", depth + 1) for name, v in value.items()}
+            out[key] = {name: _json_schema(spec, v, f"{where}.{name}", depth + 1) for name, v in value.items()}
         else:
             out[key] = value
     for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
@@ -435,49 +435,49 @@ def json_schema(spec: dict, node: Any, where: str, depth: int = 0) -> dict[str, 
             del out[exclusive]
             if flag and bound in out:
                 out[exclusive] = out.pop(bound)
-    if limit := INTEGER_FORMATS.get(out.get("format")):
+    if limit := _INTEGER_FORMATS.get(out.get("format")):
         out = {"minimum": -limit, "maximum": limit - 1} | out
     if isinstance(out.get("pattern"), str):  # kept as written too, for the 400's reason
-        out["pattern"], out["x-pattern"] = ecma_pattern(out["pattern"], where), out["pattern"]
+        out["pattern"], out["x-pattern"] = _ecma_pattern(out["pattern"], where), out["pattern"]
     if isinstance(step := out.get("multipleOf"), int | float) and not (math.isfinite(step) and step > 0):
         raise ConfigError(f"{where}: multipleOf must be greater than 0, not {step!r}")
     if out.pop("nullable", False) is True:
         if "type" in out:
-            out["type"] = [*as_list(out["type"]), "null"]
+            out["type"] = [*_as_list(out["type"]), "null"]
         if isinstance(out.get("enum"), list):
             out["enum"] = [*out["enum"], None]
     return out
 
 
-ECMA_SPACE = "\t\n\v\f\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"  # ECMA 262's \s
-ECMA_SETS = {"d": "0-9", "w": "A-Za-z0-9_", "s": ECMA_SPACE}  # \d \w \s; \D \W \S are their complements
-ECMA_ANCHORS = {"$": r"\Z", ".": "[^\n\r\u2028\u2029]", "\\b": r"(?a:\b)", "\\B": r"(?a:\B)", "[]": "(?!)"}
-PYTHON_ONLY = ("\\A", "\\Z", "\\a", "\\N", "\\U", "(?", "+")  # escapes, groups, possessive quantifiers
+_ECMA_SPACE = "\t\n\v\f\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"  # ECMA 262's \s
+_ECMA_SETS = {"d": "0-9", "w": "A-Za-z0-9_", "s": _ECMA_SPACE}  # \d \w \s; \D \W \S are their complements
+_ECMA_ANCHORS = {"$": r"\Z", ".": "[^\n\r\u2028\u2029]", "\\b": r"(?a:\b)", "\\B": r"(?a:\B)", "[]": "(?!)"}
+_PYTHON_ONLY = ("\\A", "\\Z", "\\a", "\\N", "\\U", "(?", "+")  # escapes, groups, possessive quantifiers
 # a [class], a {n,m} quantifier, an escape or a character
-PATTERN_TOKEN = re.compile(r"\[\^?(?:\\.|[^\]\\])*\]?|\{[0-9]+(?:,[0-9]*)?\}|\\.|.", re.DOTALL)
+_PATTERN_TOKEN = re.compile(r"\[\^?(?:\\.|[^\]\\])*\]?|\{[0-9]+(?:,[0-9]*)?\}|\\.|.", re.DOTALL)
 
 
-def ecma_pattern(pattern: str, where: str) -> str:
+def _ecma_pattern(pattern: str, where: str) -> str:
     """A JSON Schema pattern (ECMA 262) as a Python pattern that matches the same: \\d \\w \\s and their negations
     ASCII or ECMA's spaces, `.` not a line end, `$` the end only (not before a last newline), \\b ASCII, a `{` that
     starts no quantifier a character. What Python would read otherwise stops the start."""
     out, previous, written = [], "", pattern
-    pattern = SURROGATE_PAIR.sub(lambda pair: chr(int(pair[1], 16) * 1024 + int(pair[2], 16) - 0x35FDC00), pattern)
-    if half := LONE_SURROGATE.search(pattern):  # ECMA 262 reads UTF-16, Python code points
+    pattern = _SURROGATE_PAIR.sub(lambda pair: chr(int(pair[1], 16) * 1024 + int(pair[2], 16) - 0x35FDC00), pattern)
+    if half := _LONE_SURROGATE.search(pattern):  # ECMA 262 reads UTF-16, Python code points
         raise ConfigError(f"{where}: pattern {written!r}: {half[0]} is half a character: write its pair in full")
-    for match in PATTERN_TOKEN.finditer(pattern):
+    for match in _PATTERN_TOKEN.finditer(pattern):
         token, rest = match.group(), pattern[match.end() :]
         lookaround = token == "(" and rest.startswith("?") and not rest.startswith(("?:", "?=", "?!", "?<"))
         possessive = token == "+" and (previous in ("*", "+", "?") or (previous[:1] == "{" and len(previous) > 1))
-        if token in PYTHON_ONLY[:5] or lookaround or possessive:
-            shown = "(?" + rest[1:2] if lookaround else previous + token if possessive else token
-            raise ConfigError(f"{where}: pattern {written!r}: {shown} is Python's, not ECMA 262's: {PATTERN_FIX}")
-        if token in ECMA_ANCHORS:
-            out.append(ECMA_ANCHORS[token])
-        elif token[0] == "\\" and token[1].lower() in ECMA_SETS:
-            out.append(f"[{'^' if token[1].isupper() else ''}{ECMA_SETS[token[1].lower()]}]")
+        if token in _PYTHON_ONLY[:5] or lookaround or possessive:
+            what = "(?" + rest[1:2] if lookaround else previous + token if possessive else token
+            raise ConfigError(f"{where}: pattern {written!r}: {what} is Python's, not ECMA 262's: {_PATTERN_FIX}")
+        if token in _ECMA_ANCHORS:
+            out.append(_ECMA_ANCHORS[token])
+        elif token[0] == "\\" and token[1].lower() in _ECMA_SETS:
+            out.append(f"[{'^' if token[1].isupper() else ''}{_ECMA_SETS[token[1].lower()]}]")
         elif token.startswith("[") and len(token) > 1:
-            out.append(ecma_class(written, token, where))
+            out.append(_ecma_class(written, token, where))
         elif token[0] == "\\" and token[1] in "123456789":  # a group that took no part matches empty in ECMA 262
             out.append(f"(?({token[1]}){token})")
         else:
@@ -487,16 +487,16 @@ def ecma_pattern(pattern: str, where: str) -> str:
         return re.compile("".join(out)).pattern
     except (re.error, OverflowError) as exc:  # e.g. (?<name>...), \p{L}: ECMA 262 only; a{4294967296}
         problem = getattr(exc, "msg", str(exc))
-        raise ConfigError(f"{where}: pattern {written!r} cannot be enforced here ({problem}): {PATTERN_FIX}") from None
+        raise ConfigError(f"{where}: pattern {written!r} cannot be enforced here ({problem}): {_PATTERN_FIX}") from None
 
 
-PATTERN_FIX = "write it in the syntax ECMA 262 and Python share"
-SURROGATE_PAIR = re.compile(r"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})")  # an emoji, say
-LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-SET_ESCAPES = ("\\d", "\\D", "\\w", "\\W", "\\s", "\\S")
+_PATTERN_FIX = "write it in the syntax ECMA 262 and Python share"
+_SURROGATE_PAIR = re.compile(r"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})")  # an emoji, say
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SET_ESCAPES = ("\\d", "\\D", "\\w", "\\W", "\\s", "\\S")
 
 
-def ecma_class(pattern: str, token: str, where: str) -> str:
+def _ecma_class(pattern: str, token: str, where: str) -> str:
     """A [class] of `pattern` as ECMA 262 reads it: \\d \\w \\s as above, a `-` beside one of them a character,
     [^] any character. One with \\D \\W or \\S in it (Python's classes cannot say "not in ECMA's \\s") is written
     as an alternation: [a\\S] as (?:[a]|[^\\s]), [^\\W_] as (?:(?![_])[\\w])."""
@@ -506,18 +506,18 @@ def ecma_class(pattern: str, token: str, where: str) -> str:
     parts = re.findall(r"\\.|.", token[2 if negated else 1 : -1 if closed else None], re.DOTALL)
     included, excluded = [], []  # what the class lists; the sets its \D \W \S leave out
     for n, part in enumerate(parts):
-        if part in PYTHON_ONLY[:5]:
-            raise ConfigError(f"{where}: pattern {pattern!r}: {part} is Python's, not ECMA 262's: {PATTERN_FIX}")
-        if part in SET_ESCAPES[1::2]:
-            excluded.append(ECMA_SETS[part[1].lower()])
-        elif part == "-" and SET_ESCAPES.count(parts[n - 1] if n else "") + SET_ESCAPES.count(
+        if part in _PYTHON_ONLY[:5]:
+            raise ConfigError(f"{where}: pattern {pattern!r}: {part} is Python's, not ECMA 262's: {_PATTERN_FIX}")
+        if part in _SET_ESCAPES[1::2]:
+            excluded.append(_ECMA_SETS[part[1].lower()])
+        elif part == "-" and _SET_ESCAPES.count(parts[n - 1] if n else "") + _SET_ESCAPES.count(
             "".join(parts[n + 1 : n + 2])
         ):
             included.append("\\-")  # [+-\d] is +, - or a digit in ECMA 262, not a range
         elif part in "[$^&~|":  # characters in ECMA 262 (Python would read ^ as "not" or warn of set operations)
             included.append("\\" + part)
         else:
-            included.append(ECMA_SETS.get(part[1:], part) if part[0] == "\\" else part)
+            included.append(_ECMA_SETS.get(part[1:], part) if part[0] == "\\" else part)
     listed = "".join(included)
     if not excluded or not closed:
         return f"[{'^' if negated else ''}{listed}{']' if closed else ''}"
@@ -527,46 +527,46 @@ def ecma_class(pattern: str, token: str, where: str) -> str:
     return f"(?:{ahead}[{excluded[-1]}])"  # not in the list, and in every set
 
 
-def check_action(action: Action, props: dict[str, Any], where: str) -> None:
+def _check_action(action: _Action, props: dict[str, Any], where: str) -> None:
     """Every parameter the action names is declared, or ConfigError naming it and the nearest declared name."""
-    for name in action_parameters(action).names - props.keys():
-        hint = nearest(name, props, cutoff=0.5)
-        raise ConfigError(f"{described(action)} takes {name!r}, but {where} does not declare it{hint}")
+    for name in _action_parameters(action).names - props.keys():
+        hint = _nearest(name, props, cutoff=0.5)
+        raise ConfigError(f"{_described(action)} takes {name!r}, but {where} does not declare it{hint}")
 
 
-def named(action: Action) -> str:
+def _named(action: _Action) -> str:
     return getattr(action, "__name__", type(action).__name__)
 
 
-def described(action: Action) -> str:
+def _described(action: _Action) -> str:
     """`name() (file.py:12)`, pointing at the code."""
-    name, code = named(action), getattr(inspect.unwrap(action), "__code__", None)
+    name, code = _named(action), getattr(inspect.unwrap(action), "__code__", None)
     return f"{name}() ({Path(code.co_filename).name}:{code.co_firstlineno})" if code else f"{name}()"
 
 
-def action_parameters(action: Action) -> ActionParameters:
+def _action_parameters(action: _Action) -> _ActionParameters:
     """What `action` takes, read from its signature."""
     params = inspect.signature(action).parameters.values()
     keyword = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     required = tuple(p.name for p in keyword if p.default is p.empty)
-    return ActionParameters(frozenset(p.name for p in keyword), required, any(p.kind is p.VAR_KEYWORD for p in params))
+    return _ActionParameters(frozenset(p.name for p in keyword), required, any(p.kind is p.VAR_KEYWORD for p in params))
 
 
 # ----- Callback / 回调：parse -> route -> check parameters -> run the action -> answer ------------------
 
-EXPECTED_RESULT = {
+_EXPECTED_RESULT = {
     "auto": "data: a dict or list of JSON values (for the assistant's model to present)",
     "markdown": "a str of markdown (shown as is)",
     "disabled": "a str of markdown or a Card (sent through sessionWebhook)",
 }
-REMEMBER_SECONDS = 300.0  # redeliveries are reported 16-60 s after a late ack
-REMEMBERED_CALLBACKS = 100_000
-REMEMBERED_BYTES = 32 << 20  # of answers: an `auto` action's data can be large
-MAX_ACK_BYTES = 256 << 10  # as sent: the Java SDK reads at most 256 KiB a frame; DingTalk documents no limit
-ACK_ROOM = MAX_ACK_BYTES - 1024  # for the Graph response: the rest of an ack takes a few hundred bytes
+_REMEMBER_SECONDS = 300.0  # redeliveries are reported 16-60 s after a late ack
+_REMEMBERED_CALLBACKS = 100_000
+_REMEMBERED_BYTES = 32 << 20  # of answers: an `auto` action's data can be large
+_MAX_ACK_BYTES = 256 << 10  # as sent: the Java SDK reads at most 256 KiB a frame; DingTalk documents no limit
+_ACK_ROOM = _MAX_ACK_BYTES - 1024  # for the Graph response: the rest of an ack takes a few hundred bytes
 
 
-class GraphError(Exception):
+class _GraphError(Exception):
     """Ends a callback with this Graph status; `reason` is safe to show to the caller."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -574,92 +574,92 @@ class GraphError(Exception):
         self.status, self.reason = status, reason[:1000]  # an ActionError's message can be anything
 
 
-def parse_graph_request(data: Any) -> tuple[str, str, dict[str, Any]]:
+def _parse_graph_request(data: Any) -> tuple[str, str, dict[str, Any]]:
     """Callback data as method, path and parameters (the query string's and a JSON body's)."""
     if not isinstance(data, dict):
-        raise GraphError(400, "callback data is not a JSON object")
+        raise _GraphError(400, "callback data is not a JSON object")
     try:
         request = dingtalk_stream.GraphRequest.from_dict(data)
     except (AttributeError, TypeError):
-        raise GraphError(400, "requestLine is not a JSON object") from None
+        raise _GraphError(400, "requestLine is not a JSON object") from None
     method, uri, body = request.request_line.method, request.request_line.uri, request.body or "{}"
     if not isinstance(method, str) or method.upper() not in ("GET", "POST"):
-        raise GraphError(400, f"unsupported method {method!r}")
+        raise _GraphError(400, f"unsupported method {method!r}")
     if not isinstance(uri, str):
-        raise GraphError(400, "requestLine.uri is not a string")
+        raise _GraphError(400, "requestLine.uri is not a string")
     try:
         url = urlsplit(uri)
     except ValueError:
-        raise GraphError(400, "requestLine.uri is not a valid URI") from None
+        raise _GraphError(400, "requestLine.uri is not a valid URI") from None
     with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested too deeply
-        body = JSON_NUMBERS.decode(body) if isinstance(body, str) else body
+        body = _JSON_NUMBERS.decode(body) if isinstance(body, str) else body
     if not isinstance(body, dict):
-        raise GraphError(400, "body is not a JSON object")
+        raise _GraphError(400, "body is not a JSON object")
     path = unquote(url.path)  # "/v1/%E5%A4%A9" routes as "/v1/天"
     return method.upper(), path, dict(parse_qsl(url.query, keep_blank_values=True)) | body
 
 
-def finite(text: str) -> float:
+def _finite(text: str) -> float:
     """A JSON number as a float; NaN, Infinity and 1e400 are refused (ValueError), as JSON has no such numbers."""
     if not math.isfinite(value := float(text)):
         raise ValueError(f"{text} is not a JSON number")
     return value
 
 
-JSON_NUMBERS = json.JSONDecoder(parse_float=finite, parse_constant=finite)  # made once: json.loads makes one a call
+_JSON_NUMBERS = json.JSONDecoder(parse_float=_finite, parse_constant=_finite)  # made once: json.loads makes one a call
 
 
-def find_operation(operations: Mapping[str, Operation], method: str, path: str) -> tuple[Operation, dict[str, str]]:
+def _find_operation(operations: Mapping[str, Operation], method: str, path: str) -> tuple[Operation, dict[str, str]]:
     """The operation for `method` and `path`, with the values of its path's {name} segments; GraphError(404)."""
     if (operation := operations.get(f"{method} {path}")) is not None and operation.template is None:
         return operation, {}  # (a template's own text, "/items/{id}", is not a path of it)
     for operation in operations.values():
         if operation.method == method and operation.template and (match := operation.template.fullmatch(path)):
-            return operation, dict(zip(SEGMENT.findall(operation.path), match.groups(), strict=True))
-    raise GraphError(404, f"no action for {method} {path}")
+            return operation, dict(zip(_SEGMENT.findall(operation.path), match.groups(), strict=True))
+    raise _GraphError(404, f"no action for {method} {path}")
 
 
-async def run_action(
-    action: Action, params: dict[str, Any], time_limit: float, takes: ActionParameters | None = None, route: str = ""
+async def _run_action(
+    action: _Action, params: dict[str, Any], time_limit: float, takes: _ActionParameters | None = None, route: str = ""
 ) -> Any:
     """Call `action` with the parameters its signature names, within `time_limit` seconds, in a task of its own (so
     that one which ignores cancellation cannot hold its answer back; a plain def runs in a worker thread); GraphError
     says how it failed."""
-    takes = takes or action_parameters(action)
+    takes = takes or _action_parameters(action)
     if missing := [name for name in takes.required if name not in params]:
-        raise GraphError(400, f"missing parameter(s): {', '.join(missing)}")
+        raise _GraphError(400, f"missing parameter(s): {', '.join(missing)}")
     kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
-    loop, label = asyncio.get_running_loop(), f"{named(action)} ({route})" if route else named(action)
+    loop, label = asyncio.get_running_loop(), f"{_named(action)} ({route})" if route else _named(action)
     deadline = loop.time() + time_limit
     try:
         job = None
         if inspect.iscoroutinefunction(action):
             work = action(**kwargs)
         else:
-            job = Job(label, action)
-            work = ACTION_THREADS.run(functools.partial(action, **kwargs), job)
-        result = await settled(loop.create_task(contained(work), name=f"action {label}"), deadline)
+            job = _Job(label, action)
+            work = _ACTION_THREADS.run(functools.partial(action, **kwargs), job)
+        result = await _settled(loop.create_task(_contained(work), name=f"action {label}"), deadline)
         if inspect.isawaitable(result):  # an async def behind a plain decorator, or with async __call__
-            result = await settled(loop.create_task(contained(result), name=f"action {label}"), deadline)
+            result = await _settled(loop.create_task(_contained(result), name=f"action {label}"), deadline)
         return result
-    except (ActionError, GraphError) as refusal:
-        raise GraphError(refusal.status, str(refusal)) from None
+    except (ActionError, _GraphError) as refusal:
+        raise _GraphError(refusal.status, str(refusal)) from None
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
             raise
-        log.exception("action %s failed: something it awaited was cancelled", named(action))
+        _log.exception("action %s failed: something it awaited was cancelled", _named(action))
     except Exception as exc:
         if isinstance(exc, TimeoutError) and loop.time() >= deadline and job and job.started is None:  # never ran
-            log.warning("action %s did not start within %.3g s: %s", label, time_limit, ACTION_THREADS.held_by())
-            raise GraphError(503, "busy: no thread for the action within its time limit") from None
+            _log.warning("action %s did not start within %.3g s: %s", label, time_limit, _ACTION_THREADS.held_by())
+            raise _GraphError(503, "busy: no thread for the action within its time limit") from None
         if isinstance(exc, TimeoutError) and loop.time() >= deadline:  # ours, not one from inside the action
-            log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", named(action), time_limit)
-            raise GraphError(504, "action timed out") from None
-        log.exception("action %s failed", named(action))
-    raise GraphError(500, "internal error in action")
+            _log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", _named(action), time_limit)
+            raise _GraphError(504, "action timed out") from None
+        _log.exception("action %s failed", _named(action))
+    raise _GraphError(500, "internal error in action")
 
 
-async def settled(call: asyncio.Task, deadline: float) -> Any:
+async def _settled(call: asyncio.Task, deadline: float) -> Any:
     """`call`'s outcome by `deadline` (loop time), or TimeoutError; a late call is cancelled, and left behind if it
     ignores that, so that nothing an action does can hold its answer back."""
     loop = asyncio.get_running_loop()
@@ -678,7 +678,7 @@ async def settled(call: asyncio.Task, deadline: float) -> Any:
     return call.result()
 
 
-async def contained(coro: Awaitable) -> Any:
+async def _contained(coro: Awaitable) -> Any:
     """`coro`'s result; sys.exit() or KeyboardInterrupt in it is an error of its own, not the end of the event loop."""
     try:
         return await coro
@@ -686,14 +686,14 @@ async def contained(coro: Awaitable) -> Any:
         raise RuntimeError(f"{type(exc).__name__}({exc}) raised in an action") from exc
 
 
-class Job:
+class _Job:
     """A plain-def call: its name and action, when a thread took it, the thread's CPU clock and reading then."""
 
-    def __init__(self, name: str, action: Action) -> None:
+    def __init__(self, name: str, action: _Action) -> None:
         self.name, self.action, self.started, self.cpu = name, action, None, None
 
 
-class ActionThreads:
+class _ActionThreads:
     """Plain-def actions run in `size` long-lived daemon threads, all started at first use (never one per call). A
     thread running Python code holds the GIL, which the event loop needs to answer every ping: so a call waits its
     turn while CPU_BOUND_AT_ONCE calls burn CPU (or may: they began under 20 ms ago). When every thread is taken,
@@ -702,23 +702,23 @@ class ActionThreads:
     def __init__(self, size: int) -> None:
         self.size, self.threads, self.ticking = size, [], None  # ticking: the loop a look-again is due on
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.waiting: list[tuple[Callable[[], Any], asyncio.Future, Job]] = []
-        self.running: dict[asyncio.Future, Job] = {}  # until its thread is done with it, time limit or not
+        self.waiting: list[tuple[Callable[[], Any], asyncio.Future, _Job]] = []
+        self.running: dict[asyncio.Future, _Job] = {}  # until its thread is done with it, time limit or not
         self.said: set[Any] = set()  # warnings given, each once: "full", "late", or an action (CPU-bound)
 
-    async def run(self, call: Callable[[], Any], job: Job) -> Any:
+    async def run(self, call: Callable[[], Any], job: _Job) -> Any:
         if len(self.running) >= self.size:
             hung = sum(future.done() for future in list(self.running))
             why = "plain-def calls are answered 503 until one returns"
             self.warn(
                 "full", "all %d action threads are taken, %d by calls past their time limit: %s", self.size, hung, why
             )
-            raise GraphError(503, f"all {self.size} action threads are busy")
+            raise _GraphError(503, f"all {self.size} action threads are busy")
         late = [job.name for future, job in list(self.running.items()) if future.done() and self.burns_cpu(job)]
-        if len(late) >= CPU_BOUND_AT_ONCE:  # it would wait for as long as they burn: perhaps for ever
+        if len(late) >= _CPU_BOUND_AT_ONCE:  # it would wait for as long as they burn: perhaps for ever
             why = "plain-def calls are answered 503 until one returns"
             self.warn("late", "CPU-bound calls past their time limit hold the CPU: %s: %s", ", ".join(late), why)
-            raise GraphError(503, "busy: CPU-bound actions past their time limit are still running")
+            raise _GraphError(503, "busy: CPU-bound actions past their time limit are still running")
         while len(self.threads) < self.size:
             self.threads.append(
                 threading.Thread(target=self.work, name=f"bot-action-{len(self.threads) + 1}", daemon=True)
@@ -739,7 +739,7 @@ class ActionThreads:
         loop = asyncio.get_running_loop()
         self.waiting = [waiting for waiting in self.waiting if not waiting[1].done()]  # timed out while waiting
         burning = sum(self.burns_cpu(job) for job in list(self.running.values()))
-        while self.waiting and burning < CPU_BOUND_AT_ONCE and len(self.running) < self.size:
+        while self.waiting and burning < _CPU_BOUND_AT_ONCE and len(self.running) < self.size:
             call, future, job = self.waiting.pop(0)
             self.running[future], job.started = job, time.monotonic()
             self.jobs.put((call, job, future))
@@ -752,7 +752,7 @@ class ActionThreads:
         self.ticking = None
         self.dispatch()
 
-    def burns_cpu(self, job: Job) -> bool:
+    def burns_cpu(self, job: _Job) -> bool:
         """Whether the call began under 20 ms ago, or its thread has been on a CPU a tenth of the time since."""
         elapsed = time.monotonic() - job.started
         if elapsed < 0.02 or job.cpu is None:
@@ -772,7 +772,7 @@ class ActionThreads:
     def warn(self, key: Any, message: str, *args: Any) -> None:
         if key not in self.said:
             self.said.add(key)
-            log.warning(message, *args)
+            _log.warning(message, *args)
 
     def work(self) -> None:
         clock = time.pthread_getcpuclockid(threading.get_ident()) if hasattr(time, "pthread_getcpuclockid") else None
@@ -800,17 +800,17 @@ class ActionThreads:
         self.dispatch()
 
 
-CPU_BOUND_AT_ONCE = 2  # plain-def calls burning CPU at a time: each more delays the event loop's every step
-ACTION_THREADS = ActionThreads(32)  # one pool per process
+_CPU_BOUND_AT_ONCE = 2  # plain-def calls burning CPU at a time: each more delays the event loop's every step
+_ACTION_THREADS = _ActionThreads(32)  # one pool per process
 
 
-class CallbackLedger:
+class _CallbackLedger:
     """This process's answers by messageId: a redelivered callback gets the first answer, so the user never gets a
     second reply. One in flight is never forgotten; a finished one is kept `ttl` seconds, at most `capacity` of them
     and `max_bytes` of their answers. (Other processes do not see it: keep actions idempotent.)"""
 
     def __init__(
-        self, ttl=REMEMBER_SECONDS, capacity=REMEMBERED_CALLBACKS, max_bytes=REMEMBERED_BYTES, clock=time.monotonic
+        self, ttl=_REMEMBER_SECONDS, capacity=_REMEMBERED_CALLBACKS, max_bytes=_REMEMBERED_BYTES, clock=time.monotonic
     ):
         self.ttl, self.capacity, self.max_bytes, self.clock = ttl, capacity, max_bytes, clock
         self.in_flight: dict[str, asyncio.Future] = {}  # messageId -> (status, body), once answered
@@ -823,7 +823,7 @@ class CallbackLedger:
         while self.finished and next(iter(self.finished.values()))[0] < self.clock() - self.ttl:
             self.forget_oldest()
         if message_id in self.finished or message_id in self.in_flight:
-            log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
+            _log.info("callback %s redelivered: answering with the first result, no second reply", message_id)
             if done := self.finished.get(message_id):
                 return done[1], done[2]
             return await asyncio.shield(self.in_flight[message_id])
@@ -846,17 +846,17 @@ class CallbackLedger:
         self.size -= self.finished.popitem(last=False)[1][3]
 
 
-LEDGER = CallbackLedger()  # one per process, for all its connections: DingTalk may redeliver on another one
+_LEDGER = _CallbackLedger()  # one per process, for all its connections: DingTalk may redeliver on another one
 
 
-class ActionHandler(dingtalk_stream.GraphHandler):
+class _ActionHandler(dingtalk_stream.GraphHandler):
     """Serves Graph callbacks: route by tools.yaml to the action, answer as the display mode says, ack the truth."""
 
-    def __init__(self, settings: Settings, operations: Mapping[str, Operation], http: Any, ledger: CallbackLedger):
+    def __init__(self, settings: Settings, operations: Mapping[str, Operation], http: Any, ledger: _CallbackLedger):
         super().__init__()
         self.settings, self.operations, self.http, self.ledger = settings, operations, http, ledger
         endpoint = urlsplit(settings.dingtalk_openapi_endpoint)  # e.g. api.dingtalk.io for overseas tenants
-        self.dingtalk_hosts = DINGTALK_WEBHOOK_HOSTS | ({endpoint.hostname} if endpoint.scheme == "https" else set())
+        self.dingtalk_hosts = _DINGTALK_WEBHOOK_HOSTS | ({endpoint.hostname} if endpoint.scheme == "https" else set())
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
         message_id = callback.headers.message_id
@@ -864,57 +864,57 @@ class ActionHandler(dingtalk_stream.GraphHandler):
             status, body = await self.ledger.answer_once(message_id, lambda: self.answer(callback.data, message_id))
         else:  # nothing to recognise a redelivery by
             status, body = await self.answer(callback.data, "-")
-        return dingtalk_stream.AckMessage.STATUS_OK, graph_response(status, body)
+        return dingtalk_stream.AckMessage.STATUS_OK, _graph_response(status, body)
 
     async def answer(self, data: Any, message_id: str) -> tuple[int, str]:
         """parse -> route -> check parameters -> run the action -> answer as the display mode says."""
         started, route = time.monotonic(), "-"
         try:
-            method, path, params = parse_graph_request(data)
+            method, path, params = _parse_graph_request(data)
             route = f"{method} {path}"
-            operation, path_params = find_operation(self.operations, method, path)
+            operation, path_params = _find_operation(self.operations, method, path)
             params = operation.check(params | path_params)
             webhook = None
             if operation.display == "disabled":  # refused before the action runs
                 url = params.get(operation.webhook or "")
-                webhook = check_webhook(url, self.settings.webhook_allowed_hosts, self.dingtalk_hosts)
+                webhook = _check_webhook(url, self.settings.webhook_allowed_hosts, self.dingtalk_hosts)
             time_limit = self.settings.action_timeout_seconds
-            result = await run_action(operation.action, params, time_limit, operation.takes, route)
+            result = await _run_action(operation.action, params, time_limit, operation.takes, route)
             status, body = 200, await self.deliver(operation, result, webhook)
-        except (GraphError, ActionError) as err:  # a refusal: the call's parameters, or the action's own
-            log.warning("callback %s: %d %s", message_id, err.status, str(err)[:1000])
-            status, body = err.status, failure(str(err)[:1000])
+        except (_GraphError, ActionError) as err:  # a refusal: the call's parameters, or the action's own
+            _log.warning("callback %s: %d %s", message_id, err.status, str(err)[:1000])
+            status, body = err.status, _failure(str(err)[:1000])
         except Exception:  # a bug here must still produce an ack, or DingTalk waits and redelivers
-            log.exception("callback %s: unexpected error", message_id)
-            status, body = 500, failure("internal error")
-        room = ACK_ROOM - 12 * len(message_id)  # (an emoji is 14 bytes as sent, 12 in the ack's header)
-        if len(body) * 14 > room and (size := bytes_as_sent(body)) > room:
-            log.error("callback %s: answer too large: %d bytes as sent, over %d", message_id, size, MAX_ACK_BYTES)
-            status, body = 500, failure("internal error in action: answer too large")  # what the ledger keeps
-        log.info("callback %s %s -> %d in %.0f ms", message_id, route, status, (time.monotonic() - started) * 1000)
+            _log.exception("callback %s: unexpected error", message_id)
+            status, body = 500, _failure("internal error")
+        room = _ACK_ROOM - 12 * len(message_id)  # (an emoji is 14 bytes as sent, 12 in the ack's header)
+        if len(body) * 14 > room and (size := _bytes_as_sent(body)) > room:
+            _log.error("callback %s: answer too large: %d bytes as sent, over %d", message_id, size, _MAX_ACK_BYTES)
+            status, body = 500, _failure("internal error in action: answer too large")  # what the ledger keeps
+        _log.info("callback %s %s -> %d in %.0f ms", message_id, route, status, (time.monotonic() - started) * 1000)
         return status, body
 
     async def deliver(self, operation: Operation, result: Any, webhook: str | None) -> str:
         """The action's result as its operation's display mode asks: the Graph response body."""
         if operation.display == "auto" and isinstance(result, dict | list):
-            return as_json(result, operation.action, "data that is", ensure_ascii=False)
+            return _as_json(result, operation.action, "data that is", ensure_ascii=False)
         elif operation.display == "markdown" and isinstance(result, str):
             return json.dumps({"content": result}, ensure_ascii=False)
         elif operation.display == "disabled" and isinstance(result, str | Card) and webhook:
-            card = result if isinstance(result, Card) else Card(MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
+            card = result if isinstance(result, Card) else Card(_MARKDOWN_CARD_TEMPLATE_ID, {"content": result})
             payload = {"contentType": "ai_card", "content": {"templateId": card.template_id, "cardData": card.data}}
-            data = as_json(payload, operation.action, "a Card whose data is").encode()  # before anything is posted
-            await reply_card(self.http, webhook, data, self.settings.webhook_timeout_seconds)
+            data = _as_json(payload, operation.action, "a Card whose data is").encode()  # before anything is posted
+            await _reply_card(self.http, webhook, data, self.settings.webhook_timeout_seconds)
             return '{"success": true}'
-        log.error(
+        _log.error(
             "action %s returned %s, but %s %s is x-dingtalk-display-result: %s, which expects %s",
-            *(named(operation.action), type(result).__name__, operation.method, operation.path, operation.display),
-            EXPECTED_RESULT[operation.display],
+            *(_named(operation.action), type(result).__name__, operation.method, operation.path, operation.display),
+            _EXPECTED_RESULT[operation.display],
         )
-        raise GraphError(500, "internal error in action")
+        raise _GraphError(500, "internal error in action")
 
 
-def graph_response(status: int, body: str) -> dict[str, Any]:
+def _graph_response(status: int, body: str) -> dict[str, Any]:
     """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
     response = dingtalk_stream.GraphResponse()
     response.status_line.code, response.status_line.reason_phrase = status, HTTPStatus(status).phrase
@@ -922,80 +922,80 @@ def graph_response(status: int, body: str) -> dict[str, Any]:
     return response.to_dict()
 
 
-def failure(reason: str) -> str:
+def _failure(reason: str) -> str:
     return json.dumps({"success": False, "error": reason}, ensure_ascii=False)
 
 
-def as_json(value: Any, action: Action, what: str, ensure_ascii: bool = True) -> str:
+def _as_json(value: Any, action: _Action, what: str, ensure_ascii: bool = True) -> str:
     """`value` as JSON text, or GraphError(500) and one line naming the action and what is not JSON."""
     try:
         return json.dumps(value, ensure_ascii=ensure_ascii, allow_nan=False)
     except Exception as exc:  # a date, a Decimal, NaN, a 5,000-digit int, a cycle, a container that fails to iterate
-        log.error("action %s returned %s not JSON: %s", named(action), what, exc)
-        raise GraphError(500, "internal error in action") from None
+        _log.error("action %s returned %s not JSON: %s", _named(action), what, exc)
+        raise _GraphError(500, "internal error in action") from None
 
 
-def bytes_as_sent(body: str) -> int:
+def _bytes_as_sent(body: str) -> int:
     """The bytes a Graph response of `body` takes in its ack: JSON inside the ack's JSON, so escaped twice."""
-    return len(json.dumps(json.dumps({"response": graph_response(200, body)})))
+    return len(json.dumps(json.dumps({"response": _graph_response(200, body)})))
 
 
 # ----- Reply / 回复：an AI card to the sessionWebhook, only to DingTalk, without blocking the loop -----------
 
-MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID  # the SDK's reply_markdown card
+_MARKDOWN_CARD_TEMPLATE_ID = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID  # the SDK's reply_markdown card
 # AI assistant webhooks live on api.dingtalk.com, chatbot ones on oapi.dingtalk.com: accept both.
-DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
-MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; DingTalk's are a few hundred bytes
+_DINGTALK_WEBHOOK_HOSTS = frozenset({"api.dingtalk.com", "oapi.dingtalk.com"})
+_MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; DingTalk's are a few hundred bytes
 # As the official SDKs send them; without Accept, the open may answer XML (the Node SDK says so).
-USER_AGENT = f"DingTalkStream/1.0 SDK/{SDK_VERSION} Python/{platform.python_version()} dingtalk-skill-bot/{VERSION}"
-HEADERS = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": USER_AGENT}
-SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
-USER_INFO = re.compile(r"(//)[^/@\s]*@")  # user:password@ in a URL, e.g. a proxy's in a library's error
+_USER_AGENT = f"DingTalkStream/1.0 SDK/{SDK_VERSION} Python/{platform.python_version()} dingtalk-skill-bot/{VERSION}"
+_HEADERS = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": _USER_AGENT}
+_SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
+_USER_INFO = re.compile(r"(//)[^/@\s]*@")  # user:password@ in a URL, e.g. a proxy's in a library's error
 
 
-def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+def _redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Hide webhook session tokens, URLs' user:password@ and the given secret values in a log line."""
     for secret in secrets:
         text = text.replace(secret, "***")
-    return USER_INFO.sub(r"\1***@", SESSION_TOKEN.sub(r"\1***", text))
+    return _USER_INFO.sub(r"\1***@", _SESSION_TOKEN.sub(r"\1***", text))
 
 
-def check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=DINGTALK_WEBHOOK_HOSTS) -> str:
+def _check_webhook(url: Any, extra_hosts: frozenset[str] = frozenset(), dingtalk=_DINGTALK_WEBHOOK_HOSTS) -> str:
     """`url` if the bot may POST to it (https on a `dingtalk` host, or an `extra_hosts` "host" or "host:port")."""
     if not url or not isinstance(url, str):
-        raise GraphError(400, "sessionWebhook must be a string" if url else "missing sessionWebhook")
+        raise _GraphError(400, "sessionWebhook must be a string" if url else "missing sessionWebhook")
     try:
         parts = urlsplit(url)
         host, port = (parts.hostname or "").lower(), parts.port
     except ValueError:
-        raise GraphError(400, "sessionWebhook is not a valid URL") from None
+        raise _GraphError(400, "sessionWebhook is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
-        raise GraphError(400, "sessionWebhook is not a valid http(s) URL")
+        raise _GraphError(400, "sessionWebhook is not a valid http(s) URL")
     if host in extra_hosts or parts.netloc.lower() in extra_hosts:
         return url
     if parts.scheme == "https" and host in dingtalk and port in (None, 443):
         return url
-    raise GraphError(400, f"sessionWebhook host {host!r} is not allowed")
+    raise _GraphError(400, f"sessionWebhook host {host!r} is not allowed")
 
 
-WEBSOCKET_SCHEMES = {"wss": "https", "ws": "http"}  # without WSS_PROXY / WS_PROXY, HTTPS_PROXY / HTTP_PROXY
+_WEBSOCKET_SCHEMES = {"wss": "https", "ws": "http"}  # without WSS_PROXY / WS_PROXY, HTTPS_PROXY / HTTP_PROXY
 
 
-def proxy_for(url: str) -> str | None:
+def _proxy_for(url: str) -> str | None:
     """The proxy the standard variables name for `url` (NO_PROXY honoured), read here: aiohttp's trust_env would read
     them, and netrc, in the loop's default pool, where actions' asyncio.to_thread calls can hold every thread."""
-    schemes = {scheme := url.partition(":")[0].lower(), WEBSOCKET_SCHEMES.get(scheme, scheme)}
+    schemes = {scheme := url.partition(":")[0].lower(), _WEBSOCKET_SCHEMES.get(scheme, scheme)}
     if not any(os.environ.get(f"{name}_proxy") or os.environ.get(f"{name.upper()}_PROXY") for name in schemes):
         return None  # the usual case, in a few microseconds
     proxies, parts = urllib.request.getproxies_environment(), urlsplit(url)
     if urllib.request.proxy_bypass_environment(parts.netloc.rpartition("@")[2], proxies):  # "host" or "host:port"
         return None
-    proxy = proxies.get(parts.scheme) or proxies.get(WEBSOCKET_SCHEMES.get(parts.scheme, ""))
+    proxy = proxies.get(parts.scheme) or proxies.get(_WEBSOCKET_SCHEMES.get(parts.scheme, ""))
     socks = (proxy or "").startswith("socks") and parts.scheme in ("http", "https")  # aiohttp speaks no SOCKS
     return None if socks else proxy
 
 
-def secrets_of(settings: Settings) -> tuple[str, ...]:
+def _secrets_of(settings: Settings) -> tuple[str, ...]:
     """What no log line may show: CLIENT_SECRET and each proxy's password, as written and decoded."""
     passwords = []
     for url in urllib.request.getproxies_environment().values():
@@ -1004,7 +1004,7 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
     return (settings.client_secret, *passwords, *map(unquote, passwords))
 
 
-async def lookup(host: str, port: int, family: int = 0) -> list[tuple]:
+async def _lookup(host: str, port: int, family: int = 0) -> list[tuple]:
     """getaddrinfo in a daemon thread of its own. aiohttp and websockets would look up in the loop's default pool,
     where actions' asyncio.to_thread calls run too: six of those hung would hold every lookup of the bot's."""
     loop = asyncio.get_running_loop()
@@ -1022,12 +1022,12 @@ async def lookup(host: str, port: int, family: int = 0) -> list[tuple]:
     return await done
 
 
-class Resolver(aiohttp.abc.AbstractResolver):
+class _Resolver(aiohttp.abc.AbstractResolver):
     """aiohttp's lookups, through lookup()."""
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
         flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
-        found = await lookup(host, port, family)
+        found = await _lookup(host, port, family)
         return [
             {"hostname": host, "host": a[0], "port": a[1], "family": f, "proto": p, "flags": flags}
             for f, _, p, _, a in found
@@ -1037,20 +1037,20 @@ class Resolver(aiohttp.abc.AbstractResolver):
         pass
 
 
-async def post_json(http: aiohttp.ClientSession, url: str, data: bytes, time_limit: float) -> tuple[int, bytes]:
+async def _post_json(http: aiohttp.ClientSession, url: str, data: bytes, time_limit: float) -> tuple[int, bytes]:
     """POST JSON, no redirects: the status and body within `time_limit` s and MAX_ANSWER_BYTES, or an exception."""
     timeout = aiohttp.ClientTimeout(total=time_limit)
-    post = http.post(url, data=data, headers=HEADERS, proxy=proxy_for(url), allow_redirects=False, timeout=timeout)
+    post = http.post(url, data=data, headers=_HEADERS, proxy=_proxy_for(url), allow_redirects=False, timeout=timeout)
     async with post as response:
         body = bytearray()
         async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
             body += chunk
-            if len(body) > MAX_ANSWER_BYTES:  # and this while data keeps coming
-                raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+            if len(body) > _MAX_ANSWER_BYTES:  # and this while data keeps coming
+                raise ValueError(f"answer larger than {_MAX_ANSWER_BYTES} bytes")
         return response.status, bytes(body)
 
 
-def json_object(body: bytes) -> dict[str, Any]:
+def _json_object(body: bytes) -> dict[str, Any]:
     """`body` parsed, if it is a JSON object; else {}."""
     with contextlib.suppress(ValueError, RecursionError):
         answer = json.loads(body)
@@ -1058,17 +1058,17 @@ def json_object(body: bytes) -> dict[str, Any]:
     return {}
 
 
-async def reply_card(http: aiohttp.ClientSession, webhook: str, card: bytes, time_limit: float) -> None:
+async def _reply_card(http: aiohttp.ClientSession, webhook: str, card: bytes, time_limit: float) -> None:
     """POST an AI card (its JSON) to the sessionWebhook; GraphError(502) unless DingTalk took it."""
     try:
-        status, body = await post_json(http, webhook, card, time_limit)
+        status, body = await _post_json(http, webhook, card, time_limit)
     except TimeoutError:
-        log.error("webhook %s timed out after %.1f s", redact(webhook), time_limit)
-        raise GraphError(502, "reply webhook timed out") from None
+        _log.error("webhook %s timed out after %.1f s", _redact(webhook), time_limit)
+        raise _GraphError(502, "reply webhook timed out") from None
     except (aiohttp.ClientError, ValueError) as exc:
         problem = str(exc) or type(exc).__name__
     else:
-        answer, text = json_object(body), body[:200].decode(errors="replace")
+        answer, text = _json_object(body), body[:200].decode(errors="replace")
         if not 200 <= status < 300:  # DingTalk reports some failures (e.g. 300001, expired session) with HTTP 200
             problem = f"HTTP {status}: {text}"
         elif answer.get("errcode") not in (None, 0, "0"):
@@ -1077,40 +1077,40 @@ async def reply_card(http: aiohttp.ClientSession, webhook: str, card: bytes, tim
             problem = f"success: false: {text}"
         else:
             return
-    log.error("webhook %s failed: %s", redact(webhook), redact(problem))
-    raise GraphError(502, "reply webhook failed")
+    _log.error("webhook %s failed: %s", _redact(webhook), _redact(problem))
+    raise _GraphError(502, "reply webhook failed")
 
 
 # ----- Connection / 连接：open, keep alive, answer every frame, reconnect --------------------------------
 
-RECONNECT_MAX_DELAY_SECONDS = 60.0
-HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the backoff
-RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
-RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
-MAX_CALLBACKS_IN_HAND = 500  # per client; past it, a new callback is answered 503 at once
-STOPPED = "the bot stopped before the action finished"  # a 503's reason, whoever answers it
-MAX_FRAME_BYTES = 16 << 20  # DingTalk's frames are a few KiB; websockets' default limit is 1 MiB
+_RECONNECT_MAX_DELAY_SECONDS = 60.0
+_HEALTHY_AFTER_SECONDS = 30.0  # a connection that lived this long resets the backoff
+_RETIRE_WINDOW_SECONDS = 10.0  # DingTalk keeps a connection open this long after sending `disconnect`
+_RETIRED_MAX_DELAY_SECONDS = 4.0  # the longest backoff before replacing a retired connection (+ jitter)
+_MAX_CALLBACKS_IN_HAND = 500  # per client; past it, a new callback is answered 503 at once
+_STOPPED = "the bot stopped before the action finished"  # a 503's reason, whoever answers it
+_MAX_FRAME_BYTES = 16 << 20  # DingTalk's frames are a few KiB; websockets' default limit is 1 MiB
 
 
-class CredentialsRejected(Exception):
+class _CredentialsRejected(Exception):
     """DingTalk refused CLIENT_ID / CLIENT_SECRET (HTTP 401, authFailed)."""
 
 
-class OpenFailed(Exception):
+class _OpenFailed(Exception):
     """Connection open failed for another reason; worth retrying."""
 
 
-class ConnectionDead(Exception):
+class _ConnectionDead(Exception):
     """No pong came in time: the network or DingTalk's end is gone without a word."""
 
 
-def reconnect_delay(failures: int, longest: float = RECONNECT_MAX_DELAY_SECONDS) -> float:
+def _reconnect_delay(failures: int, longest: float = _RECONNECT_MAX_DELAY_SECONDS) -> float:
     """0, then about 1, 2, 4 … `longest` s, each + 0-1 s of jitter that keeps bots and clients out of step."""
     return (0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)) + random.uniform(0, 1)
 
 
 @dataclass
-class Frame:
+class _Frame:
     """A frame in hand: its one ack goes back on the connection that read it."""
 
     message_id: str
@@ -1118,15 +1118,15 @@ class Frame:
     acked: bool = False
 
 
-class Connection:
+class _Connection:
     """One websocket, from its open to its close: it reads its frames and answers each on itself (its frames in
     hand), pings to stay alive, and ends when it closes, when it dies (no pong), or when DingTalk retires it
     (`disconnect`): new callbacks then come on its replacement, and those that still come on it are answered on it
     until it closes (DingTalk closes it RETIRE_WINDOW_SECONDS later)."""
 
-    def __init__(self, websocket: Any, client: StreamClient) -> None:
+    def __init__(self, websocket: Any, client: _StreamClient) -> None:
         self.websocket, self.client, self.opened_at = websocket, client, time.monotonic()
-        self.in_hand: dict[asyncio.Task, Frame] = {}
+        self.in_hand: dict[asyncio.Task, _Frame] = {}
         self.retired = asyncio.Event()  # DingTalk sent `disconnect`
         self.dead = asyncio.Event()  # no pong in time: replaced at once, not after a close handshake it cannot answer
         self.reader: asyncio.Task | None = None
@@ -1149,7 +1149,7 @@ class Connection:
             self.reader.add_done_callback(lambda task: task.cancelled() or task.exception())  # how it ends is no news
             if self.dead.is_set():
                 no_pong = 2 * self.client.settings.keepalive_seconds
-                raise ConnectionDead(f"keepalive ping timeout: no pong within {no_pong:.3g} s")
+                raise _ConnectionDead(f"keepalive ping timeout: no pong within {no_pong:.3g} s")
             return "DingTalk retired the connection (disconnect)"
         self.reader.result()  # raises how it was lost
         return f"connection closed (code {self.websocket.close_code} {self.websocket.close_reason or ''})".strip()
@@ -1162,7 +1162,7 @@ class Connection:
                 async for raw in self.websocket:
                     self.take(raw)
                     if self.retired.is_set() and window.when() is None:
-                        window.reschedule(asyncio.get_running_loop().time() + RETIRE_WINDOW_SECONDS)
+                        window.reschedule(asyncio.get_running_loop().time() + _RETIRE_WINDOW_SECONDS)
         finally:
             pinging.cancel()
             await self.close()
@@ -1192,17 +1192,17 @@ class Connection:
             frame = None
         name = self.client.name
         if not isinstance(frame, dict):
-            log.warning("%s: skipped a frame that is not a JSON object: %s", name, redact(repr(raw)[:200]))
+            _log.warning("%s: skipped a frame that is not a JSON object: %s", name, _redact(repr(raw)[:200]))
             return
         headers = frame.get("headers") if isinstance(frame.get("headers"), dict) else {}
         message_id, kind = str(headers.get("messageId") or "-"), frame.get("type")
         if kind == dingtalk_stream.SystemMessage.TYPE and headers.get("topic") == "disconnect":
             self.retired.set()
-        in_hand = Frame(message_id, is_callback=kind == dingtalk_stream.CallbackMessage.TYPE)
+        in_hand = _Frame(message_id, is_callback=kind == dingtalk_stream.CallbackMessage.TYPE)
         if in_hand.is_callback and (why := self.client.refusal()):
             # DingTalk documents redelivery for EVENT frames only: a Graph call left unacked is most likely lost.
-            log.warning("%s: callback %s answered 503: %s", name, message_id, why)
-            answer = self.send_ack(in_hand, frame_ack(message_id, why, status=503))
+            _log.warning("%s: callback %s answered 503: %s", name, message_id, why)
+            answer = self.send_ack(in_hand, _frame_ack(message_id, why, status=503))
         else:
             answer = self.answer(frame, in_hand)
         task = asyncio.create_task(answer, name=f"frame {message_id}")
@@ -1219,17 +1219,17 @@ class Connection:
         if not self.in_hand:
             self.client.connections.discard(self)
 
-    async def answer(self, frame: dict[str, Any], in_hand: Frame) -> None:
+    async def answer(self, frame: dict[str, Any], in_hand: _Frame) -> None:
         """Answer one frame with its handler and send the ack (cancelled by stop(), it is answered 503 there)."""
         try:
             ack = await self.client.ack_for(frame, in_hand.message_id)
         except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
-            log.exception("%s: frame %s: unexpected error", self.client.name, in_hand.message_id)
-            ack = frame_ack(in_hand.message_id, "internal error", dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION)
+            _log.exception("%s: frame %s: unexpected error", self.client.name, in_hand.message_id)
+            ack = _frame_ack(in_hand.message_id, "internal error", dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION)
         if ack is not None:
             await self.send_ack(in_hand, ack)
 
-    async def send_ack(self, in_hand: Frame, ack: dict[str, Any]) -> None:
+    async def send_ack(self, in_hand: _Frame, ack: dict[str, Any]) -> None:
         """Send a frame's one ack (answers too large to ack were made 500s before)."""
         if in_hand.acked:  # e.g. a callback answered 503 at stop() whose action then returned after all
             return
@@ -1237,7 +1237,7 @@ class Connection:
         try:
             await self.websocket.send(json.dumps(ack))  # ASCII, as the SDK sends it
         except websockets.exceptions.ConnectionClosed:
-            log.warning("%s: ack for %s not sent: the connection closed", self.client.name, in_hand.message_id)
+            _log.warning("%s: ack for %s not sent: the connection closed", self.client.name, in_hand.message_id)
 
     async def answer_late_ones(self, grace: float) -> None:
         """Give up on what is still in hand after the grace period: each callback still gets its one ack, a 503."""
@@ -1245,14 +1245,14 @@ class Connection:
             return
         for task, frame in late.items():
             if frame.is_callback and inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
-                log.warning(
+                _log.warning(
                     "callback %s abandoned: still running after the %.3g s grace period", frame.message_id, grace
                 )
             task.cancel()
         await asyncio.wait(late, timeout=1)
         for frame in late.values():  # one not begun has nothing to say: it gets its 503 too
             if frame.is_callback and not frame.acked:
-                await self.send_ack(frame, frame_ack(frame.message_id, STOPPED, status=503))
+                await self.send_ack(frame, _frame_ack(frame.message_id, _STOPPED, status=503))
 
     async def close(self) -> None:
         """Close the websocket, within its close timeout and a second: one the peer no longer reads (a network gone
@@ -1266,7 +1266,7 @@ class Connection:
             pass
 
 
-class StreamClient(dingtalk_stream.DingTalkStreamClient):
+class _StreamClient(dingtalk_stream.DingTalkStreamClient):
     """The SDK's client (credential, register_callback_handler, handlers, frame classes) with a start() and stop() of
     its own, the same on dingtalk-stream 0.24.3 and 0.24.4b1. It holds a phase and its connections; each connection
     holds the rest."""
@@ -1278,7 +1278,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         # then "serving"; "stopping" once stop() or a cancellation began: no new connection opens
         self.phase = "starting"
         self.stopping = asyncio.Event()  # set with the phase "stopping": it wakes the pause between connections
-        self.connections: set[Connection] = set()  # until each is closed and has answered all it read
+        self.connections: set[_Connection] = set()  # until each is closed and has answered all it read
         self.deadline = math.inf  # set by stop(): a callback that comes later is answered 503 at once
         self.opening: asyncio.Task | None = None  # an open under way, which stop() abandons
         self.failures = 0  # connections in a row that failed or did not stay up HEALTHY_AFTER_SECONDS
@@ -1288,7 +1288,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
     def connected(self) -> bool:
         return any(conn.live for conn in self.connections)
 
-    def in_hand(self) -> dict[asyncio.Task, Connection]:
+    def in_hand(self) -> dict[asyncio.Task, _Connection]:
         return {task: conn for conn in self.connections for task in conn.in_hand}
 
     def begin_stopping(self) -> None:
@@ -1299,7 +1299,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         """Stay connected until stop(); credentials refused before the first connection raise CredentialsRejected."""
         self.pre_start()
         try:
-            connector = aiohttp.TCPConnector(resolver=Resolver())
+            connector = aiohttp.TCPConnector(resolver=_Resolver())
             async with aiohttp.ClientSession(connector=connector) as http:
                 while self.phase != "stopping":
                     await self.connect_and_serve(http)
@@ -1317,7 +1317,7 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         if self.opening is not None:
             self.opening.cancel()
         if in_hand := self.in_hand():
-            log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(in_hand))
+            _log.info("%s: stopping: waiting up to %.3g s for %d callback(s)", self.name, grace, len(in_hand))
         while (in_hand := self.in_hand()) and (left := self.deadline - time.monotonic()) > 0:
             await asyncio.wait(in_hand, timeout=left)
         await asyncio.gather(*(conn.answer_late_ones(grace) for conn in list(self.connections)))
@@ -1334,8 +1334,8 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         """Why a new callback is answered 503 at once instead of being served, if it is."""
         if time.monotonic() >= self.deadline:
             return "the bot is stopping"
-        if sum(len(conn.in_hand) for conn in self.connections) >= MAX_CALLBACKS_IN_HAND:
-            return f"{MAX_CALLBACKS_IN_HAND} callbacks in hand: busy"
+        if sum(len(conn.in_hand) for conn in self.connections) >= _MAX_CALLBACKS_IN_HAND:
+            return f"{_MAX_CALLBACKS_IN_HAND} callbacks in hand: busy"
         return None
 
     async def connect_and_serve(self, http: aiohttp.ClientSession) -> None:
@@ -1355,19 +1355,19 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             self.connections.add(conn)
             self.phase = "serving"
             self.tried.set()
-            log.info("%s: connected", self.name)
+            _log.info("%s: connected", self.name)
             level, problem = logging.INFO, await conn.serve()
-        except CredentialsRejected as exc:
+        except _CredentialsRejected as exc:
             if self.phase == "starting":
                 if self.tried.is_set():  # running() has returned already: nobody else would say why this client ends
-                    log.error("%s: %s", self.name, rejected(exc))
+                    _log.error("%s: %s", self.name, _rejected(exc))
                 raise
             level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
-        except (websockets.exceptions.ConnectionClosed, ConnectionDead) as exc:
+        except (websockets.exceptions.ConnectionClosed, _ConnectionDead) as exc:
             level, problem = logging.WARNING, f"connection lost: {exc}"
         except TimeoutError:
             level, problem = logging.WARNING, "websocket handshake timed out"
-        except (OpenFailed, OSError, ValueError, ImportError, websockets.exceptions.WebSocketException) as exc:
+        except (_OpenFailed, OSError, ValueError, ImportError, websockets.exceptions.WebSocketException) as exc:
             # ValueError: an endpoint websockets cannot use, e.g. a port out of range; ImportError: a SOCKS proxy
             level, problem = logging.WARNING, str(exc) or type(exc).__name__
         finally:
@@ -1377,17 +1377,17 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
             return
         # Only a connection that stayed up a while resets the backoff, so a gateway that closes every new connection
         # at once does not make the bot reconnect in a tight loop; a routine `disconnect` waits at most ~5 s.
-        self.failures = 0 if conn and time.monotonic() - conn.opened_at >= HEALTHY_AFTER_SECONDS else self.failures + 1
-        longest = RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else RECONNECT_MAX_DELAY_SECONDS
-        delay = reconnect_delay(self.failures, longest)
+        self.failures = 0 if conn and time.monotonic() - conn.opened_at >= _HEALTHY_AFTER_SECONDS else self.failures + 1
+        longest = _RETIRED_MAX_DELAY_SECONDS if conn and conn.retired.is_set() else _RECONNECT_MAX_DELAY_SECONDS
+        delay = _reconnect_delay(self.failures, longest)
         if self.phase == "starting" and level == logging.WARNING:
             problem += " (never connected yet: check the network, or HTTPS_PROXY behind a proxy; see"
             problem += " docs/troubleshooting.md#never-connected)"
-        log.log(level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
+        _log.log(level, "%s: %s; reconnecting in %.1f s", self.name, problem, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), delay)
 
-    async def connect(self, http: aiohttp.ClientSession) -> Connection:
+    async def connect(self, http: aiohttp.ClientSession) -> _Connection:
         """An endpoint and a one-time ticket from DingTalk, then the websocket, each within CONNECT_TIMEOUT_SECONDS.
         Not the SDK's open: 0.24.3's blocks the loop without a timeout, and neither says credentials were refused."""
         url = f"{self.settings.dingtalk_openapi_endpoint}/v1.0/gateway/connections/open"
@@ -1396,30 +1396,30 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
         body = {"clientId": self.credential.client_id, "clientSecret": self.credential.client_secret}
         body |= {"subscriptions": subscriptions, "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union", "localIp": ""}
         try:
-            status, raw = await post_json(http, url, json.dumps(body).encode(), time_limit)
+            status, raw = await _post_json(http, url, json.dumps(body).encode(), time_limit)
         except TimeoutError:
-            raise OpenFailed(f"connection open: no answer within {time_limit:.0f} s") from None
+            raise _OpenFailed(f"connection open: no answer within {time_limit:.0f} s") from None
         except (aiohttp.ClientError, ValueError) as exc:
-            raise OpenFailed(f"connection open: {exc or type(exc).__name__}") from None
-        answer, text = json_object(raw), raw[:200].decode(errors="replace")
+            raise _OpenFailed(f"connection open: {exc or type(exc).__name__}") from None
+        answer, text = _json_object(raw), raw[:200].decode(errors="replace")
         if status == 401 or answer.get("code") == "authFailed":
-            raise CredentialsRejected(f"{answer.get('code', status)}: {answer.get('message', text)}")
+            raise _CredentialsRejected(f"{answer.get('code', status)}: {answer.get('message', text)}")
         endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
         if status != 200 or not (isinstance(endpoint, str) and endpoint and isinstance(ticket, str) and ticket):
-            raise OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
+            raise _OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
         parts = urlsplit(endpoint)  # the ticket as a query parameter of its own, whatever the endpoint carries
         url = urlunsplit(parts._replace(query=urlencode([*parse_qsl(parts.query), ("ticket", ticket)])))
         # Keepalive is keep_alive()'s, not websockets' (which waits for the close handshake of a dead connection).
         keepalive = self.settings.keepalive_seconds
         options = {"ping_interval": None, "ping_timeout": None, "close_timeout": min(keepalive, 5)}
-        options |= {"open_timeout": time_limit, "max_size": MAX_FRAME_BYTES}
-        if proxy := proxy_for(url):  # websockets looks up the proxy itself
-            return Connection(await websockets.connect(url, proxy=proxy, **options), self)
+        options |= {"open_timeout": time_limit, "max_size": _MAX_FRAME_BYTES}
+        if proxy := _proxy_for(url):  # websockets looks up the proxy itself
+            return _Connection(await websockets.connect(url, proxy=proxy, **options), self)
         failed = OSError(f"no address for {parts.hostname}")
         port = parts.port or (443 if parts.scheme == "wss" else 80)
-        for *_, address in await lookup(parts.hostname or "", port):  # each in turn, e.g. IPv6's, then IPv4's
+        for *_, address in await _lookup(parts.hostname or "", port):  # each in turn, e.g. IPv6's, then IPv4's
             try:
-                return Connection(
+                return _Connection(
                     await websockets.connect(url, host=address[0], port=address[1], proxy=None, **options), self
                 )
             except OSError as exc:
@@ -1434,21 +1434,21 @@ class StreamClient(dingtalk_stream.DingTalkStreamClient):
                 system = dingtalk_stream.SystemMessage.from_dict(frame)
                 return (await self.system_handler.raw_process(system)).to_dict()
             if kind != dingtalk_stream.CallbackMessage.TYPE:
-                log.warning("%s: ignored a %r frame", self.name, kind)  # EVENT frames come only to event subscribers
+                _log.warning("%s: ignored a %r frame", self.name, kind)  # EVENT frames come only to event subscribers
                 return None
             message = dingtalk_stream.CallbackMessage.from_dict(frame)
         except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # e.g. `data` not JSON
-            log.warning("%s: frame %s is malformed (%s): 400", self.name, message_id, exc)
-            return frame_ack(message_id, f"malformed frame: {exc}", dingtalk_stream.AckMessage.STATUS_BAD_REQUEST)
+            _log.warning("%s: frame %s is malformed (%s): 400", self.name, message_id, exc)
+            return _frame_ack(message_id, f"malformed frame: {exc}", dingtalk_stream.AckMessage.STATUS_BAD_REQUEST)
         if (handler := self.callback_handler_map.get(message.headers.topic)) is None:
-            log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
-            return frame_ack(message_id, "topic not subscribed", dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT)
+            _log.warning("%s: no handler for topic %r: 404", self.name, message.headers.topic)
+            return _frame_ack(message_id, "topic not subscribed", dingtalk_stream.AckMessage.STATUS_NOT_IMPLEMENT)
         return (await handler.raw_process(message)).to_dict()
 
 
-def frame_ack(message_id: str, problem: str, code: int = 200, status: int | None = None) -> dict[str, Any]:
+def _frame_ack(message_id: str, problem: str, code: int = 200, status: int | None = None) -> dict[str, Any]:
     """An ack with `code` and a Graph response of `status` (default: `code`) saying what went wrong."""
-    response = graph_response(status or code, failure(problem[:300]))
+    response = _graph_response(status or code, _failure(problem[:300]))
     headers = {"messageId": message_id, "contentType": "application/json"}
     return {"code": code, "headers": headers, "message": problem[:300], "data": json.dumps({"response": response})}
 
@@ -1458,26 +1458,26 @@ def frame_ack(message_id: str, problem: str, code: int = 200, status: int | None
 
 @contextlib.asynccontextmanager
 async def running(
-    actions: Mapping[str, Action],
+    actions: Mapping[str, _Action],
     tools: str | Path = TOOLS_FILE,
     *,
     settings: Settings | None = None,
     connected_within: float = 30.0,
-) -> AsyncIterator[list[StreamClient]]:
+) -> AsyncIterator[list[_StreamClient]]:
     """The skill inside your own asyncio service, with your actions and tools file (default: tools.yaml beside bot.py)
     and settings (default: the environment and .env). Yields the clients once each is connected, or after
     `connected_within` seconds (saying so); raises ConfigError with the line `python bot.py` would print. On exit it
     finishes the callbacks in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
     if settings is None:
-        read_dotenv()
+        _read_dotenv()
         settings = load_settings()
-    with logging_in_apps(settings):
-        async with serving(settings, load_operations(Path(tools), actions)) as started:
-            await connected(started, connected_within)
+    with _logging_in_apps(settings):
+        async with _serving(settings, load_operations(Path(tools), actions)) as started:
+            await _wait_connected(started, connected_within)
             yield list(started)
 
 
-async def connected(started: Mapping[StreamClient, asyncio.Task], within: float) -> None:
+async def _wait_connected(started: Mapping[_StreamClient, asyncio.Task], within: float) -> None:
     """Once each client's first open has ended, for up to `within` seconds: ConfigError if it cannot start (e.g.
     credentials refused); one that could not connect (a network down) is said so and keeps trying."""
     deadline = time.monotonic() + within
@@ -1490,66 +1490,66 @@ async def connected(started: Mapping[StreamClient, asyncio.Task], within: float)
             tried.cancel()
         if task.done():  # it ended before it connected
             error = task.exception()
-            if isinstance(error, CredentialsRejected):
-                raise ConfigError(rejected(error))
+            if isinstance(error, _CredentialsRejected):
+                raise ConfigError(_rejected(error))
             raise error or ConfigError(f"{client.name} stopped before it connected")
         if client.phase == "starting":
-            log.warning("%s not connected yet: going on; it keeps trying in the background", client.name)
+            _log.warning("%s not connected yet: going on; it keeps trying in the background", client.name)
 
 
-async def serve(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation]) -> int:
+async def _serve_until_stopped(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation]) -> int:
     """serving() until `stop` is set; the exit code: 0, 2 (credentials refused, HEALTH_PORT busy) or 1 (a bug)."""
     try:
-        async with serving(settings, operations) as started:
+        async with _serving(settings, operations) as started:
             stopped = asyncio.create_task(stop.wait())
             try:
                 done, _ = await asyncio.wait([stopped, *started.values()], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopped.cancel()
     except ConfigError as exc:
-        log.error("%s", exc)
+        _log.error("%s", exc)
         return 2
     ended = None if stopped in done else next(iter(done))
     error = ended and not ended.cancelled() and ended.exception()
-    if isinstance(error, CredentialsRejected):
-        log.error("%s", rejected(error))
+    if isinstance(error, _CredentialsRejected):
+        _log.error("%s", _rejected(error))
         return 2
     if ended:
-        log.error("%s ended unexpectedly", ended.get_name(), exc_info=error or None)
+        _log.error("%s ended unexpectedly", ended.get_name(), exc_info=error or None)
     return 1 if ended else 0
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings, operations: Mapping[str, Operation]) -> AsyncIterator[dict[Any, asyncio.Task]]:
+async def _serving(settings: Settings, operations: Mapping[str, Operation]) -> AsyncIterator[dict[Any, asyncio.Task]]:
     """The clients (credential -> client -> handler -> start, as the official example) and the health endpoint;
     yields each client's start() task; on exit they stop, finishing the callbacks in hand first."""
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
     # As many HTTP connections as callbacks in hand, so no reply waits for a free one past its time limit.
-    connector = aiohttp.TCPConnector(limit=MAX_CALLBACKS_IN_HAND * settings.instances, resolver=Resolver())
+    connector = aiohttp.TCPConnector(limit=_MAX_CALLBACKS_IN_HAND * settings.instances, resolver=_Resolver())
     async with aiohttp.ClientSession(connector=connector) as http:
-        clients = [StreamClient(credential, settings, name=f"stream-{n + 1}") for n in range(settings.instances)]
+        clients = [_StreamClient(credential, settings, name=f"stream-{n + 1}") for n in range(settings.instances)]
         for client in clients:
-            handler = ActionHandler(settings, operations, http, LEDGER)
+            handler = _ActionHandler(settings, operations, http, _LEDGER)
             client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, handler)
-        async with health_endpoint(settings, clients), watching_the_loop():
+        async with _health_endpoint(settings, clients), _watching_the_loop():
             started = {client: asyncio.create_task(client.start(), name=client.name) for client in clients}
-            log.info(
+            _log.info(
                 "dingtalk-skill-bot %s (dingtalk-stream %s): serving %d action(s) with %d stream client(s)",
                 *(VERSION, SDK_VERSION, len(operations), len(clients)),
             )
             try:
                 yield started
             finally:
-                draining = asyncio.ensure_future(stop_all(started, settings.shutdown_grace_seconds))
+                draining = asyncio.ensure_future(_stop_all(started, settings.shutdown_grace_seconds))
                 try:
                     await asyncio.shield(draining)
                 except asyncio.CancelledError:  # cancelled again while draining: what is in hand is cancelled now
-                    await stop_all(started, 0)
+                    await _stop_all(started, 0)
                     raise
-    log.info("stopped")
+    _log.info("stopped")
 
 
-async def stop_all(started: Mapping[StreamClient, asyncio.Task], grace: float) -> None:
+async def _stop_all(started: Mapping[_StreamClient, asyncio.Task], grace: float) -> None:
     await asyncio.gather(*(client.stop(grace) for client in started))
     await asyncio.wait(started.values(), timeout=10)
     for task in started.values():  # every outcome collected, so none is reported as "never retrieved"
@@ -1558,7 +1558,7 @@ async def stop_all(started: Mapping[StreamClient, asyncio.Task], grace: float) -
             task.exception()
 
 
-def rejected(error: BaseException) -> str:
+def _rejected(error: BaseException) -> str:
     return (
         f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({error}): check both in the developer console, "
         "your app → 凭证与基础信息 / Credentials & basic info"
@@ -1566,13 +1566,13 @@ def rejected(error: BaseException) -> str:
 
 
 @contextlib.asynccontextmanager
-async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> AsyncIterator[None]:
+async def _health_endpoint(settings: Settings, clients: list[_StreamClient]) -> AsyncIterator[None]:
     """GET /healthz on HEALTH_PORT, if set: 200 when every client is connected, else 503 (and while stopping)."""
 
     async def healthz(_: web.Request) -> web.Response:
-        connected, stopping = sum(c.connected for c in clients), any(c.phase == "stopping" for c in clients)
-        status = "stopping" if stopping else "ok" if connected == len(clients) else "degraded"
-        body = {"status": status, "instances": len(clients), "connected": connected}
+        live, stopping = sum(c.connected for c in clients), any(c.phase == "stopping" for c in clients)
+        status = "stopping" if stopping else "ok" if live == len(clients) else "degraded"
+        body = {"status": status, "instances": len(clients), "connected": live}
         return web.json_response(body, status=200 if status == "ok" else 503)
 
     if not settings.health_port:
@@ -1589,17 +1589,17 @@ async def health_endpoint(settings: Settings, clients: list[StreamClient]) -> As
             await web.TCPSite(runner, settings.health_host, settings.health_port).start()
         except OSError as exc:
             raise ConfigError(f"cannot serve HEALTH_PORT={settings.health_port}: {exc}") from None
-        log.info("health endpoint on http://%s:%d/healthz", settings.health_host, settings.health_port)
+        _log.info("health endpoint on http://%s:%d/healthz", settings.health_host, settings.health_port)
         yield
     finally:
         await runner.cleanup()
 
 
-BLOCKED_SECONDS = 1.0  # code that holds the event loop this long gets a warning
+_BLOCKED_SECONDS = 1.0  # code that holds the event loop this long gets a warning
 
 
 @contextlib.asynccontextmanager
-async def watching_the_loop() -> AsyncIterator[None]:
+async def _watching_the_loop() -> AsyncIterator[None]:
     """Warns once when an action holds the event loop (a blocking call inside an async def stalls keepalive and every
     other callback): the loop renews a mark every 0.25 s, and a thread that finds it late names the action the loop is
     running (its task's name). Said while the loop is held, since it may never let go. Nothing per callback."""
@@ -1608,13 +1608,13 @@ async def watching_the_loop() -> AsyncIterator[None]:
     def watch() -> None:  # in a thread of its own: it must run while the loop does not
         held = False
         while not done.wait(0.25):
-            was_held, held = held, time.monotonic() - mark[0] > BLOCKED_SECONDS
+            was_held, held = held, time.monotonic() - mark[0] > _BLOCKED_SECONDS
             task = asyncio.current_task(loop) if held and not was_held else None
             if task is not None and task.get_name().startswith("action "):
-                log.warning(
+                _log.warning(
                     "%s has held the event loop for over %.3g s, stalling keepalive and every other callback: "
                     "use an async client, or make the action a plain def (it then runs in a worker thread)",
-                    *(task.get_name(), BLOCKED_SECONDS),
+                    *(task.get_name(), _BLOCKED_SECONDS),
                 )
 
     async def renew() -> None:
@@ -1631,11 +1631,11 @@ async def watching_the_loop() -> AsyncIterator[None]:
         renewing.cancel()
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # line ends, controls, lone surrogates
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # line ends, controls, lone surrogates
 
 
-def messages_of(error: BaseException | None) -> Iterator[str]:
+def _messages_of(error: BaseException | None) -> Iterator[str]:
     """The messages and notes of `error`, its causes and contexts, and a group's exceptions: what a traceback shows."""
     seen, left = set(), [error]
     while left:
@@ -1648,12 +1648,12 @@ def messages_of(error: BaseException | None) -> Iterator[str]:
         left += [error.__cause__, error.__context__, *getattr(error, "exceptions", ())]
 
 
-def printable(text: str) -> str:
+def _printable(text: str) -> str:
     """`text` on one line: line ends, control characters and lone surrogates escaped as Python writes them."""
-    return UNPRINTABLE.sub(lambda character: ascii(character.group())[1:-1], text)
+    return _UNPRINTABLE.sub(lambda character: ascii(character.group())[1:-1], text)
 
 
-class RedactingFilter(logging.Filter):
+class _RedactingFilter(logging.Filter):
     """Keeps secrets and webhook session tokens out of every log line, whichever library wrote it, and each message
     on one line: a value it shows is escaped (a path's %0A would otherwise start a forged line)."""
 
@@ -1666,46 +1666,46 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):  # e.g. 0.24.3's logger.exception("unknown exception", e)
             message = f"{record.msg} {record.args!r}"
-        record.msg, record.args = printable(redact(message, self.secrets)), None
+        record.msg, record.args = _printable(_redact(message, self.secrets)), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-            for said in messages_of(record.exc_info[1]):  # each on one line too
-                record.exc_text = record.exc_text.replace(said, printable(said))
+            for said in _messages_of(record.exc_info[1]):  # each on one line too
+                record.exc_text = record.exc_text.replace(said, _printable(said))
         if record.exc_text:
-            record.exc_text = redact(record.exc_text, self.secrets)
+            record.exc_text = _redact(record.exc_text, self.secrets)
         return True
 
 
 @contextlib.contextmanager
-def logging_in_apps(settings: Settings) -> Iterator[None]:
+def _logging_in_apps(settings: Settings) -> Iterator[None]:
     """Embedded, the bot's lines as `python bot.py` prints them: at LOG_LEVEL, redacted, through the app's handlers,
     or a handler of their own where the app has none (uvicorn's defaults leave the root logger without one)."""
-    redacting, level = RedactingFilter(secrets_of(settings)), log.level
-    own = None if logging.getLogger().handlers or log.handlers else logging.StreamHandler()  # (another block's)
-    log.addFilter(redacting)
-    log.setLevel(level or settings.log_level)
+    redacting, level = _RedactingFilter(_secrets_of(settings)), _log.level
+    own = None if logging.getLogger().handlers or _log.handlers else logging.StreamHandler()  # (another block's)
+    _log.addFilter(redacting)
+    _log.setLevel(level or settings.log_level)
     if own is not None:
-        own.setFormatter(logging.Formatter(LOG_FORMAT))
-        log.addHandler(own)
+        own.setFormatter(logging.Formatter(_LOG_FORMAT))
+        _log.addHandler(own)
     try:
         yield
     finally:
-        log.removeFilter(redacting)
-        log.setLevel(level)
+        _log.removeFilter(redacting)
+        _log.setLevel(level)
         if own is not None:
-            log.removeHandler(own)
+            _log.removeHandler(own)
 
 
-def configure_logging(settings: Settings) -> None:
+def _configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(RedactingFilter(secrets_of(settings)))
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.addFilter(_RedactingFilter(_secrets_of(settings)))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # Per-frame websocket debug output drowns everything else; keep it at INFO or above.
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
 
 
-async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
+async def _run_until_signalled(settings: Settings, operations: Mapping[str, Operation]) -> int:
     """serve() until SIGINT, SIGTERM or SIGHUP; a second one exits at once. Whatever actions do, the process ends
     within the grace period and a few seconds."""
     loop, stop, received = asyncio.get_running_loop(), asyncio.Event(), []
@@ -1713,32 +1713,32 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
     def on_signal(signum: int, _: Any) -> None:  # Python's own handler: it runs even while an action holds the loop
         name, held = signal.Signals(signum).name, settings.shutdown_grace_seconds + 10
         if received:
-            exit_now(f"second {name}: exiting without waiting", 128 + signum)
+            _exit_now(f"second {name}: exiting without waiting", 128 + signum)
         # An action that holds the loop holds the grace period's timer too: this one runs in a thread of its own.
         message = f"still running {held:.3g} s after {name}: exiting without waiting"
-        received.append(threading.Timer(held, exit_now, (message, 128 + signum)))
+        received.append(threading.Timer(held, _exit_now, (message, 128 + signum)))
         received[0].daemon = True
         received[0].start()
-        log.info("%s received: finishing in-flight callbacks, then exiting", name)
+        _log.info("%s received: finishing in-flight callbacks, then exiting", name)
         loop.call_soon_threadsafe(stop.set)
 
     for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):  # HUP: terminal closed
         if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored as it started (nohup: HUP): it stays ignored
             signal.signal(signum, on_signal)
     # sys.exit() in a task an action starts (asyncio.gather, create_task) would end the event loop: it ends that task
-    loop.set_task_factory(lambda loop, coro, **options: asyncio.Task(contained(coro), loop=loop, **options))
+    loop.set_task_factory(lambda loop, coro, **options: asyncio.Task(_contained(coro), loop=loop, **options))
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)  # for an action's asyncio.to_thread: its idle workers go at the end
-    exit_code = await serve(settings, stop, operations)
+    exit_code = await _serve_until_stopped(settings, stop, operations)
     for timer in received:  # what is left is bounded below
         timer.cancel()
     threads.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + 1.0
-    while any(left := leftovers()) and time.monotonic() < deadline:  # noqa: ASYNC110 (threads offer nothing to await)
+    while any(left := _leftovers()) and time.monotonic() < deadline:  # noqa: ASYNC110 (threads offer nothing to await)
         await asyncio.sleep(0.05)
     if any(left):  # asyncio.run and the interpreter would wait for them without limit
         threads_left, tasks_left = left
-        log.warning(
+        _log.warning(
             "exiting with %d thread(s) still running, and %d task(s) (an action that did not stop): %s",
             *(len(threads_left), len(tasks_left), ", ".join(threads_left + tasks_left)),
         )
@@ -1752,7 +1752,7 @@ async def run(settings: Settings, operations: Mapping[str, Operation]) -> int:
     return exit_code
 
 
-def exit_now(message: str, code: int) -> None:
+def _exit_now(message: str, code: int) -> None:
     """Exit at once, whatever holds the loop or a lock: the last line goes straight to stderr."""
     try:
         os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} WARNING bot: {message}\n".encode())
@@ -1760,13 +1760,13 @@ def exit_now(message: str, code: int) -> None:
         os._exit(code)
 
 
-def leftovers() -> tuple[list[str], list[str]]:
+def _leftovers() -> tuple[list[str], list[str]]:
     """The threads and tasks that would hold the exit."""
     threads = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
     return threads, [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
 
-def main(actions: Mapping[str, Action]) -> int:
+def main(actions: Mapping[str, _Action]) -> int:
     """`python bot.py`: serve `actions` as tools.yaml beside bot.py describes them, until a signal; the exit code."""
     if sys.argv[1:] == ["--version"]:
         print(f"dingtalk-skill-bot {VERSION} (dingtalk-stream {SDK_VERSION}, Python {platform.python_version()})")
@@ -1778,20 +1778,20 @@ def main(actions: Mapping[str, Action]) -> int:
         )
         return 0 if sys.argv[1:] in (["-h"], ["--help"]) else 2
     try:
-        read_dotenv()
+        _read_dotenv()
         operations = load_operations(TOOLS_FILE, actions)  # a mistake in tools.yaml first, credentials or not
         settings = load_settings()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings)
+    _configure_logging(settings)
     if settings.action_timeout_seconds > 16:
-        log.warning(
+        _log.warning(
             "ACTION_TIMEOUT_SECONDS=%g: DingTalk has been seen to redeliver a callback not acked within about 16 s; "
             "docs/skills.md#slow-backends says what to do with a slower backend",
             settings.action_timeout_seconds,
         )
-    return asyncio.run(run(settings, operations))
+    return asyncio.run(_run_until_signalled(settings, operations))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def lenient_log_formatting(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def fresh_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ledger is one per process: each test starts with an empty one, as each `python bot.py` does."""
-    monkeypatch.setattr(bot, "LEDGER", bot.CallbackLedger())
+    monkeypatch.setattr(bot, "_LEDGER", bot._CallbackLedger())
 
 
 async def _cancel_other_tasks() -> None:
@@ -145,7 +145,7 @@ def start_bot(
     async def run(connected: int | None = None, **overrides: Any) -> AsyncIterator[InProcessBot]:
         settings = settings_for(remote.fake, **overrides)
         stop = asyncio.Event()
-        task = asyncio.create_task(bot.serve(settings, stop, operations()))
+        task = asyncio.create_task(bot._serve_until_stopped(settings, stop, operations()))
         try:
             await remote(remote.fake.wait_connected(settings.instances if connected is None else connected))
             yield InProcessBot(task, stop)
@@ -355,7 +355,7 @@ async def skill(
         result = await remote(fake.invoke(request))
         posts = [post for post in fake.webhook_posts if webhook and webhook.endswith(f"session={post.session}")]
         card = posts[-1].payload["content"] if posts else None  # your own Card's templateId and cardData ...
-        if card and card["templateId"] == bot.MARKDOWN_CARD_TEMPLATE_ID:
+        if card and card["templateId"] == bot._MARKDOWN_CARD_TEMPLATE_ID:
             card = card["cardData"]["content"]  # ... or the markdown, in the built-in card
         return SkillAnswer(result.status, result.body, card)
 

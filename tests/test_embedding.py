@@ -290,7 +290,7 @@ async def test_the_offline_loop_for_an_app_of_your_own_runs_as_the_readme_shows(
 
 
 async def test_credentials_refused_after_a_first_failed_open_are_said_not_silent(fake, remote, caplog, monkeypatch):
-    monkeypatch.setattr(bot, "reconnect_delay", lambda failures, longest=60.0: 0.2)
+    monkeypatch.setattr(bot, "_reconnect_delay", lambda failures, longest=60.0: 0.2)
     fake.open_status = 503  # the first open fails (a network not ready yet): running() returns
     async with bot.running(SAMPLE_ACTIONS, SAMPLE_TOOLS, settings=settings_for(fake)) as clients:
         fake.client_secret, fake.open_status = "rotated", None  # the next one is refused

@@ -264,7 +264,7 @@ async def test_a_burst_of_cpu_bound_plain_def_calls_leaves_the_loop_answering(fa
 async def test_hung_plain_def_calls_take_at_most_the_pool_then_503_at_once_with_one_warning(
     serve_actions, monkeypatch, caplog
 ):
-    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))  # a pool of four, to fill it quickly
+    monkeypatch.setattr(bot, "_ACTION_THREADS", bot._ActionThreads(4))  # a pool of four, to fill it quickly
     release = threading.Event()
     actions = {"/hangs": hangs_until(release), "/quick": echoes, "/async": samples_weather}
     before = set(threading.enumerate())  # whatever other tests left running is not counted below
@@ -289,7 +289,7 @@ async def test_hung_plain_def_calls_take_at_most_the_pool_then_503_at_once_with_
 
 
 async def test_plain_def_calls_waiting_for_their_turn_are_served_in_the_order_they_came(serve_actions, monkeypatch):
-    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(8))
+    monkeypatch.setattr(bot, "_ACTION_THREADS", bot._ActionThreads(8))
     started: list[int] = []
 
     def burns(location: str) -> str:
@@ -327,8 +327,8 @@ async def test_the_bots_lookups_do_not_wait_behind_actions_threads():
     loop, release = asyncio.get_running_loop(), threading.Event()
     hung = [loop.run_in_executor(None, release.wait, 120) for _ in range(40)]  # actions' asyncio.to_thread calls
     try:  # generous bounds: behind those threads, a lookup would wait until they are released, below
-        assert await asyncio.wait_for(bot.lookup("localhost", 80), 30)
-        [first, *_] = await asyncio.wait_for(bot.Resolver().resolve("localhost", 80), 30)
+        assert await asyncio.wait_for(bot._lookup("localhost", 80), 30)
+        [first, *_] = await asyncio.wait_for(bot._Resolver().resolve("localhost", 80), 30)
         assert first["hostname"] == "localhost" and first["port"] == 80
     finally:
         release.set()
@@ -423,7 +423,7 @@ def test_the_redaction_hides_a_proxys_password_in_library_error_text(monkeypatch
     ]
     for text in texts:
         record = logging.LogRecord("aiohttp", logging.ERROR, __file__, 1, "%s", (text,), None)
-        assert bot.RedactingFilter(bot.secrets_of(settings)).filter(record)
+        assert bot._RedactingFilter(bot._secrets_of(settings)).filter(record)
         assert PASSWORD not in record.getMessage() and ENCODED not in record.getMessage()
 
 
@@ -453,12 +453,12 @@ async def test_an_async_def_that_ignores_its_time_limit_is_answered_504_on_time(
 
 def test_a_proxy_url_without_a_scheme_has_its_password_redacted_too(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", f"bot:{ENCODED}@127.0.0.1:3128")  # websockets: "isn't a valid proxy"
-    secrets = bot.secrets_of(bot.Settings(client_id="id", client_secret="client-secret"))
+    secrets = bot._secrets_of(bot.Settings(client_id="id", client_secret="client-secret"))
     assert ENCODED in secrets and PASSWORD in secrets
 
 
 async def test_the_full_pool_warning_is_given_once_while_hung_calls_remain(serve_actions, monkeypatch, caplog):
-    monkeypatch.setattr(bot, "ACTION_THREADS", bot.ActionThreads(4))
+    monkeypatch.setattr(bot, "_ACTION_THREADS", bot._ActionThreads(4))
     release = threading.Event()
 
     def quick(location: str) -> str:

@@ -29,7 +29,7 @@ def weather(fake, session: str | None = None) -> dict:
 @pytest.fixture
 def fast_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retry every 0.2 s, for tests about noticing a fault rather than about the backoff itself."""
-    monkeypatch.setattr(bot, "reconnect_delay", lambda failures, longest=60.0: 0.2)
+    monkeypatch.setattr(bot, "_reconnect_delay", lambda failures, longest=60.0: 0.2)
 
 
 # ----- 1. wrong credentials at start -----
@@ -208,7 +208,7 @@ async def test_a_callback_on_a_lost_connection_still_finishes_before_shutdown(fa
 async def test_past_the_in_flight_limit_callbacks_are_answered_503_at_once_and_the_connection_lives(
     fake, remote, start_bot, monkeypatch, caplog
 ):
-    monkeypatch.setattr(bot, "MAX_CALLBACKS_IN_HAND", 3)
+    monkeypatch.setattr(bot, "_MAX_CALLBACKS_IN_HAND", 3)
     fake.webhooks_held = True  # the replies of the three in hand hang until released, below
     async with start_bot(keepalive_seconds=1.0, webhook_timeout_seconds=60):
         [conn] = fake.live_connections()
@@ -243,7 +243,7 @@ async def test_a_routine_disconnect_soon_after_an_outage_is_replaced_within_seco
 async def test_a_cancelled_client_start_closes_its_connection(fake, remote):
     settings = settings_for(fake)
     credential = dingtalk_stream.Credential(settings.client_id, settings.client_secret)
-    client = bot.StreamClient(credential, settings)
+    client = bot._StreamClient(credential, settings)
     client.register_callback_handler(dingtalk_stream.GraphMessage.TOPIC, dingtalk_stream.GraphHandler())
     started = asyncio.create_task(client.start())
     [conn] = await remote(fake.wait_connected(1))
@@ -374,7 +374,7 @@ async def test_sigterm_during_a_burst_of_20(fake, remote, bot_process, grace):
 
 
 async def test_cancelled_first_delivery_lets_a_redelivery_start_afresh():
-    ledger = bot.CallbackLedger()
+    ledger = bot._CallbackLedger()
     started = asyncio.Event()
 
     async def hangs() -> tuple[int, str]:
@@ -420,10 +420,10 @@ async def test_http_proxy_carries_the_open_the_websocket_and_the_webhook(fake, r
 def test_backoff_stays_bounded_after_any_number_of_failures():
     # 1,025 failures in a row (about 17 h of a 60 s backoff) once overflowed 2.0 ** (failures - 1)
     for failures in (0, 1, 2, 7, 1_025, 10**6, 10**12):
-        delay = bot.reconnect_delay(failures)
+        delay = bot._reconnect_delay(failures)
         assert 0 < delay <= 60 + 1  # RECONNECT_MAX_DELAY_SECONDS, + jitter
-    assert bot.reconnect_delay(1_025) >= 60
-    assert len({bot.reconnect_delay(0) for _ in range(20)}) > 1  # always jittered, even right after a healthy link
+    assert bot._reconnect_delay(1_025) >= 60
+    assert len({bot._reconnect_delay(0) for _ in range(20)}) > 1  # always jittered, even right after a healthy link
 
 
 async def test_gateway_that_disconnects_every_connection_gets_backoff_not_a_storm(fake, remote, start_bot):
@@ -439,7 +439,7 @@ async def test_gateway_that_disconnects_every_connection_gets_backoff_not_a_stor
 
 
 async def test_disconnect_with_callbacks_in_flight_loses_no_ack(fake, remote, start_bot, caplog, monkeypatch):
-    monkeypatch.setattr(bot, "HEALTHY_AFTER_SECONDS", 0.0)  # as if the connection had been up for hours
+    monkeypatch.setattr(bot, "_HEALTHY_AFTER_SECONDS", 0.0)  # as if the connection had been up for hours
     caplog.set_level(logging.INFO, logger="bot")
     fake.webhooks_held = True  # the replies hang until released, below
     async with start_bot():
@@ -466,7 +466,7 @@ async def test_disconnect_with_callbacks_in_flight_loses_no_ack(fake, remote, st
 
 @pytest.mark.parametrize("order", ["disconnect-then-stop", "stop-then-disconnect"])
 async def test_disconnect_around_shutdown_still_acks_everything_in_hand(fake, remote, start_bot, monkeypatch, order):
-    monkeypatch.setattr(bot, "HEALTHY_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(bot, "_HEALTHY_AFTER_SECONDS", 0.0)
     fake.webhook_latency = 1.0
     async with start_bot() as running:
         [conn] = fake.live_connections()
@@ -544,7 +544,7 @@ def answering(status: int, body: str):
 
 async def test_ledger_keeps_finished_results_for_its_ttl_then_forgets_them():
     now = [0.0]
-    ledger = bot.CallbackLedger(ttl=300, capacity=1_000, clock=lambda: now[0])
+    ledger = bot._CallbackLedger(ttl=300, capacity=1_000, clock=lambda: now[0])
     assert await ledger.answer_once("m1", answering(200, "first")) == (200, "first")
     now[0] = 299.0
     assert await ledger.answer_once("m1", answering(200, "second")) == (200, "first")
@@ -554,7 +554,7 @@ async def test_ledger_keeps_finished_results_for_its_ttl_then_forgets_them():
 
 async def test_ledger_never_evicts_a_callback_in_flight():
     now = [0.0]
-    ledger = bot.CallbackLedger(ttl=10, capacity=2, clock=lambda: now[0])
+    ledger = bot._CallbackLedger(ttl=10, capacity=2, clock=lambda: now[0])
     release = asyncio.Event()
 
     async def slow() -> tuple[int, str]:
@@ -615,7 +615,7 @@ async def test_a_frame_over_websockets_default_1_mib_is_read_and_answered(fake, 
 
 
 async def test_ledger_keeps_at_most_max_bytes_of_answers():
-    ledger = bot.CallbackLedger(ttl=300, capacity=1_000, max_bytes=10)
+    ledger = bot._CallbackLedger(ttl=300, capacity=1_000, max_bytes=10)
     for n in range(4):
         await ledger.answer_once(f"m{n}", answering(200, "abcd"))  # 4 characters each
     assert list(ledger.finished) == ["m2", "m3"] and ledger.size == 8
@@ -639,7 +639,7 @@ async def test_a_second_disconnect_is_only_acked(fake, remote, start_bot, caplog
 async def test_a_retired_connection_the_gateway_never_closes_is_closed_after_the_window(
     fake, remote, start_bot, monkeypatch
 ):
-    monkeypatch.setattr(bot, "RETIRE_WINDOW_SECONDS", 0.5)
+    monkeypatch.setattr(bot, "_RETIRE_WINDOW_SECONDS", 0.5)
     fake.retire_close_after = 600  # far past the wait below: the bot closes it
     async with start_bot():
         [conn] = fake.live_connections()
@@ -696,11 +696,11 @@ async def test_webhook_answering_success_false_without_errcode_is_502(fake, remo
 
 def test_the_https_host_of_the_openapi_endpoint_is_a_webhook_host():
     settings = bot.Settings(client_id="id", client_secret="secret", dingtalk_openapi_endpoint="https://api.dingtalk.io")
-    handler = bot.ActionHandler(settings, {}, None, bot.CallbackLedger())
+    handler = bot._ActionHandler(settings, {}, None, bot._CallbackLedger())
     url = "https://api.dingtalk.io/v1.0/me/agent/send?session=s"
-    assert bot.check_webhook(url, settings.webhook_allowed_hosts, handler.dingtalk_hosts) == url
-    with pytest.raises(bot.GraphError, match="not allowed"):
-        bot.check_webhook(url)  # not on the default endpoint's hosts
+    assert bot._check_webhook(url, settings.webhook_allowed_hosts, handler.dingtalk_hosts) == url
+    with pytest.raises(bot._GraphError, match="not allowed"):
+        bot._check_webhook(url)  # not on the default endpoint's hosts
     settings = bot.Settings("id", "secret", dingtalk_openapi_endpoint="http://api.dingtalk.io")
-    plain = bot.ActionHandler(settings, {}, None, bot.CallbackLedger())
+    plain = bot._ActionHandler(settings, {}, None, bot._CallbackLedger())
     assert "api.dingtalk.io" not in plain.dingtalk_hosts  # only an https endpoint's host

@@ -429,7 +429,7 @@ def test_a_missing_tools_yaml_is_a_config_error_naming_the_file(tmp_path):
     ],
 )
 def test_dingtalk_https_webhooks_are_allowed(url):
-    assert bot.check_webhook(url) == url
+    assert bot._check_webhook(url) == url
 
 
 @pytest.mark.parametrize(
@@ -447,23 +447,23 @@ def test_dingtalk_https_webhooks_are_allowed(url):
     ],
 )
 def test_other_webhooks_are_refused(url):
-    with pytest.raises(bot.GraphError) as err:
-        bot.check_webhook(url)
+    with pytest.raises(bot._GraphError) as err:
+        bot._check_webhook(url)
     assert err.value.status == 400
 
 
 @pytest.mark.parametrize("value", [None, "", 42, ["https://api.dingtalk.com/"]])
 def test_missing_or_non_string_webhook_is_400(value):
-    with pytest.raises(bot.GraphError) as err:
-        bot.check_webhook(value)
+    with pytest.raises(bot._GraphError) as err:
+        bot._check_webhook(value)
     assert err.value.status == 400
 
 
 def test_allowed_hosts_add_http_by_host_or_host_and_port():
-    assert bot.check_webhook("http://127.0.0.1:9/a", frozenset({"127.0.0.1"}))
-    assert bot.check_webhook("http://localhost:8080/a", frozenset({"localhost:8080"}))
-    with pytest.raises(bot.GraphError):
-        bot.check_webhook("http://localhost:8081/a", frozenset({"localhost:8080"}))
+    assert bot._check_webhook("http://127.0.0.1:9/a", frozenset({"127.0.0.1"}))
+    assert bot._check_webhook("http://localhost:8080/a", frozenset({"localhost:8080"}))
+    with pytest.raises(bot._GraphError):
+        bot._check_webhook("http://localhost:8081/a", frozenset({"localhost:8080"}))
 
 
 # ----- settings -----
@@ -956,12 +956,12 @@ def test_the_proxy_for_each_request_follows_the_standard_variables(monkeypatch, 
         monkeypatch.delenv(name.upper(), raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert bot.proxy_for(url) == proxy
+    assert bot._proxy_for(url) == proxy
 
 
 async def test_a_lookup_of_a_name_that_does_not_encode_fails_instead_of_never_answering():
     with pytest.raises(ValueError):
-        await asyncio.wait_for(bot.lookup("a" * 64 + ".example.com", 443), 30)  # a generous bound on "never"
+        await asyncio.wait_for(bot._lookup("a" * 64 + ".example.com", 443), 30)  # a generous bound on "never"
 
 
 class SwallowsItsCancellation:
