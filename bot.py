@@ -94,20 +94,11 @@ from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
 from dotenv import find_dotenv, load_dotenv
 from websockets.protocol import State as WebSocketState
 
-__all__ = [
-    "TOOLS_FILE",
-    "VERSION",
-    "ActionError",
-    "Card",
-    "ConfigError",
-    "Operation",
-    "Settings",
-    "load_operations",
-    "load_settings",
-    "main",
-    "running",
-]
-VERSION = "1.0.2"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
+__all__ = [  # what your code may rely on; the rest (a leading underscore) may change when you upgrade
+    "TOOLS_FILE", "VERSION", "ActionError", "Card", "ConfigError", "Operation",
+    "Settings", "load_operations", "load_settings", "main", "running"
+]  # fmt: skip
+VERSION = "1.1.0"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
 _Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
 _log = logging.getLogger("bot")
 
