@@ -1,5 +1,5 @@
-"""What an outside adversarial review of engine 1.0.1 found (fixed in 1.0.2), each held by a test that fails without its fix. The bot is
-reached as users reach it: `python bot.py`, `running()` or the in-process bot, and the fake DingTalk."""
+"""What an outside adversarial review of engine 1.0.1 found (fixed in 1.0.2), each held by a test that fails without
+its fix. The bot is reached as users reach it: `python bot.py`, `running()` or the in-process bot, and the fake."""
 
 from __future__ import annotations
 
