@@ -38,6 +38,7 @@ ACTIONS = {"/v1/actions/leave": get_leave}
 '''
 FENCE = re.compile(r"^# ===== The engine.*$", re.MULTILINE)
 ENGINE_1_0_0_PART = Path(__file__).with_name("fixtures") / "bot_1.0.0_above_the_fence.txt"  # from this repo's history
+TOOLS_1_0_0 = Path(__file__).with_name("fixtures") / "tools_1.0.0.yaml"  # the tools.yaml it shipped with
 
 
 def project_with(tmp_path: Path, above_the_fence: str) -> Path:
@@ -116,6 +117,7 @@ def test_with_the_demo_skills_replaced_by_ones_own_the_suite_passes(tmp_path: Pa
 
 def test_the_part_above_the_fence_of_engine_1_0_0_runs_on_this_engine(tmp_path: Path) -> None:
     project = project_with(tmp_path, ENGINE_1_0_0_PART.read_text(encoding="utf-8"))  # its imports, Card, ActionError
+    shutil.copy(TOOLS_1_0_0, project / "tools.yaml")  # its skills, whatever this project's are now
     version = run(project, "bot.py", "--version", timeout=60)
     assert version.returncode == 0 and version.stdout.startswith(f"dingtalk-skill-bot {bot.VERSION} "), version
     answered = run(project, "-m", "tests.simulate", "杭州", "明天", timeout=60)

@@ -1,6 +1,7 @@
 """README section 4, "How to add an action", runs as written: its function and its line in ACTIONS, its tools.yaml block
-pasted at the end of `paths:`, and its tests (calls through the bot, with the `skill` fixture), added to a copy of the
-project beside the skills already there, pass; the bot answers the new path, and refuses as shown."""
+pasted at the end of `paths:`, and its tests (calls through the bot, with the `skill` fixture), added to the starter as
+shipped (its demo skills, on this engine), pass; the bot answers the new path, and refuses as shown. The starter as
+shipped, not this project: your own skills (or the recipe, followed already) are yours to change."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.test_own_skills import ENGINE_1_0_0_PART, TOOLS_1_0_0, project_with
 
 SECTION = (ROOT / "README.md").read_text(encoding="utf-8").split("## 4. 添加动作")[1].split("\n## 5.")[0]
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", SECTION, re.DOTALL)
@@ -24,8 +26,8 @@ def block(language: str, containing: str) -> str:
 
 
 def test_the_add_an_action_recipe_runs_as_written(tmp_path: Path) -> None:
-    project = tmp_path / "project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
+    project = project_with(tmp_path, ENGINE_1_0_0_PART.read_text(encoding="utf-8"))  # the demo skills as shipped
+    shutil.copy(TOOLS_1_0_0, project / "tools.yaml")
     function, registry = block("python", "def get_stock").split("\n\nACTIONS")
     [line] = [line for line in registry.splitlines() if "get_stock" in line]  # the one line the recipe adds
     bot = (project / "bot.py").read_text(encoding="utf-8")
@@ -47,8 +49,8 @@ def test_the_add_an_action_recipe_runs_as_written(tmp_path: Path) -> None:
     else:
         tools = f"{tools.rstrip()}\n{pasted}\n"
     (project / "tools.yaml").write_text(tools, encoding="utf-8")
-    tests = project / "tests" / "test_actions.py"  # the demos' tests, the author's own, or none once deleted
-    existing = tests.read_text(encoding="utf-8") if tests.exists() else ""
+    tests = project / "tests" / "test_actions.py"  # the recipe's tests alone: the author's own test their own skills
+    existing = ""
     recipe = block("python", "def test_get_stock")
     imported = {alias.name for node in ast.parse(existing).body if isinstance(node, ast.Import) for alias in node.names}
     needed = [name for name in ("pytest", "bot") if f"{name}." in recipe and name not in imported]  # what its tests use
