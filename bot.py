@@ -363,13 +363,10 @@ def _read_operation(spec: dict, where: str, route: str, method: str, action: _Ac
         if entry.get("required") is True:
             schema["required"] = [*schema.get("required", []), entry["name"]]
         query.append(entry["name"])
-    for name, prop in props.items():
-        if "x-dingtalk-context" in prop and not isinstance(prop["x-dingtalk-context"], dict):  # else DingTalk would
+    for name, prop in props.items():  # else DingTalk would not fill it in, and the model could
+        if "x-dingtalk-context" in prop and not isinstance(prop["x-dingtalk-context"], dict):
             raise ConfigError(f"{where}: parameter {name}: indent property and format under its x-dingtalk-context")
-        try:  # each on its own first, to name the parameter whose schema does not compile
-            fastjsonschema.compile(prop)
-        except Exception as exc:
-            raise ConfigError(f"{where}: parameter {name}: {exc}") from None
+    validate = _compiled(schema, where)
     webhook = next((p for p in props if props[p].get("x-dingtalk-context") == _WEBHOOK_CONTEXT), None)
     if display == "disabled" and webhook is None:
         raise ConfigError(
@@ -379,9 +376,22 @@ def _read_operation(spec: dict, where: str, route: str, method: str, action: _Ac
     _check_action(action, props, where)
     template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if _SEGMENT.search(route) else None
     types = {name: _allowed_types(prop) for name, prop in props.items()}
-    validate, takes, query_names = fastjsonschema.compile(schema), _action_parameters(action), frozenset(query)
+    takes, query_names = _action_parameters(action), frozenset(query)
     args = (method.upper(), route, display, action, takes, schema, validate, query_names, types, webhook)
     return Operation(*args, template)
+
+
+def _compiled(schema: dict[str, Any], where: str) -> Callable[[Any], Any]:
+    """The parameters' schema compiled; if it does not compile, the parameter whose schema does not is named."""
+    try:
+        return fastjsonschema.compile(schema)
+    except Exception:
+        for name, prop in schema["properties"].items():
+            try:
+                fastjsonschema.compile(prop)
+            except Exception as exc:
+                raise ConfigError(f"{where}: parameter {name}: {exc}") from None
+        raise
 
 
 def _follow_ref(spec: dict, node: Any, where: str) -> dict:
