@@ -568,11 +568,11 @@ _ACK_ROOM = _MAX_ACK_BYTES - 1024  # for the Graph response: the rest of an ack 
 
 
 class _GraphError(Exception):
-    """Ends a callback with this Graph status; `reason` is safe to show to the caller."""
+    """Ends a callback with this Graph status; its message, the reason, is safe to show to the caller."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
-        self.status, self.reason = status, reason[:1000]  # an ActionError's message can be anything
+        self.status = status
 
 
 def _parse_graph_request(data: Any) -> tuple[str, str, dict[str, Any]]:
@@ -708,16 +708,15 @@ class _ActionThreads:
         self.said: set[Any] = set()  # warnings given, each once: "full", "late", or an action (CPU-bound)
 
     async def run(self, call: Callable[[], Any], job: _Job) -> Any:
+        why = "plain-def calls are answered 503 until one returns"
         if len(self.running) >= self.size:
             hung = sum(future.done() for future in list(self.running))
-            why = "plain-def calls are answered 503 until one returns"
             self.warn(
                 "full", "all %d action threads are taken, %d by calls past their time limit: %s", self.size, hung, why
             )
             raise _GraphError(503, f"all {self.size} action threads are busy")
         late = [job.name for future, job in list(self.running.items()) if future.done() and self.burns_cpu(job)]
         if len(late) >= _CPU_BOUND_AT_ONCE:  # it would wait for as long as they burn: perhaps for ever
-            why = "plain-def calls are answered 503 until one returns"
             self.warn("late", "CPU-bound calls past their time limit hold the CPU: %s: %s", ", ".join(late), why)
             raise _GraphError(503, "busy: CPU-bound actions past their time limit are still running")
         while len(self.threads) < self.size:
