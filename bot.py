@@ -101,6 +101,7 @@ __all__ = [  # what your code may rely on; the rest (a leading underscore) may c
 VERSION = "1.1.0"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
 _Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
 _log = logging.getLogger("bot")
+_HTTP_STATUSES = frozenset(HTTPStatus)
 
 
 # ----- Your contract / 约定：what an action may raise and return ----------------------------------------
@@ -118,7 +119,7 @@ class ActionError(Exception):
     """Refuses a call with your message and a 4xx `status`, no traceback: raise ActionError("工单号格式不对")."""
 
     def __init__(self, message: str, status: int = 400) -> None:
-        if isinstance(status, bool) or status not in {code.value for code in HTTPStatus if 400 <= code < 500}:
+        if isinstance(status, bool) or not (status in _HTTP_STATUSES and 400 <= status < 500):
             raise ValueError(f"ActionError's status is one of HTTP's 4xx codes, not {status!r}")
         super().__init__(message)
         self.status = int(status)
@@ -150,6 +151,7 @@ class Settings:
     keepalive_seconds: float = 5.0
     webhook_allowed_hosts: frozenset[str] = frozenset()  # local testing only: "host" or "host:port"
     dingtalk_openapi_endpoint: str = "https://api.dingtalk.com"
+    forward_url: str | None = None  # operations without an action go to this HTTP service (docs/forwarding.md)
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -193,11 +195,16 @@ def _setting_value(key: str, text: str) -> Any:
         return value
     if name == "log_level" and text.upper() not in _LOG_LEVELS:
         raise ConfigError(f"{key}={text!r} must be one of {', '.join(_LOG_LEVELS)}")
-    if name == "dingtalk_openapi_endpoint" and urlsplit(text).scheme not in ("http", "https"):
-        raise ConfigError(f"{key}={text!r} must start with https:// (or http://)")
+    if name in ("dingtalk_openapi_endpoint", "forward_url"):
+        with contextlib.suppress(ValueError):  # (reading the port checks it is a number)
+            url = urlsplit(text)
+            if url.scheme in ("http", "https") and url.hostname and url.port != 0 and "@" not in url.netloc:
+                if not (url.query or url.fragment):
+                    return text.rstrip("/")
+        raise ConfigError(f"{key}={text!r} must be an http(s) URL with no query, such as http://127.0.0.1:8000")
     if name == "webhook_allowed_hosts":
         return frozenset(entry.strip().lower() for entry in text.split(",") if entry.strip())
-    return {"log_level": text.upper(), "dingtalk_openapi_endpoint": text.rstrip("/")}.get(name, text)
+    return text.upper() if name == "log_level" else text
 
 
 # ----- Operations / 操作：tools.yaml read once at start, each operation joined with its action ---------
@@ -223,7 +230,7 @@ class Operation:
     method: str
     path: str
     display: str  # x-dingtalk-display-result: auto, markdown or disabled
-    action: _Action
+    action: _Action | None  # None: forwarded to FORWARD_URL
     takes: _ActionParameters  # what its action takes
     schema: dict[str, Any]  # its parameters, query, path and body, as one JSON Schema object (draft 7)
     validate: Callable[[Any], Any]  # the schema, compiled
@@ -231,6 +238,7 @@ class Operation:
     types: dict[str, frozenset[str] | None]  # the JSON types each parameter allows (None: any)
     webhook: str | None  # the parameter that carries the sessionWebhook
     template: re.Pattern | None  # for a path with {name} segments: matches it, one group per segment
+    time_limit: float | None  # x-action-timeout-seconds, if it has its own (else ACTION_TIMEOUT_SECONDS)
 
     def check(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """`params` typed and validated, or ActionError (400) naming the parameter and the rule it broke."""
@@ -288,12 +296,14 @@ def _shown(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def load_operations(path: Path | Mapping[str, Any], actions: Mapping[str, _Action]) -> dict[str, Operation]:
+def load_operations(
+    path: Path | Mapping[str, Any], actions: Mapping[str, _Action], *, forwarding: bool = False
+) -> dict[str, Operation]:
     """The tools file (its path, or its description already read) as "METHOD /path" -> Operation, its paths and
-    `actions` matched both ways. What a running bot cannot use is a one-line ConfigError; tests/authoring.py checks
-    the rest while you write."""
+    `actions` matched both ways (`forwarding`: a path without an action is forwarded). What a running bot cannot use
+    is a one-line ConfigError; tests/authoring.py checks the rest while you write."""
     if isinstance(path, Mapping):
-        return _operations_of(path, actions)
+        return _operations_of(path, actions, forwarding)
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -301,15 +311,15 @@ def load_operations(path: Path | Mapping[str, Any], actions: Mapping[str, _Actio
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         problem = " ".join(str(exc).replace('"<unicode string>"', path.name).split()) or "nested too deeply"
         raise ConfigError(f"{path.name} is not valid YAML: {problem}") from None
-    return _operations_of(spec, actions, path.name)
+    return _operations_of(spec, actions, forwarding, path.name)
 
 
-def _operations_of(spec: Any, actions: Mapping[str, _Action], name: str = "tools.yaml") -> dict[str, Operation]:
+def _operations_of(spec: Any, actions: Mapping[str, _Action], forwarding: bool, name: str = "tools.yaml") -> dict:
     """The operations of an OpenAPI description already read (see load_operations)."""
     if not (isinstance(spec, dict) and str(spec.get("openapi", "")).startswith("3.") and spec.get("paths")):
         raise ConfigError(f"{name} is not an OpenAPI 3 description with paths (openapi: 3.0.1, paths: ...)")
-    for route in sorted(spec["paths"].keys() - actions.keys()):  # tests/authoring.py says more: where a path sits
-        hint = _nearest(route, actions)
+    for route in sorted(spec["paths"].keys() - actions.keys() if not forwarding else ()):  # authoring.py: where
+        hint = _nearest(route, actions) or " (and FORWARD_URL is not set)"
         raise ConfigError(f"{name} declares {route}, but ACTIONS in bot.py has no action for it{hint}")
     for route in sorted(actions.keys() - spec["paths"].keys()):
         hint = _nearest(route, spec["paths"])
@@ -319,7 +329,9 @@ def _operations_of(spec: Any, actions: Mapping[str, _Action], name: str = "tools
         where = f"{name}: {method.upper()} {route}"
         try:
             if method in spec["paths"][route]:
-                operations[f"{method.upper()} {route}"] = _read_operation(spec, where, route, method, actions[route])
+                operations[f"{method.upper()} {route}"] = _read_operation(
+                    spec, where, route, method, actions.get(route)
+                )
         except ConfigError:
             raise
         except (ValueError, re.error) as exc:  # a schema fastjsonschema cannot compile
@@ -336,11 +348,16 @@ def _nearest(name: str, names: Any, cutoff: float = 0.8) -> str:
     return f" (did you mean {guess[0]}?)" if guess else ""
 
 
-def _read_operation(spec: dict, where: str, route: str, method: str, action: _Action) -> Operation:
-    """One operation: its display mode, and its query, path and body parameters as one JSON Schema object."""
+def _read_operation(spec: dict, where: str, route: str, method: str, action: _Action | None) -> Operation:
+    """One operation: its display mode, time limit, and its query, path and body parameters as one JSON Schema."""
     op = spec["paths"][route][method]
     if (display := op.get("x-dingtalk-display-result", "auto")) not in _DISPLAY_MODES:  # auto: DingTalk's default
         raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(_DISPLAY_MODES)}")
+    limit = op.get("x-action-timeout-seconds")
+    if limit is not None and not (
+        isinstance(limit, int | float) and not isinstance(limit, bool) and 0.1 <= limit <= 3600
+    ):
+        raise ConfigError(f"{where}: x-action-timeout-seconds must be a number from 0.1 to 3600, not {limit!r}")
     schema: dict[str, Any] = {"type": "object", "properties": {}}
     if "requestBody" in op:
         body = _follow_ref(spec, op["requestBody"]["content"]["application/json"]["schema"], f"{where}: the body")
@@ -373,12 +390,14 @@ def _read_operation(spec: dict, where: str, route: str, method: str, action: _Ac
             f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
             "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
         )
-    _check_action(action, props, where)
+    takes = _action_parameters(action) if action else _ActionParameters(frozenset(), (), True)  # forwarded: all
+    for name in takes.names - props.keys():  # a parameter the action names that tools.yaml does not declare
+        hint = _nearest(name, props, cutoff=0.5)
+        raise ConfigError(f"{_described(action)} takes {name!r}, but {where} does not declare it{hint}")
     template = re.compile(re.sub(r"\\{[^}/]+\\}", "([^/]+)", re.escape(route))) if _SEGMENT.search(route) else None
     types = {name: _allowed_types(prop) for name, prop in props.items()}
-    takes, query_names = _action_parameters(action), frozenset(query)
-    args = (method.upper(), route, display, action, takes, schema, validate, query_names, types, webhook)
-    return Operation(*args, template)
+    args = (method.upper(), route, display, action, takes, schema, validate, frozenset(query), types, webhook)
+    return Operation(*args, template, limit)
 
 
 def _compiled(schema: dict[str, Any], where: str) -> Callable[[Any], Any]:
@@ -528,14 +547,8 @@ def _ecma_class(pattern: str, token: str, where: str) -> str:
     return f"(?:{ahead}[{excluded[-1]}])"  # not in the list, and in every set
 
 
-def _check_action(action: _Action, props: dict[str, Any], where: str) -> None:
-    """Every parameter the action names is declared, or ConfigError naming it and the nearest declared name."""
-    for name in _action_parameters(action).names - props.keys():
-        hint = _nearest(name, props, cutoff=0.5)
-        raise ConfigError(f"{_described(action)} takes {name!r}, but {where} does not declare it{hint}")
-
-
 def _named(action: _Action) -> str:
+    action = action.func if isinstance(action, functools.partial) else action
     return getattr(action, "__name__", type(action).__name__)
 
 
@@ -555,6 +568,11 @@ def _action_parameters(action: _Action) -> _ActionParameters:
 
 # ----- Callback / 回调：parse -> route -> check parameters -> run the action -> answer ------------------
 
+_FORWARDED_ANSWERS = {
+    "auto": "JSON data (application/json)",
+    "markdown": 'text/markdown, text/plain or JSON {"content": ...}',
+    "disabled": "text/markdown or text/plain (for the bot to post), or 204 (it replied itself)",
+}
 _EXPECTED_RESULT = {
     "auto": "data: a dict or list of JSON values (for the assistant's model to present)",
     "markdown": "a str of markdown (shown as is)",
@@ -570,9 +588,9 @@ _ACK_ROOM = _MAX_ACK_BYTES - 1024  # for the Graph response: the rest of an ack 
 class _GraphError(Exception):
     """Ends a callback with this Graph status; its message, the reason, is safe to show to the caller."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, body: str | None = None) -> None:
         super().__init__(reason)
-        self.status = status
+        self.status, self.body = status, body  # body: the Graph body, if not the reason's
 
 
 def _parse_graph_request(data: Any) -> tuple[str, str, dict[str, Any]]:
@@ -620,17 +638,16 @@ def _find_operation(operations: Mapping[str, Operation], method: str, path: str)
     raise _GraphError(404, f"no action for {method} {path}")
 
 
-async def _run_action(
-    action: _Action, params: dict[str, Any], time_limit: float, takes: _ActionParameters | None = None, route: str = ""
-) -> Any:
-    """Call `action` with the parameters its signature names, within `time_limit` seconds, in a task of its own (so
-    that one which ignores cancellation cannot hold its answer back; a plain def runs in a worker thread); GraphError
-    says how it failed."""
-    takes = takes or _action_parameters(action)
+async def _run_action(action: _Action, params: dict[str, Any], operation: Operation, default_limit: float) -> Any:
+    """Call `action` with the parameters its signature names, within its operation's time limit, in a task of its own
+    (so that one which ignores cancellation cannot hold its answer back; a plain def runs in a worker thread);
+    GraphError says how it failed."""
+    takes = operation.takes
     if missing := [name for name in takes.required if name not in params]:
         raise _GraphError(400, f"missing parameter(s): {', '.join(missing)}")
     kwargs = params if takes.takes_all else {k: v for k, v in params.items() if k in takes.names}
-    loop, label = asyncio.get_running_loop(), f"{_named(action)} ({route})" if route else _named(action)
+    loop, label = asyncio.get_running_loop(), f"{_named(action)} ({operation.method} {operation.path})"
+    time_limit = operation.time_limit or default_limit
     deadline = loop.time() + time_limit
     try:
         job = None
@@ -643,8 +660,8 @@ async def _run_action(
         if inspect.isawaitable(result):  # an async def behind a plain decorator, or with async __call__
             result = await _settled(loop.create_task(_contained(result), name=f"action {label}"), deadline)
         return result
-    except (ActionError, _GraphError) as refusal:
-        raise _GraphError(refusal.status, str(refusal)) from None
+    except (ActionError, _GraphError):
+        raise
     except asyncio.CancelledError:
         if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
             raise
@@ -654,7 +671,8 @@ async def _run_action(
             _log.warning("action %s did not start within %.3g s: %s", label, time_limit, _ACTION_THREADS.held_by())
             raise _GraphError(503, "busy: no thread for the action within its time limit") from None
         if isinstance(exc, TimeoutError) and loop.time() >= deadline:  # ours, not one from inside the action
-            _log.error("action %s timed out after %.3g s (ACTION_TIMEOUT_SECONDS)", _named(action), time_limit)
+            setting = "x-action-timeout-seconds" if operation.time_limit else "ACTION_TIMEOUT_SECONDS"
+            _log.error("action %s timed out after %.3g s (%s)", _named(action), time_limit, setting)
             raise _GraphError(504, "action timed out") from None
         _log.exception("action %s failed", _named(action))
     raise _GraphError(500, "internal error in action")
@@ -878,12 +896,13 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
             if operation.display == "disabled":  # refused before the action runs
                 url = params.get(operation.webhook or "")
                 webhook = _check_webhook(url, self.settings.webhook_allowed_hosts, self.dingtalk_hosts)
-            time_limit = self.settings.action_timeout_seconds
-            result = await _run_action(operation.action, params, time_limit, operation.takes, route)
-            status, body = 200, await self.deliver(operation, result, webhook)
+            action = operation.action or functools.partial(self.forward, data, message_id, operation)
+            result = await _run_action(action, params, operation, self.settings.action_timeout_seconds)
+            forwarded = operation.action is None and not isinstance(result, Card)  # its answer as the service gave it
+            status, body = 200, result if forwarded else await self.deliver(operation, result, webhook)
         except (_GraphError, ActionError) as err:  # a refusal: the call's parameters, or the action's own
             _log.warning("callback %s: %d %s", message_id, err.status, str(err)[:1000])
-            status, body = err.status, _failure(str(err)[:1000])
+            status, body = err.status, getattr(err, "body", None) or _failure(str(err)[:1000])
         except Exception:  # a bug here must still produce an ack, or DingTalk waits and redelivers
             _log.exception("callback %s: unexpected error", message_id)
             status, body = 500, _failure("internal error")
@@ -912,6 +931,47 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
             _EXPECTED_RESULT[operation.display],
         )
         raise _GraphError(500, "internal error in action")
+
+    async def forward(self, data: dict[str, Any], message_id: str, operation: Operation) -> str | Card:
+        """The callback as sent, to FORWARD_URL (the bot's checks came first); the service's answer read as the
+        display mode asks: the Graph body, or a Card of its markdown for the bot to post (docs/forwarding.md)."""
+        request, service = dingtalk_stream.GraphRequest.from_dict(data), urlsplit(self.settings.forward_url)
+        loopback = service.hostname in ("localhost", "::1") or service.hostname.startswith("127.")  # never proxied
+        service = service.netloc
+        body = request.body if isinstance(request.body, str) else json.dumps(request.body or {}, ensure_ascii=False)
+        url, sent = self.settings.forward_url + request.request_line.uri, None
+        headers = _FORWARD_HEADERS | {"X-DingTalk-Message-Id": message_id}
+        if operation.method == "POST":
+            sent, headers["Content-Type"] = body.encode(), "application/json; charset=utf-8"
+        try:  # within the operation's time limit, as an action
+            response, raw = await _fetch(self.http, url, sent, None, headers, limit=_MAX_ACK_BYTES, direct=loopback)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: an answer too large to ack
+            _log.error("FORWARD_URL %s: %s", service, _redact(str(exc) or type(exc).__name__))
+            problem = "answer too large" if isinstance(exc, ValueError) else "cannot reach it"
+            raise _GraphError(502, f"FORWARD_URL {service}: {problem}") from None
+        status, kind, mode = response.status, response.content_type, operation.display
+        text, value = raw.decode(response.charset or "utf-8", errors="replace"), None
+        if kind == "application/json" or kind.endswith("+json"):
+            with contextlib.suppress(ValueError, RecursionError):
+                value = json.loads(text)
+        if 400 <= status < 600 and status in _HTTP_STATUSES:  # passed on, with what the service said
+            raise _GraphError(status, text[:1000] or HTTPStatus(status).phrase, text if value is not None else None)
+        ok, is_text = 200 <= status < 300, kind in ("text/markdown", "text/plain")
+        if status == 204 and mode == "disabled":  # it replied itself
+            return '{"success": true}'
+        if ok and isinstance(value, dict | list) and mode == "auto":
+            return text
+        if ok and isinstance(value, dict) and "content" in value and mode == "markdown":
+            return text
+        if ok and is_text and mode == "markdown":
+            return json.dumps({"content": text}, ensure_ascii=False)
+        if ok and is_text and mode == "disabled":
+            return Card(_MARKDOWN_CARD_TEMPLATE_ID, {"content": text})
+        _log.error(
+            "FORWARD_URL %s answered %s %s with HTTP %d %s, but it is x-dingtalk-display-result: %s, which expects %s",
+            *(service, operation.method, operation.path, status, kind, mode, _FORWARDED_ANSWERS[mode]),
+        )
+        raise _GraphError(502, f"FORWARD_URL {service} answered HTTP {status} {kind}")
 
 
 def _graph_response(status: int, body: str) -> dict[str, Any]:
@@ -949,6 +1009,7 @@ _MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; D
 # As the official SDKs send them; without Accept, the open may answer XML (the Node SDK says so).
 _USER_AGENT = f"DingTalkStream/1.0 SDK/{SDK_VERSION} Python/{platform.python_version()} dingtalk-skill-bot/{VERSION}"
 _HEADERS = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": _USER_AGENT}
+_FORWARD_HEADERS = {"Accept": "application/json, text/markdown, text/plain", "User-Agent": _USER_AGENT}
 _SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
 _USER_INFO = re.compile(r"(//)[^/@\s]*@")  # user:password@ in a URL, e.g. a proxy's in a library's error
 
@@ -1037,17 +1098,29 @@ class _Resolver(aiohttp.abc.AbstractResolver):
         pass
 
 
-async def _post_json(http: aiohttp.ClientSession, url: str, data: bytes, time_limit: float) -> tuple[int, bytes]:
-    """POST JSON, no redirects: the status and body within `time_limit` s and MAX_ANSWER_BYTES, or an exception."""
-    timeout = aiohttp.ClientTimeout(total=time_limit)
-    post = http.post(url, data=data, headers=_HEADERS, proxy=_proxy_for(url), allow_redirects=False, timeout=timeout)
-    async with post as response:
+async def _fetch(
+    http: aiohttp.ClientSession,
+    url: str,
+    data: bytes | None,
+    time_limit: float | None,
+    headers: Mapping[str, str] = _HEADERS,
+    *,
+    limit: int = _MAX_ANSWER_BYTES,
+    direct: bool = False,
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    """POST `data` (GET: None), no redirects: the response and its body within `time_limit` s and `limit` bytes,
+    or an exception; `direct`: not through a proxy."""
+    timeout, method, proxy = aiohttp.ClientTimeout(total=time_limit), "GET" if data is None else "POST", None
+    if not direct:
+        proxy = _proxy_for(url)
+    request = http.request(method, url, data=data, headers=headers, proxy=proxy, allow_redirects=False, timeout=timeout)
+    async with request as response:
         body = bytearray()
         async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
             body += chunk
-            if len(body) > _MAX_ANSWER_BYTES:  # and this while data keeps coming
-                raise ValueError(f"answer larger than {_MAX_ANSWER_BYTES} bytes")
-        return response.status, bytes(body)
+            if len(body) > limit:  # and this while data keeps coming
+                raise ValueError(f"answer larger than {limit} bytes")
+        return response, bytes(body)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -1061,7 +1134,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
 async def _reply_card(http: aiohttp.ClientSession, webhook: str, card: bytes, time_limit: float) -> None:
     """POST an AI card (its JSON) to the sessionWebhook; GraphError(502) unless DingTalk took it."""
     try:
-        status, body = await _post_json(http, webhook, card, time_limit)
+        response, body = await _fetch(http, webhook, card, time_limit)
+        status = response.status
     except TimeoutError:
         _log.error("webhook %s timed out after %.1f s", _redact(webhook), time_limit)
         raise _GraphError(502, "reply webhook timed out") from None
@@ -1396,7 +1470,8 @@ class _StreamClient(dingtalk_stream.DingTalkStreamClient):
         body = {"clientId": self.credential.client_id, "clientSecret": self.credential.client_secret}
         body |= {"subscriptions": subscriptions, "ua": f"dingtalk-sdk-python/v{SDK_VERSION}-union", "localIp": ""}
         try:
-            status, raw = await _post_json(http, url, json.dumps(body).encode(), time_limit)
+            response, raw = await _fetch(http, url, json.dumps(body).encode(), time_limit)
+            status = response.status
         except TimeoutError:
             raise _OpenFailed(f"connection open: no answer within {time_limit:.0f} s") from None
         except (aiohttp.ClientError, ValueError) as exc:
@@ -1463,16 +1538,18 @@ async def running(
     *,
     settings: Settings | None = None,
     connected_within: float = 30.0,
+    lifespan: Callable[[], contextlib.AbstractAsyncContextManager] | None = None,
 ) -> AsyncIterator[list[_StreamClient]]:
     """The skill inside your own asyncio service, with your actions and tools file (default: tools.yaml beside bot.py)
     and settings (default: the environment and .env). Yields the clients once each is connected, or after
     `connected_within` seconds (saying so); raises ConfigError with the line `python bot.py` would print. On exit it
-    finishes the callbacks in hand (SHUTDOWN_GRACE_SECONDS) and closes."""
+    finishes the callbacks in hand (SHUTDOWN_GRACE_SECONDS) and closes. `lifespan`: as main()'s."""
     if settings is None:
         _read_dotenv()
         settings = load_settings()
     with _logging_in_apps(settings):
-        async with _serving(settings, load_operations(Path(tools), actions)) as started:
+        operations = load_operations(Path(tools), actions, forwarding=settings.forward_url is not None)
+        async with (lifespan or contextlib.nullcontext)(), _serving(settings, operations) as started:
             await _wait_connected(started, connected_within)
             yield list(started)
 
@@ -1497,10 +1574,12 @@ async def _wait_connected(started: Mapping[_StreamClient, asyncio.Task], within:
             _log.warning("%s not connected yet: going on; it keeps trying in the background", client.name)
 
 
-async def _serve_until_stopped(settings: Settings, stop: asyncio.Event, operations: Mapping[str, Operation]) -> int:
+async def _serve_until_stopped(
+    settings: Settings, stop: asyncio.Event, operations: Mapping, lifespan: Any = None
+) -> int:
     """serving() until `stop` is set; the exit code: 0, 2 (credentials refused, HEALTH_PORT busy) or 1 (a bug)."""
     try:
-        async with _serving(settings, operations) as started:
+        async with (lifespan or contextlib.nullcontext)(), _serving(settings, operations) as started:
             stopped = asyncio.create_task(stop.wait())
             try:
                 done, _ = await asyncio.wait([stopped, *started.values()], return_when=asyncio.FIRST_COMPLETED)
@@ -1509,6 +1588,9 @@ async def _serve_until_stopped(settings: Settings, stop: asyncio.Event, operatio
     except ConfigError as exc:
         _log.error("%s", exc)
         return 2
+    except Exception:  # e.g. lifespan could not open a client
+        _log.exception("the bot could not serve")
+        return 1
     ended = None if stopped in done else next(iter(done))
     error = ended and not ended.cancelled() and ended.exception()
     if isinstance(error, _CredentialsRejected):
@@ -1534,9 +1616,24 @@ async def _serving(settings: Settings, operations: Mapping[str, Operation]) -> A
         async with _health_endpoint(settings, clients), _watching_the_loop():
             started = {client: asyncio.create_task(client.start(), name=client.name) for client in clients}
             _log.info(
-                "dingtalk-skill-bot %s (dingtalk-stream %s): serving %d action(s) with %d stream client(s)",
+                "dingtalk-skill-bot %s (dingtalk-stream %s): serving %d operation(s) with %d stream client(s)",
                 *(VERSION, SDK_VERSION, len(operations), len(clients)),
             )
+            if forwarded := [key for key, operation in operations.items() if operation.action is None]:
+                _log.info(
+                    "forwarding %d operation(s) to %s: %s", len(forwarded), settings.forward_url, ", ".join(forwarded)
+                )
+            limits = {"ACTION_TIMEOUT_SECONDS": settings.action_timeout_seconds}
+            limits |= {
+                f"{key}: x-action-timeout-seconds": op.time_limit for key, op in operations.items() if op.time_limit
+            }
+            for name, limit in limits.items():
+                if limit > 16:
+                    _log.warning(
+                        "%s=%g: DingTalk has been seen to redeliver a callback not acked within about 16 s; "
+                        "docs/skills.md#slow-backends says what to do with a slower backend",
+                        *(name, limit),
+                    )
             try:
                 yield started
             finally:
@@ -1705,7 +1802,7 @@ def _configure_logging(settings: Settings) -> None:
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
 
 
-async def _run_until_signalled(settings: Settings, operations: Mapping[str, Operation]) -> int:
+async def _run_until_signalled(settings: Settings, operations: Mapping[str, Operation], lifespan: Any) -> int:
     """serve() until SIGINT, SIGTERM or SIGHUP; a second one exits at once. Whatever actions do, the process ends
     within the grace period and a few seconds."""
     loop, stop, received = asyncio.get_running_loop(), asyncio.Event(), []
@@ -1729,7 +1826,7 @@ async def _run_until_signalled(settings: Settings, operations: Mapping[str, Oper
     loop.set_task_factory(lambda loop, coro, **options: asyncio.Task(_contained(coro), loop=loop, **options))
     threads = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="bot-thread")
     loop.set_default_executor(threads)  # for an action's asyncio.to_thread: its idle workers go at the end
-    exit_code = await _serve_until_stopped(settings, stop, operations)
+    exit_code = await _serve_until_stopped(settings, stop, operations, lifespan)
     for timer in received:  # what is left is bounded below
         timer.cancel()
     threads.shutdown(wait=False, cancel_futures=True)
@@ -1766,8 +1863,12 @@ def _leftovers() -> tuple[list[str], list[str]]:
     return threads, [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
 
-def main(actions: Mapping[str, _Action]) -> int:
-    """`python bot.py`: serve `actions` as tools.yaml beside bot.py describes them, until a signal; the exit code."""
+def main(
+    actions: Mapping[str, _Action], lifespan: Callable[[], contextlib.AbstractAsyncContextManager] | None = None
+) -> int:
+    """`python bot.py`: serve `actions` as tools.yaml beside bot.py describes them, until a signal; the exit code.
+    `lifespan()`, an async context manager, opens what actions share before the first callback and closes it after
+    the last (docs/skills.md#shared-clients)."""
     if sys.argv[1:] == ["--version"]:
         print(f"dingtalk-skill-bot {VERSION} (dingtalk-stream {SDK_VERSION}, Python {platform.python_version()})")
         return 0
@@ -1779,20 +1880,15 @@ def main(actions: Mapping[str, _Action]) -> int:
         return 0 if sys.argv[1:] in (["-h"], ["--help"]) else 2
     try:
         _read_dotenv()
-        operations = load_operations(TOOLS_FILE, actions)  # a mistake in tools.yaml first, credentials or not
+        forwarding = bool(os.environ.get("FORWARD_URL", "").strip())
+        operations = load_operations(TOOLS_FILE, actions, forwarding=forwarding)  # tools.yaml first, credentials or not
         settings = load_settings()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings)
-    if settings.action_timeout_seconds > 16:
-        _log.warning(
-            "ACTION_TIMEOUT_SECONDS=%g: DingTalk has been seen to redeliver a callback not acked within about 16 s; "
-            "docs/skills.md#slow-backends says what to do with a slower backend",
-            settings.action_timeout_seconds,
-        )
-    return asyncio.run(_run_until_signalled(settings, operations))
+    return asyncio.run(_run_until_signalled(settings, operations, lifespan))
 
 
 if __name__ == "__main__":
-    sys.exit(main(ACTIONS))
+    sys.exit(main(ACTIONS, globals().get("lifespan")))  # (lifespan: if your part above defines one)

@@ -49,7 +49,7 @@ async def test_tools_yaml_path_without_action_exits_2_naming_it_before_any_netwo
     process = await bot_process(bot_env(fake), tools=tools.replace("paths:\n", f"paths:\n{extra}"))
     assert await process.wait() == 2
     assert process.lines == [
-        "error: tools.yaml declares /v1/actions/no-such-action, but ACTIONS in bot.py has no action for it"
+        "error: tools.yaml declares /v1/actions/no-such-action, but ACTIONS in bot.py has no action for it (and FORWARD_URL is not set)"
     ]
     assert fake.open_attempts == 0
 
@@ -178,7 +178,7 @@ async def test_the_first_log_line_names_the_engines_and_the_sdks_versions(fake, 
     await remote(fake.wait_connected(1))
     process.proc.send_signal(signal.SIGTERM)
     assert await process.wait() == 0
-    assert f"bot: dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {SDK_VERSION}): serving 3 action(s)" in (
+    assert f"bot: dingtalk-skill-bot {bot.VERSION} (dingtalk-stream {SDK_VERSION}): serving 3 operation(s)" in (
         process.output
     )
 

@@ -787,7 +787,7 @@ async def test_odd_callables_are_run_and_named(serve_actions, caplog):
     async with serve_actions(actions, action_timeout_seconds=0.2) as call:
         assert (await call("/callable", location="杭州")).body == {"content": "awaited 杭州"}  # its coroutine awaited
         assert (await call("/partial")).status == 504  # not a 500 from a missing __name__
-    assert "action partial timed out" in caplog.text
+    assert "action nap timed out" in caplog.text
 
 
 @pytest.mark.parametrize(
