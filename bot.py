@@ -98,7 +98,7 @@ __all__ = [  # what your code may rely on; the rest (a leading underscore) may c
     "TOOLS_FILE", "VERSION", "ActionError", "Card", "ConfigError", "Operation",
     "Settings", "load_operations", "load_settings", "main", "running"
 ]  # fmt: skip
-VERSION = "1.1.0"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
+VERSION = "1.2.0"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
 _Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
 _log = logging.getLogger("bot")
 _HTTP_STATUSES = frozenset(HTTPStatus)
@@ -390,7 +390,7 @@ def _read_operation(spec: dict, where: str, route: str, method: str, action: _Ac
             f"{where} is x-dingtalk-display-result: disabled, so the bot replies through sessionWebhook, but it "
             "declares no parameter with x-dingtalk-context {property: currentConversation, format: sessionWebhook}"
         )
-    takes = _action_parameters(action) if action else _ActionParameters(frozenset(), (), True)  # forwarded: all
+    takes = _action_parameters(action) if action else _ActionParameters(frozenset(), (), False)  # forwarded: none
     for name in takes.names - props.keys():  # a parameter the action names that tools.yaml does not declare
         hint = _nearest(name, props, cutoff=0.5)
         raise ConfigError(f"{_described(action)} takes {name!r}, but {where} does not declare it{hint}")

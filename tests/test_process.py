@@ -49,7 +49,8 @@ async def test_tools_yaml_path_without_action_exits_2_naming_it_before_any_netwo
     process = await bot_process(bot_env(fake), tools=tools.replace("paths:\n", f"paths:\n{extra}"))
     assert await process.wait() == 2
     assert process.lines == [
-        "error: tools.yaml declares /v1/actions/no-such-action, but ACTIONS in bot.py has no action for it (and FORWARD_URL is not set)"
+        "error: tools.yaml declares /v1/actions/no-such-action, but ACTIONS in bot.py has no action for it"
+        " (and FORWARD_URL is not set)"
     ]
     assert fake.open_attempts == 0
 
