@@ -935,22 +935,25 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
     async def forward(self, data: dict[str, Any], message_id: str, operation: Operation) -> str | Card:
         """The callback as sent, to FORWARD_URL (the bot's checks came first); the service's answer read as the
         display mode asks: the Graph body, or a Card of its markdown for the bot to post (docs/forwarding.md)."""
-        request, service = dingtalk_stream.GraphRequest.from_dict(data), urlsplit(self.settings.forward_url)
-        loopback = service.hostname in ("localhost", "::1") or service.hostname.startswith("127.")  # never proxied
-        service = service.netloc
+        request, base = dingtalk_stream.GraphRequest.from_dict(data), urlsplit(self.settings.forward_url)
+        loopback, service = base.hostname in ("localhost", "::1") or base.hostname.startswith("127."), base.netloc
         body = request.body if isinstance(request.body, str) else json.dumps(request.body or {}, ensure_ascii=False)
-        url, sent = self.settings.forward_url + request.request_line.uri, None
+        uri = urlsplit(request.request_line.uri)  # its path and query as sent (only they: the host is FORWARD_URL's)
+        url, sent = self.settings.forward_url + urlunsplit(("", "", uri.path, uri.query, "")), None
         headers = _FORWARD_HEADERS | {"X-DingTalk-Message-Id": message_id}
         if operation.method == "POST":
             sent, headers["Content-Type"] = body.encode(), "application/json; charset=utf-8"
         try:  # within the operation's time limit, as an action
             response, raw = await _fetch(self.http, url, sent, None, headers, limit=_MAX_ACK_BYTES, direct=loopback)
-        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: an answer too large to ack
-            _log.error("FORWARD_URL %s: %s", service, _redact(str(exc) or type(exc).__name__))
-            problem = "answer too large" if isinstance(exc, ValueError) else "cannot reach it"
-            raise _GraphError(502, f"FORWARD_URL {service}: {problem}") from None
-        status, kind, mode = response.status, response.content_type, operation.display
-        text, value = raw.decode(response.charset or "utf-8", errors="replace"), None
+            text = raw.decode(response.charset or "utf-8", errors="replace")
+        except (aiohttp.ClientError, OSError, ValueError, LookupError) as exc:  # an answer too large, a charset unknown
+            said = str(exc)[:200] or type(exc).__name__
+            problem = (
+                f"cannot reach FORWARD_URL {service}" if isinstance(exc, OSError) else f"FORWARD_URL {service}: {said}"
+            )
+            _log.error("%s (%s)", problem, _redact(said))
+            raise _GraphError(502, problem) from None
+        status, kind, mode, value = response.status, response.content_type, operation.display, None
         if kind == "application/json" or kind.endswith("+json"):
             with contextlib.suppress(ValueError, RecursionError):
                 value = json.loads(text)
