@@ -90,6 +90,7 @@ import fastjsonschema
 import websockets
 import websockets.exceptions  # websockets>=15 loads submodules lazily; bind it before use
 import yaml
+import yarl
 from dingtalk_stream.version import VERSION_STRING as SDK_VERSION
 from dotenv import find_dotenv, load_dotenv
 from websockets.protocol import State as WebSocketState
@@ -201,7 +202,9 @@ def _setting_value(key: str, text: str) -> Any:
             if url.scheme in ("http", "https") and url.hostname and url.port != 0 and "@" not in url.netloc:
                 if not (url.query or url.fragment):
                     return text.rstrip("/")
-        raise ConfigError(f"{key}={text!r} must be an http(s) URL with no query, such as http://127.0.0.1:8000")
+        raise ConfigError(
+            f"{key}={_redact(text)!r} must be an http(s) URL, no user:password@ or query: http://host:port"
+        )
     if name == "webhook_allowed_hosts":
         return frozenset(entry.strip().lower() for entry in text.split(",") if entry.strip())
     return text.upper() if name == "log_level" else text
@@ -354,7 +357,7 @@ def _read_operation(spec: dict, where: str, route: str, method: str, action: _Ac
     if (display := op.get("x-dingtalk-display-result", "auto")) not in _DISPLAY_MODES:  # auto: DingTalk's default
         raise ConfigError(f"{where}: x-dingtalk-display-result must be one of {', '.join(_DISPLAY_MODES)}")
     limit = op.get("x-action-timeout-seconds")
-    if limit is not None and not (
+    if "x-action-timeout-seconds" in op and not (
         isinstance(limit, int | float) and not isinstance(limit, bool) and 0.1 <= limit <= 3600
     ):
         raise ConfigError(f"{where}: x-action-timeout-seconds must be a number from 0.1 to 3600, not {limit!r}")
@@ -940,6 +943,7 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
         body = request.body if isinstance(request.body, str) else json.dumps(request.body or {}, ensure_ascii=False)
         uri = urlsplit(request.request_line.uri)  # its path and query as sent (only they: the host is FORWARD_URL's)
         url, sent = self.settings.forward_url + urlunsplit(("", "", uri.path, uri.query, "")), None
+        url = yarl.URL(url, encoded=re.fullmatch(r"[!-~]+", url) is not None)  # as sent, unless it is not ASCII
         headers = _FORWARD_HEADERS | {"X-DingTalk-Message-Id": message_id}
         if operation.method == "POST":
             sent, headers["Content-Type"] = body.encode(), "application/json; charset=utf-8"
@@ -1103,7 +1107,7 @@ class _Resolver(aiohttp.abc.AbstractResolver):
 
 async def _fetch(
     http: aiohttp.ClientSession,
-    url: str,
+    url: str | yarl.URL,
     data: bytes | None,
     time_limit: float | None,
     headers: Mapping[str, str] = _HEADERS,
@@ -1115,7 +1119,7 @@ async def _fetch(
     or an exception; `direct`: not through a proxy."""
     timeout, method, proxy = aiohttp.ClientTimeout(total=time_limit), "GET" if data is None else "POST", None
     if not direct:
-        proxy = _proxy_for(url)
+        proxy = _proxy_for(str(url))
     request = http.request(method, url, data=data, headers=headers, proxy=proxy, allow_redirects=False, timeout=timeout)
     async with request as response:
         body = bytearray()
