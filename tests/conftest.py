@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import ssl
 import sys
@@ -163,12 +164,17 @@ def serve_actions(
     """`async with serve_actions({"/a": action}, **settings) as call:` serves each action as a POST operation (display
     markdown; its keyword parameters, and any `declared` beside them, in the body, of any JSON type; or GET ones,
     in the query) through
-    bot.running() and the fake; `await call("/a", location="杭州")` answers as DingTalk gets it (a GraphResult)."""
+    bot.running() and the fake; `await call("/a", location="杭州")` answers as DingTalk gets it (a GraphResult).
+    `lifespan=` is handed to bot.running(); a setting such as `forward_url=` goes to Settings."""
     served = itertools.count(1)
 
     @contextlib.asynccontextmanager
     async def serve(
-        actions: dict[str, Callable[..., Any]], declared: tuple[str, ...] = (), method: str = "post", **overrides: Any
+        actions: dict[str, Callable[..., Any]],
+        declared: tuple[str, ...] = (),
+        method: str = "post",
+        lifespan: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[Callable[..., Coroutine[Any, Any, GraphResult]]]:
         paths = {}
         for path, action in actions.items():
@@ -191,7 +197,8 @@ def serve_actions(
         async def call(path: str, **params: Any) -> GraphResult:
             return await remote(remote.fake.invoke(graph_request(path, params, method=method), timeout=60))
 
-        async with bot.running(actions, tools, settings=settings_for(remote.fake, **overrides)):
+        given = {"lifespan": lifespan} if lifespan is not None else {}
+        async with bot.running(actions, tools, settings=settings_for(remote.fake, **overrides), **given):
             yield call
 
     return serve
@@ -200,13 +207,26 @@ def serve_actions(
 # ----- subprocess helpers -----
 
 
+ENGINE_FENCE = re.compile(r"^# ===== The engine.*$", re.MULTILINE)
+
+
 class BotProcess:
     """`python bot.py` as a user runs it, from a copy in a directory of its own (so no developer's .env next to
     the real bot.py is read), serving the sample skills: run_bot.py runs PRELUDE (and a test's own `prelude`),
-    then bot.main(bot.ACTIONS). Its output (stdout+stderr) is collected as it comes."""
+    then bot.main(bot.ACTIONS). Or, given `above_the_fence` (an author's part of bot.py: its ACTIONS, and its
+    `lifespan` if it has one), that copy of bot.py is that part and this engine, run as `python bot.py` itself.
+    Its output (stdout+stderr) is collected as it comes."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, prelude: str = "", tools: str | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        prelude: str = "",
+        tools: str | None = None,
+        above_the_fence: str | None = None,
+    ) -> None:
         self.env, self.workdir, self.prelude, self.tools = env, workdir, prelude, tools
+        self.above_the_fence = above_the_fence
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
@@ -216,8 +236,15 @@ class BotProcess:
         tools = SAMPLE_TOOLS.read_text(encoding="utf-8") if self.tools is None else self.tools
         if tools:  # "" for no tools.yaml at all
             (self.workdir / "tools.yaml").write_text(tools, encoding="utf-8")
-        script = "run_bot.py"
-        (self.workdir / script).write_text(f"{PRELUDE}\n{self.prelude}\nraise SystemExit(bot.main(bot.ACTIONS))\n")
+        if self.above_the_fence is not None:
+            source = (ROOT / "bot.py").read_text(encoding="utf-8")
+            [fence] = ENGINE_FENCE.finditer(source)
+            engine = self.above_the_fence + source[fence.start() :]
+            (self.workdir / "bot.py").write_text(engine, encoding="utf-8")
+            script = "bot.py"
+        else:
+            script = "run_bot.py"
+            (self.workdir / script).write_text(f"{PRELUDE}\n{self.prelude}\nraise SystemExit(bot.main(bot.ACTIONS))\n")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             script,
@@ -256,8 +283,10 @@ class BotProcess:
 async def bot_process(tmp_path: Path) -> AsyncIterator[Callable[..., Coroutine[Any, Any, BotProcess]]]:
     started: list[BotProcess] = []
 
-    async def launch(env: dict[str, str], prelude: str = "", tools: str | None = None) -> BotProcess:
-        process = await BotProcess(env, tmp_path, prelude, tools).start()
+    async def launch(
+        env: dict[str, str], prelude: str = "", tools: str | None = None, above_the_fence: str | None = None
+    ) -> BotProcess:
+        process = await BotProcess(env, tmp_path, prelude, tools, above_the_fence).start()
         started.append(process)
         return process
 
