@@ -3,9 +3,11 @@
 bot.py checks at start only what a running bot needs (paths and actions in step, parameters it can read, a schema
 that compiles). This adds what only helps while you write: an annotation that disagrees with the declared type,
 a schema keyword or format the validator would not enforce, `multipleOf` <= 0, keywords beside a `$ref` (ignored),
-a default that breaks its own schema, a key given twice, and OpenAPI's own structural rules. `python -m pytest`
-runs it on your tools.yaml and ACTIONS (tests/test_authoring.py); `python -m tests.simulate` runs it before it
-simulates. Each problem is one line: the file, the function or parameter, and the fix.
+a default that breaks its own schema, a key given twice, an x-action-timeout-seconds where bot.py never reads it, and
+OpenAPI's own structural rules. With FORWARD_URL set, a path without an action is forwarded: it has no function to
+check, and the rest is checked all the same. `python -m pytest` runs it on your tools.yaml and ACTIONS
+(tests/test_authoring.py); `python -m tests.simulate` runs it before it simulates. Each problem is one line: the file,
+the function or parameter, and the fix.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
 import re
 import types
 import typing
@@ -22,6 +25,7 @@ from typing import Any
 
 import fastjsonschema
 import yaml
+from dotenv import dotenv_values
 from openapi_spec_validator import validate as validate_openapi
 
 import bot
@@ -38,6 +42,7 @@ FORMATS |= {"int32", "int64"}  # enforced as bounds
 
 
 Action = Callable[..., Any]
+TIME_LIMIT = "x-action-timeout-seconds"  # an operation's own time limit, read by bot.py
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -52,17 +57,41 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, Action] | None = None) -> dict[str, Any]:
-    """The operations of the tools file at `path` for `actions` (default bot.ACTIONS), as bot.py reads them, after
-    every authoring rule: ConfigError, one line, for the first one broken."""
+def setting(name: str, env: Mapping[str, str] = os.environ, folder: Path = bot.TOOLS_FILE.parent) -> Any:
+    """The setting `name` (say "forward_url") as bot.py in `folder` would start with it: from its environment variable,
+    else from the .env beside bot.py (or above it); checked by bot.py's own rules (ConfigError), its default if unset.
+    Only that one is read: the credentials need not be set to write or try a skill."""
+    key = name.upper()
+    if key in env:  # set, even empty: .env does not override it
+        text = env[key]
+    else:
+        found = next((where / ".env" for where in (folder, *folder.parents) if (where / ".env").is_file()), None)
+        try:
+            text = (dotenv_values(found).get(key) or "") if found else ""
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{found} is not UTF-8 ({exc.reason}): save it as UTF-8") from None
+    return getattr(bot.load_settings({"CLIENT_ID": "-", "CLIENT_SECRET": "-", key: text}), name)
+
+
+def forwarding() -> bool:
+    """Whether bot.py here forwards the operations that have no action (FORWARD_URL is set)."""
+    return setting("forward_url") is not None
+
+
+def check_file(
+    path: Path = bot.TOOLS_FILE, actions: Mapping[str, Action] | None = None, forwarding: bool = False
+) -> dict[str, Any]:
+    """The operations of the tools file at `path` for `actions` (default bot.ACTIONS), as bot.py reads them (with
+    `forwarding`, as it does when FORWARD_URL is set), after every authoring rule: ConfigError, one line, for the
+    first one broken."""
     actions = bot.ACTIONS if actions is None else actions
     try:
         spec = yaml.load(path.read_text(encoding="utf-8"), UniqueKeyLoader)
     except yaml.constructor.ConstructorError as exc:
         raise ConfigError(f"{path.name} is not valid YAML: {' '.join(str(exc).split())}") from None
     except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
-        return bot.load_operations(path, actions)  # it says what is wrong, as it would at start
-    operations = check_spec(spec, actions, path.name, path)
+        return bot.load_operations(path, actions, forwarding=forwarding)  # it says what is wrong, as it would at start
+    operations = check_spec(spec, actions, path.name, path, forwarding)
     try:
         validate_openapi(spec)
     except Exception as exc:  # openapi-spec-validator's errors carry the whole schema: its first line is enough
@@ -71,10 +100,14 @@ def check_file(path: Path = bot.TOOLS_FILE, actions: Mapping[str, Action] | None
 
 
 def check_spec(
-    spec: Any, actions: Mapping[str, Action], name: str = "tools.yaml", path: Path | None = None
+    spec: Any,
+    actions: Mapping[str, Action],
+    name: str = "tools.yaml",
+    path: Path | None = None,
+    forwarding: bool = False,
 ) -> dict[str, Any]:
     """The schema rules, the operations as bot.load_operations reads them, then the rules of defaults and signatures
-    (not OpenAPI's structural ones)."""
+    (not OpenAPI's structural ones); a forwarded operation has no signature to check."""
     try:
         check_paths(spec, actions, name)
         check_structure(spec, name)
@@ -83,12 +116,13 @@ def check_spec(
         raise
     except Exception:  # a tools.yaml bot.py cannot read: it says why, below
         pass
-    operations = bot.load_operations(spec if path is None else path, actions)
+    operations = bot.load_operations(spec if path is None else path, actions, forwarding=forwarding)
     for operation in operations.values():
         where = f"{name}: {operation.method} {operation.path}"
         for parameter, schema in operation.schema["properties"].items():
             check_defaults(schema, f"{where}: parameter {parameter}")
-        check_signature(operation.action, operation.schema["properties"], where)
+        if operation.action is not None:  # else forwarded: the service takes what it takes
+            check_signature(operation.action, operation.schema["properties"], where)
     return operations
 
 
@@ -112,6 +146,10 @@ def check_paths(spec: dict, actions: Mapping[str, Action], name: str) -> None:
 def check_structure(spec: dict, name: str) -> None:
     """OpenAPI's structure where bot.py reads it, in tools.yaml's terms."""
     for route, item in spec["paths"].items():
+        if isinstance(item, dict) and TIME_LIMIT in item:  # bot.py reads it from an operation only
+            raise ConfigError(
+                f"{name}: {route}: {TIME_LIMIT} goes under get: or post:, beside x-dingtalk-display-result"
+            )
         for method, op in item.items():
             if method in ("parameters", "summary", "description", "servers") or str(method).startswith(("x-", "/")):
                 continue  # (a path indented under another: check_paths says where it is)

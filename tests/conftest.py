@@ -363,12 +363,16 @@ async def skill(
     """`answer = await skill("/v1/actions/stock", symbol="AAPL", days=5)` calls one of bot.py's own operations
     (ACTIONS and tools.yaml) through the real bot and the local fake DingTalk, as the assistant calls it: the values
     checked against the operation's schema and typed, the result answered in its display mode. Context values
-    (userId...) are passed like the others; a path served by more than one method is written "GET /v1/..."."""
+    (userId...) are passed like the others; a path served by more than one method is written "GET /v1/...". With
+    FORWARD_URL set (the environment or .env, as for python bot.py), an operation without an action is forwarded to
+    it, as python bot.py would: your service has to be running for a call of one."""
     import json
 
+    from tests import authoring
     from tests.fake_dingtalk import graph_request
 
-    operations = bot.load_operations(bot.TOOLS_FILE, bot.ACTIONS)
+    forward_url = authoring.setting("forward_url")
+    operations = bot.load_operations(bot.TOOLS_FILE, bot.ACTIONS, forwarding=forward_url is not None)
 
     async def call(route: str, /, **params: Any) -> SkillAnswer:
         method, _, path = route.rpartition(" ")
@@ -388,5 +392,5 @@ async def skill(
             card = card["cardData"]["content"]  # ... or the markdown, in the built-in card
         return SkillAnswer(result.status, result.body, card)
 
-    async with bot.running(bot.ACTIONS, bot.TOOLS_FILE, settings=settings_for(fake)):
+    async with bot.running(bot.ACTIONS, bot.TOOLS_FILE, settings=settings_for(fake, forward_url=forward_url)):
         yield call

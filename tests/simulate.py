@@ -14,6 +14,7 @@
     python -m tests.simulate --tools my_tools.yaml --actions my_skills:ACTIONS ...  # skills of your own module
     python -m tests.simulate --fake http://127.0.0.1:8765 ...          # to the bot or app connected to a fake
                                                                        # started by python -m tests.fake_dingtalk
+    FORWARD_URL=http://127.0.0.1:8000 python -m tests.simulate ...     # paths without an action: to your service
 
 It starts the fake DingTalk from tests/fake_dingtalk.py on 127.0.0.1, runs the unmodified bot.py
 against it (as `python bot.py`, with dummy credentials; with --tools or --actions, those skills through
@@ -21,6 +22,8 @@ bot.running(), as tests/serve_skills.py does), builds the Graph callback for the
 as bot.py itself reads tools.yaml (bot.load_operations), and prints what the user would see for the
 operation's x-dingtalk-display-result: the card posted to the sessionWebhook (disabled), the markdown
 result card (markdown) or the data for the assistant's model (auto); then the Graph response in the ack.
+With FORWARD_URL set (the environment, or .env beside bot.py), the bot forwards each operation without an action
+to that HTTP service (docs/forwarding.md), as `python bot.py` would: start your service first.
 Exit code: 0 when every call was answered 200 as its mode expects, 1 otherwise, 2 for bad arguments.
 """
 
@@ -41,6 +44,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import dingtalk_stream
@@ -82,10 +86,13 @@ class UsageError(Exception):
 # ----- the operations of tools.yaml, as bot.py reads them -----
 
 
-def load_operations(tools: Path = bot.TOOLS_FILE, actions: dict[str, Any] | None = None) -> dict[str, bot.Operation]:
-    """The tools file's operations exactly as bot.py reads them at start ("METHOD /path" -> Operation), after the
-    authoring check (tests/authoring.py): what you would get wrong while writing a skill is said first."""
-    return authoring.check_file(tools, actions)
+def load_operations(
+    tools: Path = bot.TOOLS_FILE, actions: dict[str, Any] | None = None, forwarding: bool = False
+) -> dict[str, bot.Operation]:
+    """The tools file's operations exactly as bot.py reads them at start ("METHOD /path" -> Operation; with
+    `forwarding`, as with FORWARD_URL set), after the authoring check (tests/authoring.py): what you would get wrong
+    while writing a skill is said first."""
+    return authoring.check_file(tools, actions, forwarding)
 
 
 def pick_operation(operations: dict[str, bot.Operation], path: str | None) -> bot.Operation:
@@ -237,7 +244,7 @@ def context_values(operation: bot.Operation, pairs: list[str]) -> dict[str, str]
             raise UsageError(
                 f"--context {name}: {where} declares no x-dingtalk-context parameter {name} (it has: {known})"
             )
-        if name not in operation.takes.names and not operation.takes.takes_all:
+        if operation.action is not None and name not in operation.takes.names and not operation.takes.takes_all:
             action = getattr(operation.action, "__name__", type(operation.action).__name__)
             raise UsageError(f"--context {name}: {action}() does not take {name}, so it would never see the value")
         values[name] = value
@@ -251,7 +258,8 @@ def build_callback(
     webhook: str,
     context: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The Graph callback DingTalk would push for this call, with its context parameters filled in."""
+    """The Graph callback DingTalk would push for this call, with its context parameters filled in and the values of
+    its path's {name} segments in the path."""
     values = dict(params)
     for param in context_parameters(operation):
         prop, fmt = param.context.get("property"), param.context.get("format")  # type: ignore[union-attr]
@@ -263,15 +271,33 @@ def build_callback(
             values[param.name] = raw_input
         else:
             values[param.name] = DEMO_CONTEXT.get((prop, fmt), f"demo-{fmt}")
-    return graph_request(operation.path, values, method=operation.method)
+    path = operation.path
+    for name in re.findall(r"{([^}/]+)}", path):
+        if name in values:
+            path = path.replace(f"{{{name}}}", quote(str(values.pop(name)), safe=""))
+    return graph_request(path, values, method=operation.method)
 
 
-def describe(operations: dict[str, bot.Operation], name: str = "tools.yaml") -> str:
-    """--list: each operation's method, path, display mode and parameters, with every rule they carry."""
-    blocks = [f"{name} declares {len(operations)} operation(s):"]
+def describe(
+    operations: dict[str, bot.Operation],
+    name: str = "tools.yaml",
+    forward_url: str | None = None,
+    time_limit: float = bot.Settings.action_timeout_seconds,
+) -> str:
+    """--list: each operation's method, path, display mode, time limit, where it is served (with FORWARD_URL) and
+    parameters, with every rule they carry."""
+    forwarded = sum(operation.action is None for operation in operations.values())
+    said = f"; {forwarded} forwarded to {forward_url} (no action in ACTIONS)" if forwarded else ""
+    blocks = [f"{name} declares {len(operations)} operation(s){said}:"]
     for operation in operations.values():
         lines = [f"{operation.method} {operation.path}"]
         lines.append(f"    display: {operation.display} — {DISPLAY_LABELS[operation.display]}")
+        if operation.time_limit is not None:
+            lines.append(f"    time limit: {operation.time_limit:g} s (x-action-timeout-seconds)")
+        else:
+            lines.append(f"    time limit: {time_limit:g} s (ACTION_TIMEOUT_SECONDS)")
+        if operation.action is None:
+            lines.append(f"    forwarded to {forward_url}{operation.path}")
         user, context = user_parameters(operation), context_parameters(operation)
         where = "query string" if operation.method == "GET" else "JSON body"
         lines.append(f"    parameters ({where}):" if user else "    parameters: none")
@@ -388,9 +414,11 @@ class Simulator:
         context: dict[str, str] | None = None,
         fake_url: str | None = None,
         serve: list[str] | None = None,
+        forward_url: str | None = None,
     ) -> None:
         self.operation, self.verbose, self.timeout, self.context = operation, verbose, timeout, context or {}
         self.fake_url, self.serve = fake_url, serve  # serve: `python -m tests.serve_skills` arguments, or None
+        self.forward_url = forward_url  # FORWARD_URL, for the bot it starts: where operations without an action go
         self.fake = FakeDingTalk(client_id="simulator-client-id", client_secret="simulator-client-secret")
         self.bot: asyncio.subprocess.Process | None = None
         self.bot_output: list[str] = []
@@ -421,6 +449,8 @@ class Simulator:
             )
         # set even where empty, so a .env beside bot.py cannot turn them back on
         env = bot_env(self.fake, INSTANCES="1", HEALTH_PORT="", LOG_LEVEL="INFO" if self.verbose else "WARNING")
+        if self.forward_url is not None:  # read from the environment or .env as bot.py reads it: said to it outright
+            env["FORWARD_URL"] = self.forward_url
         command = ["-m", "tests.serve_skills", *self.serve] if self.serve is not None else [str(ROOT / "bot.py")]
         started = time.monotonic()
         self.bot = await asyncio.create_subprocess_exec(
@@ -484,6 +514,8 @@ class Simulator:
         if context := context_parameters(op):
             given = [f"{p.name}={self.context[p.name]}" if p.name in self.context else p.name for p in context]
             print(f"  + filled in by DingTalk: {', '.join(given)}")
+        if op.action is None:
+            print(f"  → forwarded by the bot to {self.forward_url or 'FORWARD_URL'}{op.path} (no action in ACTIONS)")
         try:
             result, posts = await self.invoke(params, raw_input)
         except TimeoutError:
@@ -620,7 +652,9 @@ async def interactive(sim: Simulator) -> bool:
     return all_ok
 
 
-async def main_async(args: argparse.Namespace, operation: bot.Operation) -> int:
+async def main_async(
+    args: argparse.Namespace, operation: bot.Operation, forward_url: str | None = None, time_limit: float = 10.0
+) -> int:
     try:
         params = parse_args(operation, args.params)
         context = context_values(operation, args.context)
@@ -628,7 +662,8 @@ async def main_async(args: argparse.Namespace, operation: bot.Operation) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     serve = [args.actions or "bot:ACTIONS", str(args.tools)] if args.actions or args.tools != bot.TOOLS_FILE else None
-    sim = Simulator(operation, args.verbose, args.timeout, context, args.fake, serve)
+    timeout = args.timeout or max(15.0, (operation.time_limit or time_limit) + 5)  # the bot answers first
+    sim = Simulator(operation, args.verbose, timeout, context, args.fake, serve, forward_url)
     raw_input = " ".join(args.params)
     try:
         await sim.start()
@@ -660,7 +695,9 @@ def main() -> int:
     parser.add_argument("-i", "--interactive", action="store_true", help="keep the bot running; one call per line")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the frames on the wire and bot logs")
     parser.add_argument("--path", help="the tools.yaml path to call (default: the first one)")
-    parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the ack (default 15)")
+    parser.add_argument(
+        "--timeout", type=float, help="seconds to wait for the ack (default: 15, or the time limit + 5 if longer)"
+    )
     parser.add_argument(
         "--context", action="append", default=[], metavar="NAME=VALUE", help="set an x-dingtalk-context value"
     )
@@ -675,8 +712,9 @@ def main() -> int:
     if args.concurrency > 1 and args.repeat == 1:
         parser.error("--concurrency goes with --repeat N: it says how many of the N calls go at a time")
     try:
+        forward_url, time_limit = authoring.setting("forward_url"), authoring.setting("action_timeout_seconds")
         actions = actions_of(args.actions) if args.actions else None
-        operations = load_operations(args.tools, actions)
+        operations = load_operations(args.tools, actions, forwarding=forward_url is not None)
     except bot.ConfigError as exc:  # bot.py would refuse to start the same way, or the authoring check failed
         print(f"✗ {exc}", file=sys.stderr)
         return 2
@@ -684,7 +722,7 @@ def main() -> int:
         print(f"error: --actions {args.actions}: {exc}", file=sys.stderr)
         return 2
     if args.list:
-        print(describe(operations, args.tools.name))
+        print(describe(operations, args.tools.name, forward_url, time_limit))
         return 0
     try:
         operation = pick_operation(operations, args.path)
@@ -692,7 +730,7 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(main_async(args, operation))
+        return asyncio.run(main_async(args, operation, forward_url, time_limit))
     except KeyboardInterrupt:  # the bot was already stopped by main_async's cleanup
         return 130
 

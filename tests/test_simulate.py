@@ -4,6 +4,7 @@ x-dingtalk-display-result. It runs on the sample skills (--tools/--actions), nev
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -12,11 +13,14 @@ import sys
 
 import dingtalk_stream
 import pytest
+import yaml
+from aiohttp import web
 
 import bot
 from tests import simulate as sim
 from tests.conftest import ROOT
 from tests.fake_dingtalk import GraphResult, WebhookPost, bot_env
+from tests.http_service import HttpService
 from tests.samples import SAMPLE_ACTIONS, SAMPLE_TOOLS
 
 WEATHER, RATE, ON_CALL = "/v1/actions/weather", "/v1/actions/exchange-rate", "/v1/actions/on-call"
@@ -359,3 +363,140 @@ def test_a_context_value_in_a_json_object_or_concurrency_without_repeat_is_refus
     assert as_json.returncode == 2 and "userId is filled in by DingTalk (x-dingtalk-context)" in as_json.stderr
     alone = simulate_own(tmp_path, "--path", "/v1/holidays", "--concurrency", "5", "2030")
     assert alone.returncode == 2 and "--concurrency goes with --repeat N" in alone.stderr
+
+
+# ----- time limits, and FORWARD_URL: the operations without an action, served by an HTTP service of one's own -----
+
+FORWARDED_SKILLS = """
+async def get_leave(userId: str, code: str = "AL") -> dict:
+    return {"user": userId, "code": code, "days": 5}
+
+
+ACTIONS = {"/v1/leave": get_leave}
+"""
+
+FORWARDED_TOOLS = (
+    LEAVE_TOOLS.split("  /v1/holidays:")[0]
+    + """  /v1/tickets/{ticket}:
+    get:
+      x-dingtalk-display-result: auto
+      x-action-timeout-seconds: 12
+      parameters:
+        - {name: ticket, in: path, required: true, schema: {type: string, pattern: "^[A-Z]+-[0-9]+$", example: OPS-1}}
+      responses: {'200': {description: OK}}
+  /v1/notes:
+    post:
+      x-dingtalk-display-result: markdown
+      requestBody:
+        content:
+          application/json:
+            schema:
+              type: object
+              required: [team]
+              properties:
+                team: {type: string}
+                userId: {type: string, x-dingtalk-context: {property: currentUser, format: userId}}
+      responses: {'200': {description: OK}}
+"""
+)
+
+
+def own_command(tmp_path, skills: str, tools: str) -> list[str]:
+    (tmp_path / "own_skills.py").write_text(skills, encoding="utf-8")
+    (tmp_path / "own_tools.yaml").write_text(tools, encoding="utf-8")
+    return [sys.executable, "-m", "tests.simulate", "--tools", "own_tools.yaml", "--actions", "own_skills"]
+
+
+def own_env(**settings: str) -> dict[str, str]:
+    """FORWARD_URL and ACTION_TIMEOUT_SECONDS set outright (empty: unset), so that a developer's .env beside bot.py
+    cannot change them."""
+    return bot_env(PYTHONPATH=str(ROOT), **({"FORWARD_URL": "", "ACTION_TIMEOUT_SECONDS": ""} | settings))
+
+
+def run_own(
+    tmp_path, *args: str, skills: str = FORWARDED_SKILLS, tools: str = FORWARDED_TOOLS, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*own_command(tmp_path, skills, tools), *args],
+        cwd=tmp_path, env=own_env(**settings), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def blocks_of(out: str) -> dict[str, str]:
+    return {block.split("\n", 1)[0]: block for block in out.split("\n\n")}
+
+
+def test_list_shows_each_operations_time_limit(tmp_path):
+    default = run_own(tmp_path, "--list", skills=LEAVE_SKILLS, tools=LEAVE_TOOLS)
+    assert default.returncode == 0, default.stderr
+    for route in ("GET /v1/leave", "GET /v1/holidays"):
+        assert "    time limit: 10 s (ACTION_TIMEOUT_SECONDS)\n" in blocks_of(default.stdout)[route]
+    assert "forwarded" not in default.stdout
+    own = run_own(tmp_path, "--list", FORWARD_URL="http://127.0.0.1:9", ACTION_TIMEOUT_SECONDS="7.5")
+    assert own.returncode == 0, own.stderr
+    blocks = blocks_of(own.stdout)
+    assert "    time limit: 7.5 s (ACTION_TIMEOUT_SECONDS)\n" in blocks["GET /v1/leave"]
+    assert "    time limit: 12 s (x-action-timeout-seconds)\n" in blocks["GET /v1/tickets/{ticket}"]
+    assert "    time limit: 7.5 s (ACTION_TIMEOUT_SECONDS)\n" in blocks["POST /v1/notes"]
+
+
+def test_list_with_forward_url_says_which_operations_are_forwarded_and_where(tmp_path):
+    result = run_own(tmp_path, "--list", FORWARD_URL="http://127.0.0.1:9/api/")  # nothing needs to listen for --list
+    assert result.returncode == 0, result.stderr
+    assert "own_tools.yaml declares 3 operation(s); 2 forwarded to http://127.0.0.1:9/api" in result.stdout
+    blocks = blocks_of(result.stdout)
+    assert "    forwarded to http://127.0.0.1:9/api/v1/tickets/{ticket}\n" in blocks["GET /v1/tickets/{ticket}"]
+    assert "    forwarded to http://127.0.0.1:9/api/v1/notes\n" in blocks["POST /v1/notes"]
+    assert "forwarded" not in blocks["GET /v1/leave"]  # it has an action
+    unset = run_own(tmp_path, "--list")
+    assert unset.returncode == 2 and unset.stdout == ""
+    assert "declares /v1/notes, but ACTIONS in bot.py has no action for it" in unset.stderr
+
+
+def test_a_forward_url_bot_py_would_refuse_stops_the_simulator_with_one_line(tmp_path):
+    result = run_own(tmp_path, "--list", FORWARD_URL="ftp://127.0.0.1:9")
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert "FORWARD_URL" in line
+
+
+async def test_a_forwarded_operation_is_simulated_against_the_service_the_bot_it_starts_forwards_to(tmp_path):
+    service = await HttpService().start()
+    service.answer("/v1/tickets/OPS-1", lambda request: web.json_response({"ticket": "OPS-1", "status": "open"}))
+    service.answer("/v1/notes", lambda request: web.Response(text="**运维** 值班", content_type="text/markdown"))
+    command, env = own_command(tmp_path, FORWARDED_SKILLS, FORWARDED_TOOLS), own_env(FORWARD_URL=service.url)
+
+    async def simulate_async(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            *command, *args, cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        output = (await asyncio.wait_for(process.communicate(), 120))[0].decode()
+        return process.returncode, output
+
+    try:
+        ticket = await simulate_async("--path", "/v1/tickets/{ticket}", "OPS-1")
+        refused = await simulate_async("--path", "/v1/tickets/{ticket}", "ops-1")
+        notes = await simulate_async("--path", "/v1/notes", "运维")
+    finally:
+        await service.close()
+    code, out = ticket
+    assert code == 0, out
+    assert f"→ forwarded by the bot to {service.url}/v1/tickets/{{ticket}}" in out
+    assert json.loads(
+        section(out, "── data for the assistant's model (x-dingtalk-display-result: auto) ──").rsplit("\n", 1)[0]
+    ) == {"ticket": "OPS-1", "status": "open"}
+    code, out = refused
+    assert code == 1 and "parameter ticket must match pattern ^[A-Z]+-[0-9]+$" in out, out
+    code, out = notes
+    assert code == 0 and "运维 值班" in section(out, "── result card (markdown shown as is) ──"), out
+    first, second = service.requests  # the refused call never reached it
+    assert (first.method, first.target) == ("GET", "/v1/tickets/OPS-1")
+    assert (second.method, second.target) == ("POST", "/v1/notes")
+    assert json.loads(second.body) == {"team": "运维", "userId": "demo-user-0001"}
+    assert first.headers["X-DingTalk-Message-Id"] and second.headers["X-DingTalk-Message-Id"]
+
+
+def test_a_path_parameter_goes_in_the_path_of_the_callback():
+    operations = bot.load_operations(yaml.safe_load(FORWARDED_TOOLS), {}, forwarding=True)
+    ticket = sim.build_callback(operations["GET /v1/tickets/{ticket}"], {"ticket": "OPS 1/2"}, "", "http://x/send")
+    assert ticket["requestLine"] == {"method": "GET", "uri": "/v1/tickets/OPS%201%2F2"}
