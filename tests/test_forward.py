@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import json
 import re
+import shutil
 import signal
+import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import yaml
 from aiohttp import web
 
 import bot
-from tests.conftest import settings_for, wait_until
+from tests.conftest import ROOT, settings_for, wait_until
 from tests.fake_dingtalk import GRAPH_TOPIC, ForwardProxy, GraphResult, bot_env, free_port, graph_request
 from tests.http_service import HttpService
 from tests.samples import SAMPLE_TOOLS
@@ -474,14 +478,15 @@ async def test_an_endless_answer_is_502_within_the_time_limit_and_the_bot_stops_
 # ----- proxies, and a path prefix -----
 
 
-async def test_a_loopback_forward_url_never_goes_through_a_proxy(forwarding, service, remote, monkeypatch):
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_a_loopback_forward_url_never_goes_through_a_proxy(forwarding, service, remote, monkeypatch, host):
     proxy = await remote(ForwardProxy().start())
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     monkeypatch.setenv("http_proxy", proxy.url)
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.setenv(name, "")
     try:
-        async with forwarding() as call:
+        async with forwarding(forward_url=f"http://{host}:{service.port}") as call:
             answered = await call("POST", DATA, {"n": 1})
     finally:
         await remote(proxy.close())
@@ -896,3 +901,102 @@ async def test_python_bot_py_whose_lifespan_fails_at_entry_logs_its_traceback_an
     assert "Traceback (most recent call last)" in process.output
     assert re.search(r"^RuntimeError: the database is not there$", process.output, re.MULTILINE), process.output
     assert fake.open_attempts == 0
+
+
+# ----- the docs' examples, run as written -----
+
+FORWARDING_DOC = (ROOT / "docs" / "forwarding.md").read_text(encoding="utf-8")
+SKILLS_DOC = (ROOT / "docs" / "skills.md").read_text(encoding="utf-8")
+
+
+def doc_block(text: str, language: str, containing: str) -> str:
+    [found] = [block for block in re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL) if containing in block]
+    return found
+
+
+async def until_listening(url: str, timeout: float = 60.0) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+
+        async def answers() -> bool:
+            try:
+                async with http.get(url) as response:
+                    return response.status < 500
+            except aiohttp.ClientError:
+                return False
+
+        deadline = time.monotonic() + timeout
+        while not await answers():
+            assert time.monotonic() < deadline, f"nothing answers at {url}"
+            await asyncio.sleep(0.1)
+
+
+# What each line of the recipe's `python -m tests.simulate ...` shows: its exit code and text in its output.
+RECIPE_OUTCOMES = {
+    "--list": (0, ["forwarded to {url}/v1/tickets/{{ticket}}", "time limit: 5 s (x-action-timeout-seconds)"]),
+    "--path /v1/tickets/{ticket} OPS-1": (0, ['"status": "open"', "→ forwarded by the bot to {url}/v1/tickets/"]),
+    "--path /v1/tickets/{ticket} OPS-2": (1, ["status 404", "no such ticket: OPS-2"]),
+    "--path /v1/tickets/{ticket} ops-1": (1, ["status 400", "parameter ticket must match pattern"]),
+    "--path /v1/on-call 运维 2": (0, ["运维 值班 / on call", "── result card (markdown shown as is) ──"]),
+    "--path /v1/weather 杭州 明天": (0, ["── reply in the chat (markdown card via sessionWebhook) ──", "杭州 · 明天"]),
+}
+
+
+async def test_the_forwarding_recipe_runs_as_written(fake, remote, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
+    source = (project / "bot.py").read_text(encoding="utf-8")
+    source, replaced = re.subn(r"^ACTIONS = \{\n.*?^\}\n", "ACTIONS = {}\n", source, flags=re.MULTILINE | re.DOTALL)
+    assert replaced == 1  # step 3: ACTIONS = {}
+    (project / "bot.py").write_text(source, encoding="utf-8")
+    (project / "tools.yaml").write_text(doc_block(FORWARDING_DOC, "yaml", "x-dingtalk-protocol"), encoding="utf-8")
+    (project / "service.py").write_text(doc_block(FORWARDING_DOC, "python", "FastAPI("), encoding="utf-8")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    [env_line] = re.findall(r"^FORWARD_URL=\S+$", FORWARDING_DOC, re.MULTILINE)  # step 4, in .env
+    (project / ".env").write_text(env_line.replace(":8000", f":{port}") + "\n", encoding="utf-8")
+    commands = [line.split(" # ")[0].split() for line in doc_block(FORWARDING_DOC, "bash", "uvicorn").splitlines()]
+    assert commands[0][:2] == ["uvicorn", "service:app"] and commands[-1] == ["python", "bot.py"]
+    plain = {key: value for key, value in bot_env().items() if key != "FORWARD_URL"}  # it comes from .env
+
+    def start(words: list[str], env: dict[str, str]) -> Coroutine[Any, Any, asyncio.subprocess.Process]:
+        words = [str(port) if word == "8000" else word for word in words]
+        command = [sys.executable, *words[1:]] if words[0] == "python" else [sys.executable, "-m", *words]
+        return asyncio.create_subprocess_exec(
+            *command, cwd=project, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+
+    service = await start(commands[0], plain)
+    bot_py = None
+    try:
+        await until_listening(f"{url}/docs")
+        for words in commands[1:-1]:
+            simulated = await start(words, plain)
+            output = (await asyncio.wait_for(simulated.communicate(), 120))[0].decode()
+            code, shown = RECIPE_OUTCOMES[" ".join(words[3:])]
+            assert simulated.returncode == code, output
+            for text in shown:
+                assert text.format(url=url) in output, output
+        bot_py = await start(commands[-1], bot_env(fake))  # for real: credentials (the fake's) and FORWARD_URL
+        await remote(fake.wait_connected(1))
+        answered = await remote(fake.invoke(callback("GET", "/v1/tickets/OPS-1")))
+        bot_py.send_signal(signal.SIGTERM)
+        output = (await asyncio.wait_for(bot_py.communicate(), 30))[0].decode()
+    finally:
+        for process in (bot_py, service):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert bot_py.returncode == 0, output
+    forwarded = "GET /v1/tickets/{ticket}, POST /v1/on-call, POST /v1/weather"
+    assert f"INFO    bot: forwarding 3 operation(s) to {url}: {forwarded}" in output, output
+    assert (answered.status, answered.body["status"]) == (200, "open")
+
+
+async def test_the_shared_clients_example_makes_one_session_for_every_call_while_entered():
+    example: dict[str, Any] = {}
+    exec(compile(doc_block(SKILLS_DOC, "python", "async def lifespan"), "docs/skills.md", "exec"), example)
+    async with example["lifespan"]():
+        session = example["SHARED"]["http"]
+        assert isinstance(session, aiohttp.ClientSession) and not session.closed
+    assert session.closed
+    assert list(inspect.signature(example["get_quote"]).parameters) == ["symbol"]
