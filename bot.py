@@ -1177,14 +1177,6 @@ class _CredentialsRejected(Exception):
     """DingTalk refused CLIENT_ID / CLIENT_SECRET (HTTP 401, authFailed)."""
 
 
-class _OpenFailed(Exception):
-    """Connection open failed for another reason; worth retrying."""
-
-
-class _ConnectionDead(Exception):
-    """No pong came in time: the network or DingTalk's end is gone without a word."""
-
-
 def _reconnect_delay(failures: int, longest: float = _RECONNECT_MAX_DELAY_SECONDS) -> float:
     """0, then about 1, 2, 4 … `longest` s, each + 0-1 s of jitter that keeps bots and clients out of step."""
     return (0.0 if failures <= 0 else min(2.0 ** min(failures - 1, 16), longest)) + random.uniform(0, 1)
@@ -1230,7 +1222,7 @@ class _Connection:
             self.reader.add_done_callback(lambda task: task.cancelled() or task.exception())  # how it ends is no news
             if self.dead.is_set():
                 no_pong = 2 * self.client.settings.keepalive_seconds
-                raise _ConnectionDead(f"keepalive ping timeout: no pong within {no_pong:.3g} s")
+                raise ConnectionError(f"connection lost: keepalive ping timeout: no pong within {no_pong:.3g} s")
             return "DingTalk retired the connection (disconnect)"
         self.reader.result()  # raises how it was lost
         return f"connection closed (code {self.websocket.close_code} {self.websocket.close_reason or ''})".strip()
@@ -1444,11 +1436,11 @@ class _StreamClient(dingtalk_stream.DingTalkStreamClient):
                     _log.error("%s: %s", self.name, _rejected(exc))
                 raise
             level, problem = logging.ERROR, f"DingTalk rejected CLIENT_ID / CLIENT_SECRET ({exc})"
-        except (websockets.exceptions.ConnectionClosed, _ConnectionDead) as exc:
+        except websockets.exceptions.ConnectionClosed as exc:
             level, problem = logging.WARNING, f"connection lost: {exc}"
         except TimeoutError:
             level, problem = logging.WARNING, "websocket handshake timed out"
-        except (_OpenFailed, OSError, ValueError, ImportError, websockets.exceptions.WebSocketException) as exc:
+        except (OSError, ValueError, ImportError, websockets.exceptions.WebSocketException) as exc:
             # ValueError: an endpoint websockets cannot use, e.g. a port out of range; ImportError: a SOCKS proxy
             level, problem = logging.WARNING, str(exc) or type(exc).__name__
         finally:
@@ -1480,15 +1472,15 @@ class _StreamClient(dingtalk_stream.DingTalkStreamClient):
             response, raw = await _fetch(http, url, json.dumps(body).encode(), time_limit)
             status = response.status
         except TimeoutError:
-            raise _OpenFailed(f"connection open: no answer within {time_limit:.0f} s") from None
+            raise ConnectionError(f"connection open: no answer within {time_limit:.0f} s") from None
         except (aiohttp.ClientError, ValueError) as exc:
-            raise _OpenFailed(f"connection open: {exc or type(exc).__name__}") from None
+            raise ConnectionError(f"connection open: {exc or type(exc).__name__}") from None
         answer, text = _json_object(raw), raw[:200].decode(errors="replace")
         if status == 401 or answer.get("code") == "authFailed":
             raise _CredentialsRejected(f"{answer.get('code', status)}: {answer.get('message', text)}")
         endpoint, ticket = answer.get("endpoint"), answer.get("ticket")
         if status != 200 or not (isinstance(endpoint, str) and endpoint and isinstance(ticket, str) and ticket):
-            raise _OpenFailed(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
+            raise ConnectionError(f"connection open: HTTP {status}, no endpoint and ticket in {text!r}")
         parts = urlsplit(endpoint)  # the ticket as a query parameter of its own, whatever the endpoint carries
         url = urlunsplit(parts._replace(query=urlencode([*parse_qsl(parts.query), ("ticket", ticket)])))
         # Keepalive is keep_alive()'s, not websockets' (which waits for the close handshake of a dead connection).
