@@ -81,7 +81,7 @@ from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, NamedTuple  # noqa: F811 (the engine imports all it uses itself)
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import aiohttp.abc
@@ -200,10 +200,10 @@ def _setting_value(key: str, text: str) -> Any:
         with contextlib.suppress(ValueError):  # (reading the port checks it is a number)
             url = urlsplit(text)
             if url.scheme in ("http", "https") and url.hostname and url.port != 0 and "@" not in url.netloc:
-                if not (url.query or url.fragment):
+                if not {"?", "#"} & set(text):
                     return text.rstrip("/")
         raise ConfigError(
-            f"{key}={_redact(text)!r} must be an http(s) URL, no user:password@ or query: http://host:port"
+            f"{key}={_redact(text)!r} must be an http(s) URL, no user:password@, ? or #: http://host:port"
         )
     if name == "webhook_allowed_hosts":
         return frozenset(entry.strip().lower() for entry in text.split(",") if entry.strip())
@@ -613,6 +613,8 @@ def _parse_graph_request(data: Any) -> tuple[str, str, dict[str, Any]]:
         url = urlsplit(uri)
     except ValueError:
         raise _GraphError(400, "requestLine.uri is not a valid URI") from None
+    if not url.path.startswith("/"):
+        raise _GraphError(400, "requestLine.uri's path does not start with /")
     with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested too deeply
         body = _JSON_NUMBERS.decode(body) if isinstance(body, str) else body
     if not isinstance(body, dict):
@@ -675,7 +677,7 @@ async def _run_action(action: _Action, params: dict[str, Any], operation: Operat
             raise _GraphError(503, "busy: no thread for the action within its time limit") from None
         if isinstance(exc, TimeoutError) and loop.time() >= deadline:  # ours, not one from inside the action
             setting = "x-action-timeout-seconds" if operation.time_limit else "ACTION_TIMEOUT_SECONDS"
-            _log.error("action %s timed out after %.3g s (%s)", _named(action), time_limit, setting)
+            _log.error("action %s timed out after %.3g s (%s)", label, time_limit, setting)
             raise _GraphError(504, "action timed out") from None
         _log.exception("action %s failed", _named(action))
     raise _GraphError(500, "internal error in action")
@@ -889,11 +891,12 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
 
     async def answer(self, data: Any, message_id: str) -> tuple[int, str]:
         """parse -> route -> check parameters -> run the action -> answer as the display mode says."""
-        started, route = time.monotonic(), "-"
+        started, route, forwarded = time.monotonic(), "-", False
         try:
             method, path, params = _parse_graph_request(data)
             route = f"{method} {path}"
             operation, path_params = _find_operation(self.operations, method, path)
+            forwarded = operation.action is None
             params = operation.check(params | path_params)
             webhook = None
             if operation.display == "disabled":  # refused before the action runs
@@ -901,8 +904,8 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
                 webhook = _check_webhook(url, self.settings.webhook_allowed_hosts, self.dingtalk_hosts)
             action = operation.action or functools.partial(self.forward, data, message_id, operation)
             result = await _run_action(action, params, operation, self.settings.action_timeout_seconds)
-            forwarded = operation.action is None and not isinstance(result, Card)  # its answer as the service gave it
-            status, body = 200, result if forwarded else await self.deliver(operation, result, webhook)
+            as_given = forwarded and not isinstance(result, Card)  # the answer as the service gave it
+            status, body = 200, result if as_given else await self.deliver(operation, result, webhook)
         except (_GraphError, ActionError) as err:  # a refusal: the call's parameters, or the action's own
             _log.warning("callback %s: %d %s", message_id, err.status, str(err)[:1000])
             status, body = err.status, getattr(err, "body", None) or _failure(str(err)[:1000])
@@ -912,7 +915,10 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
         room = _ACK_ROOM - 12 * len(message_id)  # (an emoji is 14 bytes as sent, 12 in the ack's header)
         if len(body) * 14 > room and (size := _bytes_as_sent(body)) > room:
             _log.error("callback %s: answer too large: %d bytes as sent, over %d", message_id, size, _MAX_ACK_BYTES)
-            status, body = 500, _failure("internal error in action: answer too large")  # what the ledger keeps
+            said = "internal error in action: answer too large"  # what the ledger keeps too
+            if forwarded:
+                said = f"FORWARD_URL {urlsplit(self.settings.forward_url).netloc}: answer too large to ack"
+            status, body = 502 if forwarded else 500, _failure(said)
         _log.info("callback %s %s -> %d in %.0f ms", message_id, route, status, (time.monotonic() - started) * 1000)
         return status, body
 
@@ -939,36 +945,46 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
         """The callback as sent, to FORWARD_URL (the bot's checks came first); the service's answer read as the
         display mode asks: the Graph body, or a Card of its markdown for the bot to post (docs/forwarding.md)."""
         request, base = dingtalk_stream.GraphRequest.from_dict(data), urlsplit(self.settings.forward_url)
-        loopback, service = base.hostname in ("localhost", "::1") or base.hostname.startswith("127."), base.netloc
-        body = request.body if isinstance(request.body, str) else json.dumps(request.body or {}, ensure_ascii=False)
-        uri = urlsplit(request.request_line.uri)  # its path and query as sent (only they: the host is FORWARD_URL's)
-        url, sent = self.settings.forward_url + urlunsplit(("", "", uri.path, uri.query, "")), None
-        url = yarl.URL(url, encoded=re.fullmatch(r"[!-~]+", url) is not None)  # as sent, unless it is not ASCII
-        headers = _FORWARD_HEADERS | {"X-DingTalk-Message-Id": message_id}
-        if operation.method == "POST":
-            sent, headers["Content-Type"] = body.encode(), "application/json; charset=utf-8"
-        try:  # within the operation's time limit, as an action
-            response, raw = await _fetch(self.http, url, sent, None, headers, limit=_MAX_ACK_BYTES, direct=loopback)
+        body = request.body or "{}"
+        body = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+        uri = urlsplit(request.request_line.uri)  # its path and query only: the host is FORWARD_URL's
+        if {".", ".."} & set(unquote(uri.path).split("/")):  # the service might read it as another path
+            raise _GraphError(400, "a path with a . or .. segment is not forwarded")
+        query, in_body = (
+            [name for name, _ in parse_qsl(uri.query, keep_blank_values=True)],
+            [*_JSON_NUMBERS.decode(body)],
+        )
+        if len(query + in_body) > len({*query, *in_body}) or (operation.method == "GET" and in_body):
+            raise _GraphError(400, "a parameter given twice, or in a GET's body, is not forwarded")  # as checked
+        path = quote(urlunsplit(("", "", uri.path, uri.query, "")), safe=_PRINTABLE_ASCII)  # as sent, if it is ASCII
+        url = yarl.URL(quote(self.settings.forward_url, safe=_PRINTABLE_ASCII) + path, encoded=True)
+        headers, sent = _FORWARD_HEADERS | {"X-DingTalk-Message-Id": message_id}, None
+        if operation.method == "POST":  # (a lone surrogate, which UTF-8 cannot carry, as its JSON escape \udXXX)
+            sent, headers["Content-Type"] = body.encode(errors="backslashreplace"), "application/json; charset=utf-8"
+        service, direct = base.netloc, re.fullmatch(r"localhost|127(\.[0-9]+){3}|::1", base.hostname) is not None
+        try:  # within the operation's time limit, as an action; a loopback service never through a proxy
+            response, raw = await _fetch(self.http, url, sent, None, headers, limit=_MAX_ACK_BYTES, direct=direct)
             text = raw.decode(response.charset or "utf-8", errors="replace")
-        except (aiohttp.ClientError, OSError, ValueError, LookupError) as exc:  # an answer too large, a charset unknown
-            said = str(exc)[:200] or type(exc).__name__
-            problem = (
-                f"cannot reach FORWARD_URL {service}" if isinstance(exc, OSError) else f"FORWARD_URL {service}: {said}"
-            )
-            _log.error("%s (%s)", problem, _redact(said))
-            raise _GraphError(502, problem) from None
+        except OSError as exc:  # it does not listen, or its host does not resolve
+            _log.error("cannot reach FORWARD_URL %s: %s", service, _redact(str(exc)))
+            raise _GraphError(502, f"cannot reach FORWARD_URL {service}") from None
+        except (aiohttp.ClientError, ValueError, LookupError) as exc:  # a bad answer, too large, a charset unknown
+            _log.error("FORWARD_URL %s: %s", service, _redact(str(exc) or type(exc).__name__))
+            problem = "answer too large to ack" if isinstance(exc, _TooLarge) else type(exc).__name__
+            raise _GraphError(502, f"FORWARD_URL {service}: {problem}") from None
         status, kind, mode, value = response.status, response.content_type, operation.display, None
         if kind == "application/json" or kind.endswith("+json"):
-            with contextlib.suppress(ValueError, RecursionError):
-                value = json.loads(text)
-        if 400 <= status < 600 and status in _HTTP_STATUSES:  # passed on, with what the service said
-            raise _GraphError(status, text[:1000] or HTTPStatus(status).phrase, text if value is not None else None)
+            with contextlib.suppress(ValueError, RecursionError):  # (NaN and Infinity are not JSON)
+                value = _JSON_NUMBERS.decode(text)
+        if 400 <= status < 600:  # passed on, with what the service said
+            said = text[:1000] or (HTTPStatus(status).phrase if status in _HTTP_STATUSES else f"HTTP {status}")
+            raise _GraphError(status, said, text if value is not None else None)
         ok, is_text = 200 <= status < 300, kind in ("text/markdown", "text/plain")
         if status == 204 and mode == "disabled":  # it replied itself
             return '{"success": true}'
         if ok and isinstance(value, dict | list) and mode == "auto":
             return text
-        if ok and isinstance(value, dict) and "content" in value and mode == "markdown":
+        if ok and isinstance(value, dict) and isinstance(value.get("content"), str) and mode == "markdown":
             return text
         if ok and is_text and mode == "markdown":
             return json.dumps({"content": text}, ensure_ascii=False)
@@ -984,7 +1000,8 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
 def _graph_response(status: int, body: str) -> dict[str, Any]:
     """The Graph response DingTalk reads from the ack: status line, headers and a JSON body."""
     response = dingtalk_stream.GraphResponse()
-    response.status_line.code, response.status_line.reason_phrase = status, HTTPStatus(status).phrase
+    phrase = HTTPStatus(status).phrase if status in _HTTP_STATUSES else ""  # (a service's 499, say)
+    response.status_line.code, response.status_line.reason_phrase = status, phrase
     response.headers["Content-Type"], response.body = "application/json", body
     return response.to_dict()
 
@@ -1016,9 +1033,10 @@ _MAX_ANSWER_BYTES = 1 << 20  # of a webhook's or the connection open's answer; D
 # As the official SDKs send them; without Accept, the open may answer XML (the Node SDK says so).
 _USER_AGENT = f"DingTalkStream/1.0 SDK/{SDK_VERSION} Python/{platform.python_version()} dingtalk-skill-bot/{VERSION}"
 _HEADERS = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": _USER_AGENT}
+_PRINTABLE_ASCII = "".join(map(chr, range(33, 127)))  # what goes into a URL as it is
 _FORWARD_HEADERS = {"Accept": "application/json, text/markdown, text/plain", "User-Agent": _USER_AGENT}
-_SESSION_TOKEN = re.compile(r"(session=)[^&\s\"'\\]+")
-_USER_INFO = re.compile(r"(//)[^/@\s]*@")  # user:password@ in a URL, e.g. a proxy's in a library's error
+_SESSION_TOKEN = re.compile(r"(session(?:=|%3[dD]|\\u003[dD]))[^&%\s\"'\\]+")  # also URL- or JSON-escaped
+_USER_INFO = re.compile(r"(//)[^@\s]*@")  # user:password@ in a URL (a proxy's in a library's error; "/" and all)
 
 
 def _redact(text: str, secrets: tuple[str, ...] = ()) -> str:
@@ -1105,6 +1123,10 @@ class _Resolver(aiohttp.abc.AbstractResolver):
         pass
 
 
+class _TooLarge(ValueError):
+    """An answer over its byte limit."""
+
+
 async def _fetch(
     http: aiohttp.ClientSession,
     url: str | yarl.URL,
@@ -1126,7 +1148,7 @@ async def _fetch(
         async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
             body += chunk
             if len(body) > limit:  # and this while data keeps coming
-                raise ValueError(f"answer larger than {limit} bytes")
+                raise _TooLarge(f"answer larger than {limit} bytes")
         return response, bytes(body)
 
 
@@ -1197,7 +1219,7 @@ class _Connection:
     (`disconnect`): new callbacks then come on its replacement, and those that still come on it are answered on it
     until it closes (DingTalk closes it RETIRE_WINDOW_SECONDS later)."""
 
-    def __init__(self, websocket: Any, client: _StreamClient) -> None:
+    def __init__(self, websocket: Any, client: "_StreamClient") -> None:  # noqa: UP037 (defined below)
         self.websocket, self.client, self.opened_at = websocket, client, time.monotonic()
         self.in_hand: dict[asyncio.Task, _Frame] = {}
         self.retired = asyncio.Event()  # DingTalk sent `disconnect`
@@ -1587,8 +1609,8 @@ async def _serve_until_stopped(
     except ConfigError as exc:
         _log.error("%s", exc)
         return 2
-    except Exception:  # e.g. lifespan could not open a client
-        _log.exception("the bot could not serve")
+    except (Exception, SystemExit):  # e.g. lifespan, as it opened or closed what actions share
+        _log.exception("stopped on an error")
         return 1
     ended = None if stopped in done else next(iter(done))
     error = ended and not ended.cancelled() and ended.exception()
@@ -1664,17 +1686,16 @@ def _rejected(error: BaseException) -> str:
 @contextlib.asynccontextmanager
 async def _health_endpoint(settings: Settings, clients: list[_StreamClient]) -> AsyncIterator[None]:
     """GET /healthz on HEALTH_PORT, if set: 200 when every client is connected, else 503 (and while stopping)."""
+    if not settings.health_port:
+        yield
+        return
+    from aiohttp import web  # here, not at the top: aiohttp's server adds 2.4 MB that a bot without it need not carry
 
     async def healthz(_: web.Request) -> web.Response:
         live, stopping = sum(c.connected for c in clients), any(c.phase == "stopping" for c in clients)
         status = "stopping" if stopping else "ok" if live == len(clients) else "degraded"
         body = {"status": status, "instances": len(clients), "connected": live}
         return web.json_response(body, status=200 if status == "ok" else 503)
-
-    if not settings.health_port:
-        yield
-        return
-    from aiohttp import web  # here, not at the top: aiohttp's server adds 2.4 MB that a bot without it need not carry
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

@@ -193,7 +193,7 @@ async def test_a_blocking_async_def_past_its_time_limit_is_a_504_like_any_other(
 
     async with serve_actions({"/a": blocks}, action_timeout_seconds=0.1) as call:
         assert (await call("/a", location="杭州")).status == 504
-    assert "action blocks timed out after 0.1 s (ACTION_TIMEOUT_SECONDS)" in caplog.text
+    assert "action blocks (POST /a) timed out after 0.1 s (ACTION_TIMEOUT_SECONDS)" in caplog.text
 
 
 # ----- one ledger per process: a redelivery is never replied to twice -----

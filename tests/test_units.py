@@ -86,7 +86,7 @@ async def test_an_action_that_hangs_times_out_with_504(serve_actions, caplog):
 
     async with serve_actions({"/a": hangs}, action_timeout_seconds=0.1) as call:
         assert (await call("/a", location="杭州")).status == 504
-    assert "action hangs timed out" in caplog.text
+    assert "action hangs (POST /a) timed out" in caplog.text
 
 
 # ----- Graph request parsing -----
@@ -344,7 +344,7 @@ async def test_a_plain_def_action_that_blocks_times_out_with_504_naming_the_sett
             assert (await call("/a", location="杭州")).status == 504
     finally:
         release.set()
-    assert "action slow timed out after 0.1 s (ACTION_TIMEOUT_SECONDS)" in caplog.text
+    assert "action slow (POST /a) timed out after 0.1 s (ACTION_TIMEOUT_SECONDS)" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -787,7 +787,7 @@ async def test_odd_callables_are_run_and_named(serve_actions, caplog):
     async with serve_actions(actions, action_timeout_seconds=0.2) as call:
         assert (await call("/callable", location="杭州")).body == {"content": "awaited 杭州"}  # its coroutine awaited
         assert (await call("/partial")).status == 504  # not a 500 from a missing __name__
-    assert "action nap timed out" in caplog.text
+    assert "action nap (POST /partial) timed out" in caplog.text
 
 
 @pytest.mark.parametrize(
