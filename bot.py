@@ -80,7 +80,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, NamedTuple  # noqa: F811 (the engine imports all it uses itself)
+from typing import Any, NamedTuple, get_args, get_type_hints  # noqa: F811 (the engine imports all it uses itself)
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
@@ -155,6 +155,7 @@ class Settings:
     forward_url: str | None = None  # operations without an action go to this HTTP service (docs/forwarding.md)
 
 
+_SETTING_TYPES = get_type_hints(Settings)  # (annotations as text, or not: the part above decides)
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _RANGES = {"instances": (1, 32), "health_port": (1, 65535), "action_timeout_seconds": (0.1, 3600)}
 _RANGES |= {"shutdown_grace_seconds": (0, 3600), "float": (0.1, 300)}  # "float": any other number of seconds
@@ -184,12 +185,13 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
 
 def _setting_value(key: str, text: str) -> Any:
     """Setting `key` written as `text`, read as its field's type (numbers within RANGES), or ConfigError."""
-    name, kind = key.lower(), Settings.__dataclass_fields__[key.lower()].type.split(" ")[0]  # "int | None": int
-    if kind in ("int", "float"):
+    name = key.lower()
+    kind = next((k for k in (int, float) if k in (_SETTING_TYPES[name], *get_args(_SETTING_TYPES[name]))), None)
+    if kind is not None:  # int, float, or int | None
         try:
-            value = int(text) if kind == "int" else float(text)
+            value = kind(text)
         except ValueError:
-            raise ConfigError(f"{key}={text!r} is not a valid {kind}") from None
+            raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__}") from None
         low, high = _RANGES.get(name, _RANGES["float"])
         if not low <= value <= high:
             raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
@@ -613,8 +615,8 @@ def _parse_graph_request(data: Any) -> tuple[str, str, dict[str, Any]]:
         url = urlsplit(uri)
     except ValueError:
         raise _GraphError(400, "requestLine.uri is not a valid URI") from None
-    if not url.path.startswith("/"):
-        raise _GraphError(400, "requestLine.uri's path does not start with /")
+    if not url.path.startswith("/") or _UNPRINTABLE.search(uri):  # (urlsplit drops tabs and line ends silently)
+        raise _GraphError(400, "requestLine.uri's path does not start with /, or it has control characters")
     with contextlib.suppress(ValueError, RecursionError):  # RecursionError: nested too deeply
         body = _JSON_NUMBERS.decode(body) if isinstance(body, str) else body
     if not isinstance(body, dict):
