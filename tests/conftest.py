@@ -365,7 +365,8 @@ async def skill(
     checked against the operation's schema and typed, the result answered in its display mode. Context values
     (userId...) are passed like the others; a path served by more than one method is written "GET /v1/...". With
     FORWARD_URL set (the environment or .env, as for python bot.py), an operation without an action is forwarded to
-    it, as python bot.py would: your service has to be running for a call of one."""
+    it, as python bot.py would: your service has to be running for a call of one. bot.py's `lifespan`, if its part
+    above the fence defines one, is entered first and left last, as python bot.py does."""
     import json
 
     from tests import authoring
@@ -392,5 +393,6 @@ async def skill(
             card = card["cardData"]["content"]  # ... or the markdown, in the built-in card
         return SkillAnswer(result.status, result.body, card)
 
-    async with bot.running(bot.ACTIONS, bot.TOOLS_FILE, settings=settings_for(fake, forward_url=forward_url)):
+    settings, lifespan = settings_for(fake, forward_url=forward_url), getattr(bot, "lifespan", None)
+    async with bot.running(bot.ACTIONS, bot.TOOLS_FILE, settings=settings, lifespan=lifespan):
         yield call

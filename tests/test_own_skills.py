@@ -115,6 +115,50 @@ def test_with_the_demo_skills_replaced_by_ones_own_the_suite_passes(tmp_path: Pa
     assert answered.returncode == 0 and '"days": 5' in answered.stdout, answered.stdout + answered.stderr
 
 
+SHARED_CLIENT_PART = '''"""My leave skill, its client made once by lifespan (docs/skills.md#shared-clients)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+SHARED: dict[str, Any] = {}
+
+
+@contextlib.asynccontextmanager
+async def lifespan():
+    SHARED["balances"] = {"u1": 5}  # stands for a client made once: an HTTP session, a database pool
+    yield
+    SHARED.clear()
+
+
+async def get_leave(userId: str, year: int = 2026) -> dict[str, Any]:
+    """auto: the days of leave left, looked up with the shared client."""
+    return {"user": userId, "year": year, "days": SHARED["balances"][userId]}
+
+
+ACTIONS = {"/v1/actions/leave": get_leave}
+
+
+'''
+SHARED_CLIENT_TESTS = '''"""Tests of my own skill, whose client lifespan makes."""
+
+
+async def test_get_leave_through_the_bot_uses_the_client_lifespan_made(skill):
+    answer = await skill("/v1/actions/leave", userId="u1", year=2027)
+    assert (answer.status, answer.body) == (200, {"user": "u1", "year": 2027, "days": 5})
+'''
+
+
+def test_the_skill_fixture_enters_the_lifespan_of_bot_py_as_python_bot_py_does(tmp_path: Path) -> None:
+    project = project_with(tmp_path, SHARED_CLIENT_PART)
+    (project / "tools.yaml").write_text(OWN_TOOLS, encoding="utf-8")
+    (project / "tests" / "test_actions.py").write_text(SHARED_CLIENT_TESTS, encoding="utf-8")
+    result = run(project, "-m", "pytest", "-rA", "-n0", "-p", "no:cacheprovider", "tests/test_actions.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "PASSED tests/test_actions.py::test_get_leave_through_the_bot_uses_the_client_lifespan_made" in result.stdout
+
+
 def test_the_part_above_the_fence_of_engine_1_0_0_runs_on_this_engine(tmp_path: Path) -> None:
     project = project_with(tmp_path, ENGINE_1_0_0_PART.read_text(encoding="utf-8"))  # its imports, Card, ActionError
     shutil.copy(TOOLS_1_0_0, project / "tools.yaml")  # its skills, whatever this project's are now

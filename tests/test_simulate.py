@@ -358,6 +358,38 @@ def test_repeat_sends_calls_side_by_side_and_prints_statuses_and_latencies(tmp_p
     assert refused.returncode == 1 and "statuses: 400 × 4" in refused.stdout
 
 
+SHARED_CLIENT_SKILLS = """
+import contextlib
+
+SHARED = {}
+
+
+@contextlib.asynccontextmanager
+async def lifespan():
+    SHARED["balances"] = {"manager-01": 5}  # stands for a client made once: an HTTP session, a database pool
+    yield
+    SHARED.clear()
+
+
+async def get_leave(userId: str, code: str = "AL") -> dict:
+    return {"user": userId, "code": code, "days": SHARED["balances"][userId]}
+
+
+async def get_holidays(year: int = 2026) -> dict:
+    return {"year": year}
+
+
+ACTIONS = {"/v1/leave": get_leave, "/v1/holidays": get_holidays}
+"""
+
+
+def test_the_lifespan_of_the_actions_module_is_entered_as_python_bot_py_enters_its_own(tmp_path):
+    args = ("--path", "/v1/leave", "--context", "userId=manager-01", "SL")
+    result = run_own(tmp_path, *args, skills=SHARED_CLIENT_SKILLS, tools=LEAVE_TOOLS)  # via tests/serve_skills.py
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"days": 5' in result.stdout and "KeyError" not in result.stdout
+
+
 def test_a_context_value_in_a_json_object_or_concurrency_without_repeat_is_refused(tmp_path):
     as_json = simulate_own(tmp_path, "--path", "/v1/leave", '{"code": "SL", "userId": "bob"}')
     assert as_json.returncode == 2 and "userId is filled in by DingTalk (x-dingtalk-context)" in as_json.stderr
