@@ -111,7 +111,7 @@ class Parameter:
     """One parameter of an operation, as the simulator shows and fills it in (read from its JSON Schema)."""
 
     name: str
-    location: str  # "query" (sent as text) or "body" (JSON)
+    location: str  # "path" or "query" (sent as text), or "body" (JSON)
     type: str | None
     required: bool
     enum: list | None
@@ -129,7 +129,7 @@ def parameters(operation: bot.Operation) -> list[Parameter]:
         kinds = prop.get("type") if isinstance(prop.get("type"), list) else [prop.get("type")]
         kind = next((k for k in kinds if k != "null"), None)  # "nullable" makes it [type, "null"]
         low, high = prop.get("minimum", prop.get("exclusiveMinimum")), prop.get("maximum", prop.get("exclusiveMaximum"))
-        location = "query" if name in operation.query else "body"
+        location = "path" if name in path_parameters(operation) else "query" if name in operation.query else "body"
         context, example = prop.get("x-dingtalk-context"), prop.get("example")
         rules = {key: value for key, value in prop.items() if key not in SHOWN and not str(key).startswith("x-")}
         if "x-pattern" in prop:  # as written in tools.yaml, not as the bot translated it for Python
@@ -151,6 +151,21 @@ SHOWN = {
     "description",
     "title",
 }
+
+
+def path_parameters(operation: bot.Operation) -> list[str]:
+    """The names of the operation's {name} path segments, in order."""
+    return re.findall(r"{([^}/]+)}", operation.path)
+
+
+def sent_path(operation: bot.Operation, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The path as DingTalk sends it, its {name} segments filled in from `values` (percent-encoded), and the values
+    left for the query string or the body."""
+    values, path = dict(values), operation.path
+    for name in path_parameters(operation):
+        if name in values:
+            path = path.replace(f"{{{name}}}", quote(str(values.pop(name)), safe=""))
+    return path, values
 
 
 def user_parameters(operation: bot.Operation) -> list[Parameter]:
@@ -225,7 +240,7 @@ def convert(param: Parameter, value: str) -> Any:
         raise UsageError(f"{param.name}: {value!r} is not {'an' if kind == 'integer' else 'a'} {kind}")
     else:
         typed = value
-    if param.location == "query":  # a query string carries text; the bot converts it to the declared type
+    if param.location in ("path", "query"):  # a URI carries text; the bot converts it to the declared type
         return value if kind in (None, "string", "integer", "number") else json.dumps(typed)
     return typed
 
@@ -271,10 +286,7 @@ def build_callback(
             values[param.name] = raw_input
         else:
             values[param.name] = DEMO_CONTEXT.get((prop, fmt), f"demo-{fmt}")
-    path = operation.path
-    for name in re.findall(r"{([^}/]+)}", path):
-        if name in values:
-            path = path.replace(f"{{{name}}}", quote(str(values.pop(name)), safe=""))
+    path, values = sent_path(operation, values)
     return graph_request(path, values, method=operation.method)
 
 
@@ -299,11 +311,15 @@ def describe(
         if operation.action is None:
             lines.append(f"    forwarded to {forward_url}{operation.path}")
         user, context = user_parameters(operation), context_parameters(operation)
+        in_path, rest = [p for p in user if p.location == "path"], [p for p in user if p.location != "path"]
         where = "query string" if operation.method == "GET" else "JSON body"
-        lines.append(f"    parameters ({where}):" if user else "    parameters: none")
         width = max((len(p.name) for p in parameters(operation)), default=0)
-        for param in user:
-            lines.append(f"      {param.name:<{width}}  {describe_parameter(param)}")
+        for heading, params in (("path", in_path), (where, rest)):
+            if params:
+                lines.append(f"    parameters ({heading}):")
+                lines += [f"      {param.name:<{width}}  {describe_parameter(param)}" for param in params]
+        if not user:
+            lines.append("    parameters: none")
         if context:
             lines.append("    filled in by DingTalk:")
             for param in context:
@@ -476,14 +492,19 @@ class Simulator:
             self.bot_output.append(line)
             print(f"  bot| {line}")
 
-    async def invoke(self, params: dict[str, Any], raw_input: str) -> tuple[GraphResult, list[WebhookPost]]:
-        """One callback pushed as DingTalk pushes it: its ack and what was posted to its sessionWebhook.
-        Raises TimeoutError when no ack came."""
+    def callback(self, params: dict[str, Any], raw_input: str) -> tuple[dict[str, Any], str]:
+        """The callback DingTalk would push for these values, and the session of its sessionWebhook."""
         session = f"aswh_sim_{uuid.uuid4().hex[:16]}"
         base = self.fake_url or self.fake.base_url
-        request = build_callback(
-            self.operation, params, raw_input, f"{base}/agent/send?session={session}", self.context
-        )
+        webhook = f"{base}/agent/send?session={session}"
+        return build_callback(self.operation, params, raw_input, webhook, self.context), session
+
+    async def invoke(
+        self, params: dict[str, Any], raw_input: str, callback: tuple[dict[str, Any], str] | None = None
+    ) -> tuple[GraphResult, list[WebhookPost]]:
+        """One callback (`callback`, or one made of the values) pushed as DingTalk pushes it: its ack and what was
+        posted to its sessionWebhook. Raises TimeoutError when no ack came."""
+        request, session = callback or self.callback(params, raw_input)
         if self.http is None:
             started = time.monotonic()
             message_id = await self.fake.send_frame("CALLBACK", GRAPH_TOPIC, request)
@@ -507,17 +528,20 @@ class Simulator:
         examples = (
             "  ← tools.yaml's examples (nothing typed; {} sends none)" if params and not raw_input.strip() else ""
         )
+        callback = self.callback(params, raw_input)
+        path, rest = sent_path(op, params)  # the path as sent, its {name} segments filled in; the values left
         if op.method == "GET":
-            print(f"\n▶ GET {op.path}  query {'&'.join(f'{k}={v}' for k, v in params.items()) or '(none)'}{examples}")
+            print(f"\n▶ GET {path}  query {'&'.join(f'{k}={v}' for k, v in rest.items()) or '(none)'}{examples}")
         else:
-            print(f"\n▶ {op.method} {op.path}  body {json.dumps(params, ensure_ascii=False)}{examples}")
+            print(f"\n▶ {op.method} {path}  body {json.dumps(rest, ensure_ascii=False)}{examples}")
         if context := context_parameters(op):
             given = [f"{p.name}={self.context[p.name]}" if p.name in self.context else p.name for p in context]
             print(f"  + filled in by DingTalk: {', '.join(given)}")
-        if op.action is None:
-            print(f"  → forwarded by the bot to {self.forward_url or 'FORWARD_URL'}{op.path} (no action in ACTIONS)")
+        if op.action is None:  # FORWARD_URL followed by the callback's path and query, as the bot sends them
+            uri = callback[0]["requestLine"]["uri"]
+            print(f"  → forwarded by the bot to {self.forward_url or 'FORWARD_URL'}{uri} (no action in ACTIONS)")
         try:
-            result, posts = await self.invoke(params, raw_input)
+            result, posts = await self.invoke(params, raw_input, callback)
         except TimeoutError:
             print(f"✗ no ack within {self.timeout:.0f} s: the bot did not answer")
             return False
@@ -544,7 +568,8 @@ class Simulator:
                 except TimeoutError:
                     outcomes.append(("no ack", self.timeout))
 
-        print(f"\n▶ {count} × {op.method} {op.path}, {concurrency} at a time  {json.dumps(params, ensure_ascii=False)}")
+        path, rest = sent_path(op, params)
+        print(f"\n▶ {count} × {op.method} {path}, {concurrency} at a time  {json.dumps(rest, ensure_ascii=False)}")
         started = time.monotonic()
         await asyncio.gather(*(one() for _ in range(count)))
         took = time.monotonic() - started

@@ -478,6 +478,8 @@ def test_list_with_forward_url_says_which_operations_are_forwarded_and_where(tmp
     assert "own_tools.yaml declares 3 operation(s); 2 forwarded to http://127.0.0.1:9/api" in result.stdout
     blocks = blocks_of(result.stdout)
     assert "    forwarded to http://127.0.0.1:9/api/v1/tickets/{ticket}\n" in blocks["GET /v1/tickets/{ticket}"]
+    assert "    parameters (path):\n      ticket" in blocks["GET /v1/tickets/{ticket}"]  # not in the query string
+    assert "query string" not in blocks["GET /v1/tickets/{ticket}"]
     assert "    forwarded to http://127.0.0.1:9/api/v1/notes\n" in blocks["POST /v1/notes"]
     assert "forwarded" not in blocks["GET /v1/leave"]  # it has an action
     unset = run_own(tmp_path, "--list")
@@ -513,7 +515,8 @@ async def test_a_forwarded_operation_is_simulated_against_the_service_the_bot_it
         await service.close()
     code, out = ticket
     assert code == 0, out
-    assert f"→ forwarded by the bot to {service.url}/v1/tickets/{{ticket}}" in out
+    assert "▶ GET /v1/tickets/OPS-1  query (none)\n" in out  # the path as sent, the value in it
+    assert f"→ forwarded by the bot to {service.url}/v1/tickets/OPS-1 (no action in ACTIONS)" in out
     assert json.loads(
         section(out, "── data for the assistant's model (x-dingtalk-display-result: auto) ──").rsplit("\n", 1)[0]
     ) == {"ticket": "OPS-1", "status": "open"}
@@ -532,3 +535,36 @@ def test_a_path_parameter_goes_in_the_path_of_the_callback():
     operations = bot.load_operations(yaml.safe_load(FORWARDED_TOOLS), {}, forwarding=True)
     ticket = sim.build_callback(operations["GET /v1/tickets/{ticket}"], {"ticket": "OPS 1/2"}, "", "http://x/send")
     assert ticket["requestLine"] == {"method": "GET", "uri": "/v1/tickets/OPS%201%2F2"}
+
+
+ITEM_SKILLS = """
+async def get_item(id: str, q: str = "") -> dict:
+    return {"id": id, "q": q}
+
+
+ACTIONS = {"/v1/items/{id}": get_item}
+"""
+ITEM_TOOLS = """openapi: 3.0.1
+info: {title: Items, version: 1.0.0}
+x-dingtalk-protocol: stream
+paths:
+  /v1/items/{id}:
+    get:
+      x-dingtalk-display-result: auto
+      parameters:
+        - {name: id, in: path, required: true, schema: {type: string}}
+        - {name: q, in: query, schema: {type: string, maxLength: 5}}
+      responses: {'200': {description: OK}}
+"""
+
+
+def test_path_parameters_are_listed_and_shown_in_the_path_as_sent_not_the_query(tmp_path):
+    listed = run_own(tmp_path, "--list", skills=ITEM_SKILLS, tools=ITEM_TOOLS)
+    assert listed.returncode == 0, listed.stderr
+    block = blocks_of(listed.stdout)["GET /v1/items/{id}"]
+    assert re.search(r"    parameters \(path\):\n      id +string, required\n", block), block
+    assert re.search(r"    parameters \(query string\):\n      q +string, optional, length 0–5$", block), block
+    called = run_own(tmp_path, "--path", "/v1/items/{id}", "A 1", "q=x", skills=ITEM_SKILLS, tools=ITEM_TOOLS)
+    assert called.returncode == 0, called.stdout + called.stderr
+    assert "▶ GET /v1/items/A%201  query q=x\n" in called.stdout
+    assert '"id": "A 1"' in called.stdout
