@@ -34,6 +34,7 @@ from tests.conftest import ROOT, settings_for, wait_until
 from tests.fake_dingtalk import GRAPH_TOPIC, ForwardProxy, GraphResult, bot_env, free_port, graph_request
 from tests.http_service import HttpService
 from tests.samples import SAMPLE_TOOLS
+from tests.test_own_skills import ENGINE_1_0_0_PART, TOOLS_1_0_0, project_with
 
 MARKDOWN_CARD = dingtalk_stream.GraphHandler.MARKDOWN_TEMPLATE_ID
 ITEM, NOTES, CARDS, DATA = "/v1/items/{id}", "/v1/notes", "/v1/cards", "/v1/data"
@@ -932,64 +933,123 @@ async def until_listening(url: str, timeout: float = 60.0) -> None:
 
 # What each line of the recipe's `python -m tests.simulate ...` shows: its exit code and text in its output.
 RECIPE_OUTCOMES = {
-    "--list": (0, ["forwarded to {url}/v1/tickets/{{ticket}}", "time limit: 5 s (x-action-timeout-seconds)"]),
-    "--path /v1/tickets/{ticket} OPS-1": (0, ['"status": "open"', "→ forwarded by the bot to {url}/v1/tickets/"]),
+    "--list": (0, ["forwarded to {url}/v1/tickets/{{ticket}}", "parameters (path):", "time limit: 5 s (x-action-"]),
+    "--path /v1/tickets/{ticket} OPS-1": (0, ['"status": "open"', "→ forwarded by the bot to {url}/v1/tickets/OPS-1"]),
     "--path /v1/tickets/{ticket} OPS-2": (1, ["status 404", "no such ticket: OPS-2"]),
     "--path /v1/tickets/{ticket} ops-1": (1, ["status 400", "parameter ticket must match pattern"]),
     "--path /v1/on-call 运维 2": (0, ["运维 值班 / on call", "── result card (markdown shown as is) ──"]),
     "--path /v1/weather 杭州 明天": (0, ["── reply in the chat (markdown card via sessionWebhook) ──", "杭州 · 明天"]),
+    "--fake http://127.0.0.1:8765 --path /v1/tickets/{ticket} OPS-1": (
+        0,
+        ["sending calls to the 1 connection(s) of the fake DingTalk", '"status": "open"'],
+    ),
 }
+RECIPE_TESTS = ["test_actions.py", "test_tools_yaml.py", "test_authoring.py"]  # the files that read your skills
 
 
-async def test_the_forwarding_recipe_runs_as_written(fake, remote, tmp_path):
-    project = tmp_path / "project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".env"))
+class Started:
+    """A command of the recipe left running, as in a terminal of its own; its output collected as it comes."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process, self.lines = process, []
+        self.reader = asyncio.create_task(self.read())
+
+    async def read(self) -> None:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.process.wait(), 30)
+        finally:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reader, 10)
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+
+
+async def test_the_forwarding_recipe_runs_as_written(tmp_path):
+    project = project_with(tmp_path, ENGINE_1_0_0_PART.read_text(encoding="utf-8"))  # the starter as shipped ...
+    shutil.copy(TOOLS_1_0_0, project / "tools.yaml")  # ... with its demo skills, whatever this project's are now
+    (project / "service.py").write_text(doc_block(FORWARDING_DOC, "python", "FastAPI("), encoding="utf-8")  # 1
+    (project / "tools.yaml").write_text(doc_block(FORWARDING_DOC, "yaml", "x-dingtalk-protocol"), encoding="utf-8")  # 2
     source = (project / "bot.py").read_text(encoding="utf-8")
-    source, replaced = re.subn(r"^ACTIONS = \{\n.*?^\}\n", "ACTIONS = {}\n", source, flags=re.MULTILINE | re.DOTALL)
+    source, replaced = re.subn(r"^ACTIONS\b[^=\n]*= \{\n.*?^\}\n", "ACTIONS = {}\n", source, flags=re.M | re.S)
     assert replaced == 1  # step 3: ACTIONS = {}
     (project / "bot.py").write_text(source, encoding="utf-8")
-    (project / "tools.yaml").write_text(doc_block(FORWARDING_DOC, "yaml", "x-dingtalk-protocol"), encoding="utf-8")
-    (project / "service.py").write_text(doc_block(FORWARDING_DOC, "python", "FastAPI("), encoding="utf-8")
-    port = free_port()
+    port, fake_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     [env_line] = re.findall(r"^FORWARD_URL=\S+$", FORWARDING_DOC, re.MULTILINE)  # step 4, in .env
     (project / ".env").write_text(env_line.replace(":8000", f":{port}") + "\n", encoding="utf-8")
+    tests = doc_block(FORWARDING_DOC, "python", "(skill)")  # step 6: the demo actions' tests replaced with these
+    (project / "tests" / "test_actions.py").write_text(tests, encoding="utf-8")
     commands = [line.split(" # ")[0].split() for line in doc_block(FORWARDING_DOC, "bash", "uvicorn").splitlines()]
-    assert commands[0][:2] == ["uvicorn", "service:app"] and commands[-1] == ["python", "bot.py"]
     plain = {key: value for key, value in bot_env().items() if key != "FORWARD_URL"}  # it comes from .env
 
-    def start(words: list[str], env: dict[str, str]) -> Coroutine[Any, Any, asyncio.subprocess.Process]:
-        words = [str(port) if word == "8000" else word for word in words]
+    def words_here(words: list[str]) -> list[str]:  # the ports free here for the recipe's 8000 and 8765
+        return [word.replace("8000", str(port)).replace("8765", str(fake_port)) for word in words]
+
+    async def start(words: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+        words = words_here(words)
         command = [sys.executable, *words[1:]] if words[0] == "python" else [sys.executable, "-m", *words]
-        return asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             *command, cwd=project, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
 
-    service = await start(commands[0], plain)
-    bot_py = None
+    running: dict[str, Started] = {}
+    exports: dict[str, str] = {}
     try:
-        await until_listening(f"{url}/docs")
-        for words in commands[1:-1]:
-            simulated = await start(words, plain)
-            output = (await asyncio.wait_for(simulated.communicate(), 120))[0].decode()
-            code, shown = RECIPE_OUTCOMES[" ".join(words[3:])]
-            assert simulated.returncode == code, output
-            for text in shown:
-                assert text.format(url=url) in output, output
-        bot_py = await start(commands[-1], bot_env(fake))  # for real: credentials (the fake's) and FORWARD_URL
-        await remote(fake.wait_connected(1))
-        answered = await remote(fake.invoke(callback("GET", "/v1/tickets/OPS-1")))
-        bot_py.send_signal(signal.SIGTERM)
-        output = (await asyncio.wait_for(bot_py.communicate(), 30))[0].decode()
+        for words in commands:
+            line = " ".join(words)
+            if words[0] == "uvicorn":  # terminal 1: the service, left running
+                running["service"] = Started(await start(words, plain))
+                await until_listening(f"{url}/docs")
+            elif words[:3] == ["python", "-m", "tests.fake_dingtalk"]:  # terminal 3: it prints export lines
+                running["fake"] = Started(await start(words, plain))
+                await wait_until(lambda: "# Ctrl+C stops the fake." in running["fake"].output, 60)
+                printed = [text.removeprefix("export ") for text in running["fake"].lines if text.startswith("export ")]
+                exports = dict(text.split("=", 1) for text in printed)
+                assert {"CLIENT_ID", "CLIENT_SECRET", "DINGTALK_OPENAPI_ENDPOINT"} <= exports.keys(), printed
+            elif words == ["python", "bot.py"]:  # terminal 4: those lines pasted, then python bot.py
+                running["bot.py"] = Started(await start(words, plain | exports))
+                await wait_until(lambda: "stream-1: connected" in running["bot.py"].output, 60)
+            else:  # terminal 2: the simulator
+                assert words[:3] == ["python", "-m", "tests.simulate"], line
+                simulated = await start(words, plain)
+                output = (await asyncio.wait_for(simulated.communicate(), 120))[0].decode()
+                code, shown = RECIPE_OUTCOMES[" ".join(words[3:])]
+                assert simulated.returncode == code, output
+                for text in shown:
+                    assert text.format(url=url) in output, output
+        assert list(running) == ["service", "fake", "bot.py"]
+        tested = await asyncio.create_subprocess_exec(  # step 6, with the service running
+            *(sys.executable, "-m", "pytest", "-rA", "-n0", "-p", "no:cacheprovider"),
+            *(f"tests/{name}" for name in RECIPE_TESTS),
+            cwd=project, env=plain, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        report = (await asyncio.wait_for(tested.communicate(), 300))[0].decode()
+        bot_py = await running["bot.py"].stop()
     finally:
-        for process in (bot_py, service):
-            if process is not None and process.returncode is None:
-                process.kill()
-                await process.wait()
-    assert bot_py.returncode == 0, output
+        for process in running.values():
+            process.kill()
+        for process in running.values():
+            with contextlib.suppress(Exception):
+                await process.stop()
+    assert tested.returncode == 0, report[-4000:]
+    for name in re.findall(r"^async def (test_\w+)\(skill\)", tests, re.MULTILINE):
+        assert f"PASSED tests/test_actions.py::{name}" in report, report[-4000:]
+    assert bot_py == 0, running["bot.py"].output
     forwarded = "GET /v1/tickets/{ticket}, POST /v1/on-call, POST /v1/weather"
-    assert f"INFO    bot: forwarding 3 operation(s) to {url}: {forwarded}" in output, output
-    assert (answered.status, answered.body["status"]) == (200, "open")
+    assert f"INFO    bot: forwarding 3 operation(s) to {url}: {forwarded}" in running["bot.py"].output
 
 
 async def test_the_shared_clients_example_makes_one_session_for_every_call_while_entered():
