@@ -47,7 +47,7 @@ class HttpService:
 
     async def start(self, port: int = 0) -> HttpService:
         app = web.Application(client_max_size=1 << 20)
-        app.router.add_route("*", "/{tail:.*}", self._serve)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._serve)  # any path, a decoded newline too
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
