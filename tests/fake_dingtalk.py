@@ -480,17 +480,13 @@ class FakeDingTalk:
         return web.json_response({"ack": result.ack, "elapsed": result.elapsed, "posts": posts})
 
 
-class ForwardProxy:
-    """A plain HTTP proxy on 127.0.0.1 that records what passes through it: absolute-form requests
-    (plain http://) are forwarded, CONNECT (websockets, https://) is tunnelled."""
+class LoopbackServer:
+    """A raw TCP server on 127.0.0.1, a free port; a subclass says how it serves each connection (`_serve`)."""
 
-    def __init__(self, require_auth: bool = False) -> None:
-        self.requests: list[str] = []  # "POST http://127.0.0.1:1234/v1.0/gateway/...", "CONNECT 127.0.0.1:1234"
-        self.require_auth = require_auth  # answer every request 407, as a proxy refusing the credentials does
-        self._server: asyncio.Server | None = None
-        self.port = 0
+    _server: asyncio.Server | None = None
+    port = 0
 
-    async def start(self) -> ForwardProxy:
+    async def start(self) -> Any:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -502,6 +498,18 @@ class ForwardProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ForwardProxy(LoopbackServer):
+    """A plain HTTP proxy on 127.0.0.1 that records what passes through it: absolute-form requests
+    (plain http://) are forwarded, CONNECT (websockets, https://) is tunnelled."""
+
+    def __init__(self, require_auth: bool = False) -> None:
+        self.requests: list[str] = []  # "POST http://127.0.0.1:1234/v1.0/gateway/...", "CONNECT 127.0.0.1:1234"
+        self.require_auth = require_auth  # answer every request 407, as a proxy refusing the credentials does
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

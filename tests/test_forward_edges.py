@@ -22,7 +22,7 @@ from aiohttp import web
 
 from tests import test_forward
 from tests.conftest import wait_until
-from tests.fake_dingtalk import ForwardProxy, bot_env, graph_request
+from tests.fake_dingtalk import ForwardProxy, LoopbackServer, bot_env, graph_request
 from tests.http_service import HttpService
 from tests.test_forward import (
     CARDS,
@@ -53,23 +53,12 @@ def said(caplog: pytest.LogCaptureFixture) -> str:
     return caplog.text + "\n".join(record.getMessage() for record in caplog.records)
 
 
-class RawService:
+class RawService(LoopbackServer):
     """A 'service' on 127.0.0.1 that answers each request with the bytes a test gives it, then hangs up: for
     answers no HTTP server library would write."""
 
     def __init__(self, answer: bytes) -> None:
         self.answer, self.requests = answer, []
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> RawService:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -80,10 +69,6 @@ class RawService:
             pass
         finally:
             writer.close()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
 
 # ----- 1. the callback's URI: only its path and query follow FORWARD_URL -----
