@@ -122,6 +122,7 @@ class Connection:
     frozen: bool = False  # stop answering the bot's websocket pings: a silently dead connection
     retired: bool = False  # sent `disconnect`; closed by the fake `retire_close_after` seconds later
     pings: int = 0  # websocket pings from the bot
+    handshake: dict[str, str] = field(default_factory=dict)  # the bot's handshake request headers
 
 
 class FakeDingTalk:
@@ -276,6 +277,7 @@ class FakeDingTalk:
         ws = web.WebSocketResponse(autoping=False, max_msg_size=self.max_frame_bytes)  # pongs by hand: see below
         await ws.prepare(request)
         conn = Connection(id=f"conn-{next(self._ids)}", ws=ws, transport=request.transport)
+        conn.handshake = dict(request.headers)
         self.connections.append(conn)
         await self._notify()
         if self.chatter:

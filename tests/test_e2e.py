@@ -109,6 +109,15 @@ async def test_ping_is_acked_with_its_opaque(fake, remote, start_bot):
     assert ack["code"] == 200
 
 
+async def test_the_handshake_offers_no_per_message_deflate_as_the_go_sdks(fake, remote, start_bot):
+    # Frames are a few hundred bytes: compressing each costs more CPU than it saves (the Go SDK offers none either).
+    async with start_bot():
+        (conn,) = fake.live_connections()
+        assert conn.handshake["Upgrade"].lower() == "websocket"
+        assert "Sec-WebSocket-Extensions" not in conn.handshake
+        assert (await remote(fake.ping()))["code"] == 200
+
+
 def _bad(request: dict, **changes) -> dict:
     return {**request, **changes}
 
