@@ -100,7 +100,7 @@ __all__ = [  # what your code may rely on; the rest (a leading underscore) may c
     "TOOLS_FILE", "VERSION", "ActionError", "Card", "ConfigError", "Operation",
     "Settings", "load_operations", "load_settings", "main", "running"
 ]  # fmt: skip
-VERSION = "1.2.0"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
+VERSION = "1.2.1"  # this engine's version: CHANGELOG.md says what changed, and what to do when you upgrade
 _Action = Callable[..., Any]  # an async def, or a plain def (run in a worker thread)
 _log = logging.getLogger("bot")
 _HTTP_STATUSES = frozenset(HTTPStatus)
@@ -674,7 +674,7 @@ async def _run_action(action: _Action, params: dict[str, Any], operation: Operat
         if asyncio.current_task().cancelling():  # we are being cancelled (shutdown): let it through
             raise
         _log.exception("action %s failed: something it awaited was cancelled", _named(action))
-    except Exception as exc:
+    except BaseException as exc:  # (GeneratorExit too)
         if isinstance(exc, TimeoutError) and loop.time() >= deadline and job and job.started is None:  # never ran
             _log.warning("action %s did not start within %.3g s: %s", label, time_limit, _ACTION_THREADS.held_by())
             raise _GraphError(503, "busy: no thread for the action within its time limit") from None
@@ -697,9 +697,11 @@ async def _settled(work: Awaitable, deadline: float, name: str) -> Any:
         await woken
     finally:
         timer.cancel()
-        if not call.done() or loop.time() > deadline:  # past its time limit, or we are being cancelled (shutdown)
+        if not call.done():  # past its time limit, or we are being cancelled (shutdown)
             call.cancel()
             call.add_done_callback(lambda done: done.cancelled() or done.exception())  # its outcome is moot
+        elif not call.cancelled():
+            call.exception()  # read, so that a failure is never reported as "never retrieved"
     if not call.done() or loop.time() > deadline:  # (one that held the loop past its limit is too late too)
         raise TimeoutError
     return call.result()
@@ -887,7 +889,7 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
         self.settings, self.operations, self.http, self.ledger = settings, operations, http, ledger
         endpoint = urlsplit(settings.dingtalk_openapi_endpoint)  # e.g. api.dingtalk.io for overseas tenants
         self.dingtalk_hosts = _DINGTALK_WEBHOOK_HOSTS | ({endpoint.hostname} if endpoint.scheme == "https" else set())
-        self.direct = not any(name.lower().endswith("_proxy") for name in os.environ)  # once: no lookups per reply
+        self.direct = not {"http_proxy", "https_proxy"} & {name.lower() for name in os.environ}  # once, at start
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
         message_id = callback.headers.message_id
@@ -1160,7 +1162,7 @@ async def _fetch(
     request = http.request(method, url, data=data, headers=headers, proxy=proxy, allow_redirects=False, timeout=timeout)
     async with request as response:
         body = bytearray()
-        async for chunk in response.content.iter_any():  # the time limit holds while it waits for data
+        while chunk := await response.content.readany():  # the time limit holds while it waits for data
             body += chunk
             if len(body) > limit:  # and this while data keeps coming
                 raise _TooLarge(f"answer larger than {limit} bytes")
@@ -1334,7 +1336,9 @@ class _Connection:
         """Answer one frame with its handler and send the ack (cancelled by stop(), it is answered 503 there)."""
         try:
             ack = await self.client.ack_for(frame, in_hand.message_id)
-        except Exception:  # a bug must still be answered, or DingTalk waits and redelivers
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # a bug, or sys.exit() in an action's code run here (json calls items()): answered too
             _log.exception("%s: frame %s: unexpected error", self.client.name, in_hand.message_id)
             ack = _frame_ack(in_hand.message_id, "internal error", dingtalk_stream.AckMessage.STATUS_SYSTEM_EXCEPTION)
         if ack is not None:
