@@ -1937,7 +1937,7 @@ def main(
         return 2
     _configure_logging(settings)
     # What the start left (modules, tools.yaml's validators) is never garbage: out of the collector's way, which then
-    # runs every 10,000 new objects, not every 700: it took about a fifth of the CPU per callback (docs/performance.md).
+    # runs every 10,000 new objects, not every 700 (docs/performance.md#throughput-target).
     gc.freeze()
     gc.set_threshold(10_000)
     return asyncio.run(_run_until_signalled(settings, operations, lifespan))
