@@ -1891,8 +1891,8 @@ async def _run_until_signalled(settings: Settings, operations: Mapping[str, Oper
 
 
 def _containing_task(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> asyncio.Task:
-    """A task whose sys.exit() ends only itself; the engine's frame tasks and contained actions need no second layer
-    (each layer costs every step of the task)."""
+    """A task whose sys.exit() ends only itself. The engine's frame tasks (they answer whatever is raised) and its
+    contained actions need no second layer: each layer costs every step of the task."""
     if getattr(coro, "cr_code", None) not in (_contained.__code__, _Connection.answer.__code__):
         coro = _contained(coro)
     return asyncio.Task(coro, loop=loop, **options)
