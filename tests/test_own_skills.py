@@ -108,7 +108,7 @@ def test_with_the_demo_skills_replaced_by_ones_own_the_suite_passes(tmp_path: Pa
     project = project_with(tmp_path, OWN_PART)
     (project / "tools.yaml").write_text(OWN_TOOLS, encoding="utf-8")
     (project / "tests" / "test_actions.py").write_text(OWN_TESTS, encoding="utf-8")
-    result = run(project, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider", *READS_THE_PROJECTS_SKILLS)
+    result = run(project, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", *READS_THE_PROJECTS_SKILLS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
     answered = run(project, "-m", "tests.simulate", "year=2027", "--context", "userId=u1", timeout=60)
