@@ -890,6 +890,9 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
         endpoint = urlsplit(settings.dingtalk_openapi_endpoint)  # e.g. api.dingtalk.io for overseas tenants
         self.dingtalk_hosts = _DINGTALK_WEBHOOK_HOSTS | ({endpoint.hostname} if endpoint.scheme == "https" else set())
         self.direct = not {"http_proxy", "https_proxy"} & {name.lower() for name in os.environ}  # once, at start
+        service = urlsplit(settings.forward_url or "")  # FORWARD_URL's host: named in 502s; loopback: never proxied
+        loopback = re.fullmatch(r"localhost|127(\.[0-9]+){3}|::1", service.hostname or "") is not None
+        self.service, self.service_direct = service.netloc, self.direct or loopback
 
     async def process(self, callback: dingtalk_stream.CallbackMessage) -> tuple[int, dict[str, Any]]:
         message_id = callback.headers.message_id
@@ -927,7 +930,7 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
             _log.error("callback %s: answer too large: %d bytes as sent, over %d", message_id, size, _MAX_ACK_BYTES)
             said = "internal error in action: answer too large"  # what the ledger keeps too
             if forwarded:
-                said = f"FORWARD_URL {urlsplit(self.settings.forward_url).netloc}: answer too large to ack"
+                said = f"FORWARD_URL {self.service}: answer too large to ack"
             status, body = 502 if forwarded else 500, _failure(said)
         _log.info("callback %s %s -> %d in %.0f ms", message_id, route, status, (time.monotonic() - started) * 1000)
         return status, body
@@ -954,7 +957,7 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
     async def forward(self, data: dict[str, Any], message_id: str, operation: Operation) -> str | Card:
         """The callback as sent, to FORWARD_URL (the bot's checks came first); the service's answer read as the
         display mode asks: the Graph body, or a Card of its markdown for the bot to post (docs/forwarding.md)."""
-        request, base = dingtalk_stream.GraphRequest.from_dict(data), urlsplit(self.settings.forward_url)
+        request, service = dingtalk_stream.GraphRequest.from_dict(data), self.service
         body = request.body or "{}"
         body = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
         uri = urlsplit(request.request_line.uri)  # its path and query only: the host is FORWARD_URL's
@@ -971,10 +974,10 @@ class _ActionHandler(dingtalk_stream.GraphHandler):
         headers, sent = _FORWARD_HEADERS | {"X-DingTalk-Message-Id": message_id}, None
         if operation.method == "POST":  # (a lone surrogate, which UTF-8 cannot carry, as its JSON escape \udXXX)
             sent, headers["Content-Type"] = body.encode(errors="backslashreplace"), "application/json; charset=utf-8"
-        loopback = re.fullmatch(r"localhost|127(\.[0-9]+){3}|::1", base.hostname) is not None
-        service, direct = base.netloc, self.direct or loopback
-        try:  # within the operation's time limit, as an action; a loopback service never through a proxy
-            response, raw = await _fetch(self.http, url, sent, None, headers, limit=_MAX_ACK_BYTES, direct=direct)
+        try:  # within the operation's time limit, as an action
+            response, raw = await _fetch(
+                self.http, url, sent, None, headers, limit=_MAX_ACK_BYTES, direct=self.service_direct
+            )
             text = raw.decode(response.charset or "utf-8", errors="replace")
         except OSError as exc:  # it does not listen, or its host does not resolve
             _log.error("cannot reach FORWARD_URL %s: %s", service, _redact(str(exc)))
